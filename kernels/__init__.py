@@ -1,0 +1,13 @@
+"""Ops for parameter-efficient fine-tuning: fused LoRA matmul and NF4 4-bit quantization.
+
+Every op has a pure-PyTorch reference (the CPU fallback and the specification) and a Triton
+kernel; :func:`set_backend` picks between them. Only torch is imported here; triton is imported
+lazily on the Triton path.
+"""
+
+from kernels._backend import get_backend, set_backend, use_backend
+from kernels.lora import lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = ["get_backend", "lora_linear", "set_backend", "use_backend"]

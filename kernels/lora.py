@@ -1,0 +1,159 @@
+"""LoRA linear: ``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + b``.
+
+LoRA (Hu et al., 2021, arXiv 2106.09685) freezes the pretrained weight ``W0`` (out, in) and learns
+a low-rank update ``ΔW = s·B·A`` with ``A`` (r, in), ``B`` (out, r) and ``s = α/r`` (or ``α/√r``
+for rsLoRA). Unfused, the update costs a second read of ``x`` and an output-sized temporary
+``(x·Aᵀ)·Bᵀ``. Here only ``S = dropout(x)·Aᵀ`` (tokens, r) is materialised and the base GEMM
+accumulates into the same output buffer:
+
+    forward    S  = dropout(x)·Aᵀ                      (M, r)
+               y  = b + x·W0ᵀ ; y += s·S·Bᵀ             (M, N), one output buffer
+    backward   dS = s·dY·B                             (M, r)
+               dB = s·dYᵀ·S                            (N, r)
+               dA = dSᵀ·dropout(x)                     (r, K)
+               dX = (dS·A)⊙mask/(1-p) + dY·W0          (M, K), one buffer
+
+Saved for backward: ``x`` (already alive as the previous layer's output), ``S``, and the dropout
+mask as bool when ``dropout_p > 0`` (the dropped copy of ``x`` is never kept). ``W0`` only gets a
+gradient when it requires one. The Triton kernels of :mod:`kernels._lora_triton` implement the same
+contract; this file is their specification and the CPU fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kernels import _backend
+
+__all__ = ["lora_linear", "lora_linear_reference"]
+
+
+def _dense(weight: Any, dtype: torch.dtype) -> Tensor:
+    """The base weight as a dense (out, in) tensor of ``dtype`` (quantized weights dequantize)."""
+    if isinstance(weight, Tensor):
+        return weight
+    return weight.dequantize(dtype)
+
+
+def _check_args(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None,
+                dropout_p: float) -> None:
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight is "
+                         f"{tuple(weight.shape)} (out, in); expected x[..., {in_features}]")
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
+        raise ValueError(f"lora_a must be (r, {in_features}), got {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    if lora_b.dim() != 2 or tuple(lora_b.shape) != (out_features, r):
+        raise ValueError(f"lora_b must be ({out_features}, {r}) to match weight and lora_a, "
+                         f"got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(weight, Tensor) and weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}; cast one of "
+                        "them or run under torch.autocast")
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
+        w = _dense(weight, x.dtype)                                     # (N, K)
+        mask = None
+        if dropout_p > 0.0:
+            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p,
+                                                                       generator=generator)
+            s_lora = torch.mm(x2 * mask, lora_a.t()).mul_(1.0 / (1.0 - dropout_p))  # (M, r)
+        else:
+            s_lora = torch.mm(x2, lora_a.t())                           # (M, r)
+        if bias is not None:
+            y = torch.addmm(bias, x2, w.t())                            # (M, N)
+        else:
+            y = torch.mm(x2, w.t())
+        y.addmm_(s_lora, lora_b.t(), alpha=scaling)                     # y += s·S·Bᵀ
+        ctx.save_for_backward(x2, lora_a, lora_b, s_lora, mask,
+                              weight if isinstance(weight, Tensor) else None)
+        ctx.weight = None if isinstance(weight, Tensor) else weight
+        ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, lora_a, lora_b, s_lora, mask, weight = ctx.saved_tensors
+        weight = ctx.weight if weight is None else weight
+        s, p = ctx.scaling, ctx.dropout_p
+        need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad[:6]
+        dy = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, N)
+        grad_x = grad_w = grad_a = grad_b = grad_bias = None
+        if need_b:
+            grad_b = torch.mm(dy.t(), s_lora).mul_(s)                   # (N, r)
+        if need_x or need_a:
+            keep = 1.0 / (1.0 - p)
+            d_s = torch.mm(dy, lora_b).mul_(s * keep if mask is not None else s)  # (M, r)
+            if need_a:
+                xd = x2 if mask is None else x2 * mask
+                grad_a = torch.mm(d_s.t(), xd)                          # (r, K)
+            if need_x:
+                grad_x = torch.mm(d_s, lora_a)                          # (M, K)
+                if mask is not None:
+                    grad_x.mul_(mask)
+                grad_x.addmm_(dy, _dense(weight, dy.dtype))             # += dY·W0
+                grad_x = grad_x.view(ctx.shape)
+        if need_w:
+            grad_w = torch.mm(dy.t(), x2)                               # (N, K)
+        if need_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, grad_w, grad_a, grad_b, None, grad_bias, None, None
+
+
+def lora_linear_reference(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                          bias: Tensor | None = None, dropout_p: float = 0.0,
+                          generator: torch.Generator | None = None) -> Tensor:
+    """The pure-PyTorch op (CPU fallback and the specification of the Triton kernels)."""
+    return _LoRALinear.apply(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p),
+                             generator)
+
+
+def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                bias: Tensor | None = None, dropout_p: float = 0.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """``x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` with autograd, on any leading batch dims.
+
+    Args:
+        x: input ``(..., in)``.
+        weight: frozen base weight ``(out, in)``, a tensor or a quantized weight with
+            ``.dequantize(dtype)`` (e.g. :class:`kernels.NF4Tensor`).
+        lora_a: ``(r, in)``.
+        lora_b: ``(out, r)``.
+        scaling: ``alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA).
+        bias: optional ``(out,)``.
+        dropout_p: dropout probability on the LoRA branch's input only.
+        generator: optional ``torch.Generator`` for the dropout mask.
+
+    ``lora_a``, ``lora_b`` and ``bias`` are cast to ``x``'s dtype (the casts are differentiable);
+    under ``torch.autocast`` everything runs in the autocast dtype.
+    """
+    _check_args(x, weight, lora_a, lora_b, bias, dropout_p)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        if isinstance(weight, Tensor):
+            weight = weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)
+    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    if isinstance(weight, Tensor) and _backend.use_triton(x, weight, lora_a, lora_b):
+        from kernels import _lora_triton
+
+        return _lora_triton.lora_linear_triton(x, weight, lora_a, lora_b, float(scaling), bias,
+                                               float(dropout_p), generator)
+    return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)
