@@ -1,0 +1,24 @@
+"""Test setup: Triton kernels run on CPU tensors under the interpreter when there is no GPU.
+
+``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, so it is set here, before
+any test imports a kernel module.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
