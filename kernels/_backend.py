@@ -33,7 +33,7 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The backend in force: the last :func:`set_backend`, else ``$LIGHTNING_PEFT_BACKEND``, else ``"auto"``."""
+    """The backend in force: the last :func:`set_backend`, else ``$LIGHTNING_PEFT_BACKEND``, else "auto"."""
     if _backend is not None:
         return _backend
     return _check(os.environ.get(_ENV, "auto"), f"${_ENV}")

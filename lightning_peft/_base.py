@@ -1,0 +1,84 @@
+"""What every PEFT method shares: the adapter-layer marker, finding adapter parameters by module
+structure, freezing, and parameter counts. Plain PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from torch import nn
+
+TRAIN_BIAS_ATTR = "_lightning_peft_train_bias"
+
+
+class AdapterLayer(nn.Module):
+    """Base class of the modules a PEFT method injects.
+
+    Subclasses return their own trainable tensors from :meth:`adapter_parameters`, keyed by their
+    name relative to the layer (e.g. ``{"lora_A": ..., "lora_B": ...}``).
+    """
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        raise TypeError(f"{type(self).__name__} must define adapter_parameters()")
+
+
+def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every adapter tensor in ``model``: those of adapter layers, plus the
+    biases a method made trainable (LoRA ``bias="all"``/``"lora_only"``)."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        owned: dict[str, nn.Parameter] = {}
+        if isinstance(module, AdapterLayer):
+            owned.update(module.adapter_parameters())
+        if getattr(module, TRAIN_BIAS_ATTR, False) and getattr(module, "bias", None) is not None:
+            owned["bias"] = module.bias
+        for name, param in owned.items():
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield dot + name, param
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether any adapter layer is injected in ``model``."""
+    return any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Set ``requires_grad`` on the adapter tensors of ``model`` and clear it everywhere else."""
+    keep = {id(p) for _, p in adapter_named_parameters(model)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+
+
+class ParameterCount(NamedTuple):
+    """``(trainable, total)`` parameter counts; ``str()`` gives PEFT's summary line."""
+
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / self.total if self.total else 0.0
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
+                f"|| trainable%: {pct:.4f}")
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Count trainable and total parameters (each shared tensor once).
+
+    Returns a ``(trainable, total)`` named tuple; ``print(trainable_parameters(model))`` prints
+    ``trainable params: ... || all params: ... || trainable%: ...``. A module that keeps a frozen
+    weight outside ``parameters()`` (a 4-bit base) reports it through a ``frozen_numel()`` method,
+    counted as its logical number of elements, as HF PEFT does.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    for module in model.modules():  # quantized bases keep their weight outside parameters()
+        extra = getattr(module, "frozen_numel", None)
+        if callable(extra):
+            total += extra()
+    return ParameterCount(trainable, total)

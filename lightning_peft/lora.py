@@ -1,0 +1,296 @@
+"""LoRA: low-rank adaptation of frozen linear layers (Hu et al., 2021, arXiv 2106.09685).
+
+A targeted layer ``y = W0·x + b`` with ``W0`` (out, in) becomes
+
+    y = W0·x + b + s·B·A·dropout(x),   A (r, in), B (out, r), s = α/r   (rsLoRA: s = α/√r)
+
+with ``W0`` frozen, ``A`` initialised kaiming-uniform (a=√5) or gaussian (std 1/r) and ``B`` zero,
+so training starts from the base model exactly. rsLoRA (Kalajdzievski, 2023, arXiv 2312.03732)
+keeps the update's scale stable as r grows. Merging writes ``W0 + s·B·A`` into the base weight
+(zero inference overhead); unmerging restores ``W0`` bit for bit. The op itself is
+:func:`kernels.lora_linear`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+import kernels
+from lightning_peft._base import (
+    TRAIN_BIAS_ATTR,
+    AdapterLayer,
+    freeze_all_but_adapters,
+)
+from lightning_peft.targeting import (
+    TargetSpec,
+    conv1d_class,
+    find_modules,
+    find_targets,
+    get_parent,
+    is_linear_like,
+)
+
+INITS = ("kaiming", "gaussian")
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoRAConfig:
+    """What :func:`apply_lora` injects."""
+
+    r: int = 8
+    """Rank of the update ``B·A``."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout probability on the LoRA branch's input (the base path never sees dropout)."""
+    target_modules: str | list[str] | None = None
+    """Names (exact or dotted suffix), a regex (full match), ``"all-linear"``, or None for the
+    architecture's default (Llama ``q_proj, v_proj``; GPT-2 ``c_attn``; BERT ``query, value``)."""
+    exclude_modules: str | list[str] | None = None
+    """Names or regex of modules never to adapt."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full, as trainable copies (e.g. ``["embed_tokens", "lm_head"]``)."""
+    use_rslora: bool = False
+    """Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA)."""
+    init: str = "kaiming"
+    """Initialisation of ``A``: ``"kaiming"`` (uniform, a=√5, as HF PEFT) or ``"gaussian"``."""
+    bias: str = "none"
+    """Which biases train: ``"none"``, ``"all"`` (every bias of the model) or ``"lora_only"``
+    (the biases of adapted layers)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not self.alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoRALinear(AdapterLayer):
+    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (kept as ``base_layer``) plus ``lora_A``/``lora_B``.
+
+    ``Conv1D`` stores its weight (in, out); the layer reads it transposed (``fan_in_fan_out``),
+    without copying.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming") -> None:
+        super().__init__()
+        if not is_linear_like(base_layer):
+            raise ValueError(f"LoRALinear wraps nn.Linear or transformers Conv1D, "
+                             f"got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        conv1d = conv1d_class()
+        self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
+        weight = base_layer.weight
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
+        self.use_rslora, self.init = use_rslora, init
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))   # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
+        self.merged = False
+        self._restore: tuple[Tensor, Tensor] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A: kaiming-uniform (a=√5) or gaussian (std 1/r); B: zero, so ``ΔW = 0`` at start."""
+        if self.lora_A.is_meta:
+            return
+        with torch.no_grad():
+            if self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight as (out, in) (a transposed view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return kernels.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling,
+                                   bias=self.base_layer.bias,
+                                   dropout_p=self.dropout if self.training else 0.0)
+
+    def delta_weight(self) -> Tensor:
+        """``s·B·A`` in the base weight's layout and dtype (computed in fp32 at least)."""
+        base = self.base_layer.weight
+        compute = torch.promote_types(base.dtype, torch.float32)
+        delta = (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scaling  # (out, in)
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        return delta.to(base.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``s·B·A`` into the base weight. The few elements whose value a later subtraction
+        would not restore exactly (rounding ties, binade crossings) are remembered, so
+        :meth:`unmerge` gives back the original weight bit for bit."""
+        if self.merged:
+            warnings.warn("LoRA layer is already merged; merge() does nothing", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        merged = weight + delta
+        drift = ((merged - delta) != weight).reshape(-1).nonzero().squeeze(1)
+        self._restore = (drift, weight.reshape(-1)[drift].clone())
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again, restoring the original base weight exactly."""
+        if not self.merged:
+            warnings.warn("LoRA layer is not merged; unmerge() does nothing", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight())
+        if self._restore is not None:
+            index, values = self._restore
+            weight.view(-1)[index] = values
+        self._restore = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"scaling={self.scaling:.4g}, dropout={self.dropout}, rslora={self.use_rslora}")
+
+
+class ModulesToSave(AdapterLayer):
+    """A module trained in full: a trainable copy (``modules_to_save``) runs, the frozen
+    ``original_module`` is kept so the base model can be restored."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = copy.deepcopy(module)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"modules_to_save.{n}": p for n, p in self.modules_to_save.named_parameters()}
+
+    def forward(self, *args, **kwargs):
+        return self.modules_to_save(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # expose e.g. .weight as the wrapped module does
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.modules_to_save, name)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """``(name, layer)`` of every LoRA layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
+               modules_to_save: Sequence[str] | None = None, use_rslora: bool = False,
+               init: str = "kaiming", bias: str = "none",
+               config: LoRAConfig | None = None) -> nn.Module:
+    """Inject LoRA into ``model`` in place, freeze everything else, and return ``model``.
+
+    Arguments are the fields of :class:`LoRAConfig` (or pass ``config=``). Layers that already
+    carry LoRA are left as they are, so applying twice is harmless. The base modules and their
+    ``Parameter`` objects are kept, not copied.
+    """
+    if config is None:
+        config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                            exclude_modules=exclude_modules,
+                            modules_to_save=list(modules_to_save) if modules_to_save else None,
+                            use_rslora=use_rslora, init=init, bias=bias)
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    saved = find_modules(model, config.modules_to_save, "modules_to_save") \
+        if config.modules_to_save else []
+    clash = sorted(set(targets) & set(saved))
+    if clash:
+        raise ValueError(f"modules_to_save and target_modules both select {clash}")
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            continue
+        parent, child = get_parent(model, name)
+        layer = LoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                           use_rslora=config.use_rslora, init=config.init)
+        setattr(parent, child, layer)
+    for name in saved:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            parent, child = get_parent(model, name)
+            setattr(parent, child, ModulesToSave(module))
+    if config.bias == "all":
+        for module in model.modules():
+            if isinstance(getattr(module, "bias", None), nn.Parameter) and \
+                    not isinstance(module, AdapterLayer):
+                setattr(module, TRAIN_BIAS_ATTR, True)
+    elif config.bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if layer.base_layer.bias is not None:
+                setattr(layer.base_layer, TRAIN_BIAS_ATTR, True)
+    freeze_all_but_adapters(model)
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer's update into its base weight (zero inference overhead)."""
+    for _, layer in lora_layers(model):
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters`, restoring the base weights exactly."""
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            layer.unmerge()
+    return model

@@ -1,0 +1,173 @@
+"""Which modules a PEFT method touches.
+
+``target_modules`` may be
+- a list of names: a module matches when its full dotted name equals an entry or ends with
+  ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
+- a string: a regular expression that must match the full dotted name (``re.fullmatch``);
+- ``"all-linear"``: every ``nn.Linear`` and transformers ``Conv1D`` except the output head;
+- ``None``: the per-architecture default of :data:`DEFAULT_TARGETS`.
+``exclude_modules`` takes the same list/regex forms and removes matches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from lightning_peft._base import AdapterLayer
+
+TargetSpec = str | Sequence[str] | None
+
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+        "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite", "smollm3", "opt")},
+    "gpt2": ["c_attn"],
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta")},
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "t5": ["q", "v"],
+}
+
+
+def conv1d_class() -> type | None:
+    """transformers' GPT-2 ``Conv1D`` (weight stored (in, out)), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:
+        return None
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers ``Conv1D``: the layer types LoRA-style methods wrap."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def model_type(model: nn.Module) -> str | None:
+    """The transformers ``config.model_type`` of ``model`` or of the first submodule that has one."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        kind = getattr(config, "model_type", None)
+        if isinstance(kind, str):
+            return kind
+    return None
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of output heads (``get_output_embeddings()`` of any transformers model inside)."""
+    heads = set()
+    by_id = {id(m): n for n, m in model.named_modules()}
+    for module in model.modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except Exception:
+                head = None
+            if head is not None and id(head) in by_id:
+                heads.add(by_id[id(head)])
+    if not heads:  # plain models: a top-level lm_head
+        heads = {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head",)}
+    return heads
+
+
+def _matcher(spec: str | Sequence[str], arg: str) -> Callable[[str], bool]:
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{arg}={spec!r} is not a valid regular expression: {err}") from err
+        return lambda name: pattern.fullmatch(name) is not None
+    entries = list(spec)
+    if not entries or not all(isinstance(e, str) and e for e in entries):
+        raise ValueError(f"{arg} must be a non-empty list of module names, a regex string or "
+                         f"'all-linear', got {spec!r}")
+    return lambda name: any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _inside_adapter(name: str, adapter_prefixes: list[str]) -> bool:
+    return any(name.startswith(p + ".") for p in adapter_prefixes)
+
+
+def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:
+    """A short listing of the Linear/Conv1D modules of ``model`` for error messages."""
+    names = [n for n, m in model.named_modules() if n and is_linear_like(m)]
+    if not names:
+        return "the model has no nn.Linear or Conv1D modules"
+    leaves = sorted({n.split(".")[-1] for n in names})
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"Linear/Conv1D module names: {leaves}; full names: {shown}"
+
+
+def find_targets(model: nn.Module, target_modules: TargetSpec = None,
+                 exclude_modules: TargetSpec = None) -> list[str]:
+    """Full names of the modules of ``model`` selected by ``target_modules``/``exclude_modules``.
+
+    Modules already wrapped by an adapter layer are returned (so that re-applying is idempotent);
+    nothing inside an adapter layer is. Raises ``ValueError`` when nothing matches, listing the
+    Linear/Conv1D modules that exist, and when a matched module is not a Linear/Conv1D.
+    """
+    adapters = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    if target_modules is None:
+        kind = model_type(model)
+        if kind not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules was not given and there is no default for model type {kind!r} "
+                f"(defaults exist for {sorted(DEFAULT_TARGETS)}); name the layers to adapt, e.g. "
+                f"target_modules=['q_proj', 'v_proj'] or 'all-linear'. {describe_linear_modules(model)}")
+        target_modules = DEFAULT_TARGETS[kind]
+    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
+    heads = _output_head_names(model) if all_linear else set()
+    match = (lambda name: True) if all_linear else _matcher(target_modules, "target_modules")
+    exclude = _matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else None
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or _inside_adapter(name, adapters) or not match(name):
+            continue
+        if exclude is not None and exclude(name):
+            continue
+        if isinstance(module, AdapterLayer):
+            chosen.append(name)
+        elif is_linear_like(module):
+            if name not in heads:
+                chosen.append(name)
+        elif not all_linear:
+            raise ValueError(
+                f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
+                f"only nn.Linear and transformers Conv1D layers can be adapted. "
+                f"{describe_linear_modules(model)}")
+    if not chosen:
+        raise ValueError(
+            f"target_modules={target_modules!r}"
+            + (f" (exclude_modules={exclude_modules!r})" if exclude_modules is not None else "")
+            + f" matched no module of {type(model).__name__}. {describe_linear_modules(model)}")
+    return chosen
+
+
+def find_modules(model: nn.Module, names: Sequence[str], arg: str) -> list[str]:
+    """Full names of modules matching a list of names (exact or dotted suffix), e.g. for
+    ``modules_to_save``; raises ``ValueError`` naming ``arg`` for an entry that matches nothing."""
+    if isinstance(names, str):
+        names = [names]
+    adapters = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    found: list[str] = []
+    for entry in names:
+        hits = [n for n, _ in model.named_modules()
+                if n and (n == entry or n.endswith("." + entry))
+                and not _inside_adapter(n, adapters)]
+        if not hits:
+            top = [n for n, _ in model.named_modules() if n and n.count(".") <= 1][:20]
+            raise ValueError(f"{arg} entry {entry!r} matches no module; modules near the top: {top}")
+        found.extend(h for h in hits if h not in found)
+    return found
+
+
+def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The parent module of the submodule ``name`` and its attribute name there."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
