@@ -1,0 +1,36 @@
+"""Tiny random transformers models built from configs (no downloads)."""
+
+import torch
+import transformers
+
+
+def llama(seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 96):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=24, n_layer=2, n_head=2, vocab_size=50, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def bert(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=24, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=48,
+                                  max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def randomize_lora(model, seed: int = 1) -> None:
+    """Give every lora_B a nonzero value so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B") or name.endswith("lora_B.weight") or ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)

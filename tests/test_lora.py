@@ -1,0 +1,386 @@
+"""LoRA layer, apply_lora/targeting, merge, parameter counts; agreement with HF PEFT."""
+
+import math
+import re
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import kernels
+from lightning_peft import LoRALinear, apply_lora, merge_adapters, trainable_parameters, unmerge_adapters
+from lightning_peft.lora import LoRAConfig, ModulesToSave, lora_layers
+from tests import _tiny
+
+
+def _lora_names(model):
+    return sorted(n for n, _ in lora_layers(model))
+
+
+# ---------------------------------------------------------------- the layer
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_layer_matches_formula_float64(conv1d):
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(23, 37).double()  # nf=out=23, nx=in=37, weight (in, out)
+        w = base.weight.t()
+    else:
+        base = nn.Linear(37, 23).double()
+        w = base.weight
+    layer = LoRALinear(base, r=5, alpha=7.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 11, 37, dtype=torch.float64)
+    expected = x @ w.t() + base.bias + (7.0 / 5) * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    assert layer.base_layer is base and layer.base_layer.weight is base.weight
+
+
+def test_init_kaiming_gaussian_and_zero_b():
+    base = nn.Linear(64, 32)
+    layer = LoRALinear(base, r=8, init="kaiming")
+    bound = 1.0 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 64
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.5 * bound
+    assert torch.count_nonzero(layer.lora_B) == 0
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    torch.manual_seed(0)
+    g = LoRALinear(nn.Linear(512, 8), r=16, init="gaussian")
+    assert abs(g.lora_A.std().item() - 1 / 16) < 0.01
+
+
+def test_rslora_scaling():
+    assert LoRALinear(nn.Linear(8, 8), r=16, alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
+    assert LoRALinear(nn.Linear(8, 8), r=16, alpha=8).scaling == pytest.approx(0.5)
+
+
+def test_dropout_only_on_lora_branch():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    layer = LoRALinear(base, r=4, dropout=0.5).train()
+    x = torch.randn(6, 16)
+    # B = 0: the output is the base output exactly, dropout or not
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    nn.init.normal_(layer.lora_B)
+    a, b = layer(x), layer(x)
+    assert not torch.allclose(a, b)  # the branch is dropped at random in training
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+
+
+def test_merge_unmerge_exact_over_cycles():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = nn.Linear(64, 48).to(dtype)
+        original = base.weight.detach().clone()
+        layer = LoRALinear(base, r=8, alpha=16)
+        nn.init.normal_(layer.lora_B, std=0.3)
+        x = torch.randn(5, 64, dtype=dtype)
+        before = layer(x)
+        for _ in range(25):
+            layer.merge()
+            assert layer.merged
+            after = layer(x)
+            tol = 1e-5 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(after, before, rtol=tol, atol=tol)
+            layer.unmerge()
+            assert torch.equal(base.weight, original)  # bit for bit, no drift
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge()
+
+
+def test_merge_conv1d_equivalent():
+    model = _tiny.gpt2()
+    apply_lora(model, r=4)
+    _tiny.randomize_lora(model)
+    ids = torch.randint(0, 50, (2, 9))
+    before = model(ids).logits
+    merge_adapters(model)
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    unmerge_adapters(model)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- apply_lora / targeting
+
+
+def test_defaults_per_architecture():
+    assert {n.rsplit(".", 1)[-1] for n in _lora_names(apply_lora(_tiny.llama()))} == {"q_proj", "v_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in _lora_names(apply_lora(_tiny.gpt2()))} == {"c_attn"}
+    assert {n.rsplit(".", 1)[-1] for n in _lora_names(apply_lora(_tiny.bert()))} == {"query", "value"}
+
+
+def test_all_linear_excludes_output_head():
+    model = apply_lora(_tiny.llama(), target_modules="all-linear")
+    leaves = {n.rsplit(".", 1)[-1] for n in _lora_names(model)}
+    assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not isinstance(model.lm_head, LoRALinear)
+
+
+def test_regex_exclude_and_plain_sequential():
+    model = apply_lora(_tiny.llama(), target_modules=r".*layers\.1\..*proj",
+                       exclude_modules=["down_proj"])
+    names = _lora_names(model)
+    assert names and all(".layers.1." in n for n in names) and not any("down_proj" in n for n in names)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    apply_lora(seq, r=2, target_modules=["0", "2"])
+    assert isinstance(seq[0], LoRALinear) and isinstance(seq[2], LoRALinear)
+
+
+def test_only_adapters_trainable_and_base_params_kept():
+    model = _tiny.llama()
+    q = model.model.layers[0].self_attn.q_proj
+    q_weight = q.weight
+    apply_lora(model, r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    assert model.model.layers[0].self_attn.q_proj.base_layer is q
+    assert q.weight is q_weight and not q_weight.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) or ".modules_to_save." in n
+                             for n in trainable)
+    assert isinstance(model.lm_head, ModulesToSave)
+    assert model.lm_head.modules_to_save.weight.requires_grad
+    assert not model.lm_head.original_module.weight.requires_grad
+
+
+def test_apply_twice_is_idempotent():
+    model = apply_lora(_tiny.llama(), r=4)
+    params = [id(p) for p in model.parameters()]
+    apply_lora(model, r=4)
+    assert [id(p) for p in model.parameters()] == params
+    assert not any(isinstance(m.base_layer, LoRALinear) for _, m in lora_layers(model))
+
+
+@pytest.mark.parametrize("mode", ["none", "all", "lora_only"])
+def test_bias_modes(mode):
+    model = apply_lora(_tiny.gpt2(), r=2, bias=mode)
+    trainable_bias = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    all_bias = {n for n, _ in model.named_parameters() if n.endswith("bias")}
+    if mode == "none":
+        assert not trainable_bias
+    elif mode == "all":
+        assert trainable_bias == all_bias
+    else:
+        assert trainable_bias == {n for n in all_bias if n.endswith("c_attn.base_layer.bias")}
+
+
+def test_trainable_parameters_summary():
+    model = apply_lora(_tiny.llama(hidden=32, layers=2), r=4)
+    trainable, total = trainable_parameters(model)
+    # q_proj (32->32) and v_proj (32->16) per layer: r*(in+out)
+    assert trainable == 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    assert total == sum(p.numel() for p in model.parameters())
+    line = str(trainable_parameters(model))
+    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+", line)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    ({"r": 0}, "r"), ({"r": -2}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"), ({"init": "xavier"}, "init"), ({"bias": "some"}, "bias"),
+])
+def test_bad_arguments_name_the_argument(kwargs, arg):
+    with pytest.raises(ValueError, match=rf"^{arg} "):
+        apply_lora(_tiny.llama(), **kwargs)
+    with pytest.raises(ValueError, match=rf"^{arg} "):
+        LoRAConfig(**kwargs)
+
+
+def test_nothing_matched_lists_existing_modules():
+    with pytest.raises(ValueError, match="target_modules") as err:
+        apply_lora(_tiny.llama(), target_modules=["query"])
+    assert "q_proj" in str(err.value) and "down_proj" in str(err.value)
+    with pytest.raises(ValueError, match="matched no module"):
+        apply_lora(_tiny.llama(), target_modules=r"nothing.*")
+
+
+def test_unsupported_target_and_missing_default():
+    with pytest.raises(ValueError, match="LlamaMLP"):
+        apply_lora(_tiny.llama(), target_modules=["mlp"])
+    with pytest.raises(ValueError, match="target_modules was not given"):
+        apply_lora(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        apply_lora(_tiny.llama(), modules_to_save=["nope"])
+
+
+def test_failed_apply_leaves_model_unchanged():
+    model = _tiny.llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError):
+        apply_lora(model, target_modules=["q_proj"], modules_to_save=["nope"])
+    assert not lora_layers(model)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- agreement with HF PEFT
+
+
+def _copy_ours_into_peft(ours, peft_model):
+    peft_params = dict(peft_model.named_parameters())
+    for name, layer in lora_layers(ours):
+        peft_params[f"base_model.model.{name}.lora_A.default.weight"].data.copy_(layer.lora_A)
+        peft_params[f"base_model.model.{name}.lora_B.default.weight"].data.copy_(layer.lora_B)
+
+
+@pytest.mark.parametrize("build, targets, inputs", [
+    (_tiny.llama, ["q_proj", "v_proj", "down_proj"], lambda: torch.randint(0, 96, (2, 7))),
+    (_tiny.gpt2, ["c_attn", "c_proj"], lambda: torch.randint(0, 50, (2, 7))),
+    (_tiny.bert, ["query", "value"], lambda: torch.randint(0, 60, (2, 7))),
+])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_logits_identical_to_hf_peft(build, targets, inputs, rslora):
+    ours = apply_lora(build(), r=4, alpha=12, target_modules=targets, use_rslora=rslora)
+    _tiny.randomize_lora(ours)
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(
+        r=4, lora_alpha=12, target_modules=targets, use_rslora=rslora,
+        fan_in_fan_out=build is _tiny.gpt2))
+    _copy_ours_into_peft(ours, theirs)
+    ids = inputs()
+    out = ours(ids).logits
+    torch.testing.assert_close(out, theirs(ids).logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(out, build()(ids).logits, atol=1e-3)  # the adapters do act
+
+
+# ---------------------------------------------------------------- kernels.lora_linear (torch path)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 3e-3),
+                                        (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_lora_linear_against_float64(dtype, tol, with_bias, x_grad):
+    torch.manual_seed(0)
+    m, k, n, r = 37, 50, 23, 3
+    x64 = torch.randn(2, m, k, dtype=torch.float64)
+    w64 = torch.randn(n, k, dtype=torch.float64) / 7
+    a64 = torch.randn(r, k, dtype=torch.float64) / 7
+    b64 = torch.randn(n, r, dtype=torch.float64) / 2
+    bias64 = torch.randn(n, dtype=torch.float64) if with_bias else None
+    leaves = [t.to(dtype).requires_grad_() for t in (a64, b64)]
+    x = x64.to(dtype).requires_grad_(x_grad)
+    bias = bias64.to(dtype).requires_grad_() if with_bias else None
+    y = kernels.lora_linear(x, w64.to(dtype), *leaves, 0.8, bias=bias)
+    ref_leaves = [t.clone().requires_grad_() for t in (a64, b64)]
+    x_ref = x64.clone().requires_grad_(x_grad)
+    bias_ref = bias64.clone().requires_grad_() if with_bias else None
+    ref = x_ref @ w64.t() + 0.8 * (x_ref @ ref_leaves[0].t()) @ ref_leaves[1].t()
+    if with_bias:
+        ref = ref + bias_ref
+    assert y.dtype == dtype and y.shape == (2, m, n)
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn_like(ref)
+    y.backward(g.to(dtype))
+    ref.backward(g)
+    for ours, theirs in zip(leaves + ([x] if x_grad else []) + ([bias] if with_bias else []),
+                            ref_leaves + ([x_ref] if x_grad else []) + ([bias_ref] if with_bias else [])):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=tol * 10, atol=tol * 10)
+
+
+def test_lora_linear_dropout_gradcheck_and_weight_grad():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator()
+
+    def f(x, w, a, b, bias):
+        gen.manual_seed(3)
+        return kernels.lora_linear(x, w, a, b, 0.7, bias, dropout_p=0.3, generator=gen)
+
+    assert torch.autograd.gradcheck(f, (x, w, a, b, bias))
+    # the dropout mask is that of torch.bernoulli with the same generator state
+    gen.manual_seed(3)
+    keep = torch.empty(10, 7, dtype=torch.bool).bernoulli_(0.7, generator=gen).view(2, 5, 7)
+    expected = x @ w.t() + bias + 0.7 * ((x * keep / 0.7) @ a.t()) @ b.t()
+    torch.testing.assert_close(f(x, w, a, b, bias), expected)
+
+
+def test_lora_linear_saves_no_extra_activation():
+    """Saved for backward: x (shared with the caller), S (tokens x r), the bool mask - not a second x."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 128, requires_grad=True)
+    w = torch.randn(96, 128)
+    a = torch.randn(4, 128, requires_grad=True)
+    b = torch.zeros(96, 4, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.lora_linear(x, w, a, b, 2.0, dropout_p=0.1)
+    new_bytes = sum(t.numel() * t.element_size() for t in saved
+                    if t.untyped_storage().data_ptr() not in
+                    {x.untyped_storage().data_ptr(), w.untyped_storage().data_ptr(),
+                     a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()})
+    assert new_bytes == 64 * 4 * 4 + 64 * 128 * 1  # S in fp32 + bool mask
+
+
+def test_lora_linear_bad_inputs():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="x has 5 features"):
+        kernels.lora_linear(torch.randn(4, 5), w, a, b, 1.0)
+    with pytest.raises(ValueError, match="lora_a must be"):
+        kernels.lora_linear(x, w, torch.randn(2, 7), b, 1.0)
+    with pytest.raises(ValueError, match="lora_b must be"):
+        kernels.lora_linear(x, w, a, torch.randn(6, 3), 1.0)
+    with pytest.raises(ValueError, match="bias must be"):
+        kernels.lora_linear(x, w, a, b, 1.0, bias=torch.randn(5))
+    with pytest.raises(ValueError, match="dropout_p"):
+        kernels.lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
+    with pytest.raises(TypeError, match="weight dtype"):
+        kernels.lora_linear(x, w.double(), a, b, 1.0)
+
+
+def test_lora_linear_autocast_cpu_bf16():
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    a, b = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.lora_linear(x, w, a, b, 1.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad is not None
+    torch.testing.assert_close(y.float(), x @ w.t() + (x @ a.t()) @ b.t(), rtol=3e-2, atol=6e-2)
+
+
+# ---------------------------------------------------------------- backend seam
+
+
+def test_backend_selection(monkeypatch):
+    assert kernels.get_backend() in ("auto", "torch", "triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.set_backend("cuda")
+    monkeypatch.setenv("LIGHTNING_PEFT_BACKEND", "bogus")
+    with kernels.use_backend("torch"):
+        assert kernels.get_backend() == "torch"
+    with pytest.raises(ValueError, match="LIGHTNING_PEFT_BACKEND"):
+        kernels.get_backend()
+    monkeypatch.setenv("LIGHTNING_PEFT_BACKEND", "torch")
+    assert kernels.get_backend() == "torch"
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.lora_linear(x, w, a, b, 1.0)
+
+
+def test_transformers_unaffected_by_our_kernels_package():
+    """Our import package is called `kernels`, like the HF kernels hub library: transformers must not
+    take ours for it (our version is outside the range it checks) and models must still run."""
+    from transformers.utils import import_utils
+
+    assert not import_utils.is_kernels_available()
+    model = _tiny.llama()
+    out = model(torch.randint(0, 96, (1, 5))).logits
+    assert out.shape == (1, 5, 96) and torch.isfinite(out).all()
