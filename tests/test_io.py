@@ -1,0 +1,444 @@
+"""Adapter files in HF PEFT's format and adapter state dicts (lightning_peft.io).
+
+Checked against HF PEFT itself: our files load into ``PeftModel.from_pretrained`` and give the
+same logits, files ``save_pretrained`` wrote load into our layers and give the same logits, and
+every bad input fails with an error that names it while the model stays bit-for-bit unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from lightning_peft.io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
+from lightning_peft.lora import LoRALinear, ModulesToSave, apply_lora, lora_layers, merge_adapters
+
+peft = pytest.importorskip("peft")
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+# ------------------------------------------------------------------------------- tiny models
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1)).eval()
+
+
+def _gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def _bert() -> nn.Module:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=3)).eval()
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module) -> torch.Tensor:
+    return model(input_ids=_ids()).logits
+
+
+@torch.no_grad()
+def _perturb(model: nn.Module, seed: int = 2) -> None:
+    """Give every trainable tensor (lora_A/B, modules trained in full, biases) new random values."""
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.add_(0.2 * torch.randn(param.shape, generator=gen))
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad) for n, p in model.named_parameters()],
+            [(n, type(m)) for n, m in model.named_modules()])
+
+
+def _assert_unchanged(model: nn.Module, snap: tuple) -> None:
+    state, grads, modules = snap
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert now[key].dtype == value.dtype and torch.equal(now[key], value), key
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+
+
+def _peft_lora_names(peft_model: nn.Module) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer)}
+
+
+def _ours(kind: str, *calls: dict) -> nn.Module:
+    model = MODELS[kind]()
+    for kwargs in calls:
+        apply_lora(model, **kwargs)
+    _perturb(model)
+    return model
+
+
+# Our adapters, each a sequence of apply_lora calls (two calls: per-layer ranks and alphas).
+OURS = {
+    "llama-qv": ("llama", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
+    "llama-patterns-rslora-lm_head": (
+        "llama", dict(r=4, alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], use_rslora=True),
+        dict(r=2, alpha=3, target_modules=["v_proj", "down_proj"], use_rslora=True)),
+    "llama-one-layer": ("llama", dict(r=2, alpha=4, target_modules=["model.layers.0.self_attn.q_proj"])),
+    "gpt2-conv1d-bias-all": ("gpt2", dict(r=2, alpha=4, target_modules=["c_attn", "attn.c_proj"],
+                                          bias="all")),
+    "bert-classifier-lora_only": ("bert", dict(r=2, alpha=4, target_modules=["query", "value"],
+                                               modules_to_save=["classifier"], bias="lora_only")),
+    "bert-classifier-bias-all": ("bert", dict(r=2, alpha=4, target_modules=["query", "value"],
+                                              modules_to_save=["classifier"], bias="all")),
+}
+
+
+# ----------------------------------------------------------------- (a) ours -> file -> HF PEFT
+
+
+@pytest.mark.parametrize("case", list(OURS))
+def test_our_file_loads_in_hf_peft(case: str, tmp_path: Path) -> None:
+    kind, *calls = OURS[case]
+    model = _ours(kind, *calls)
+    assert save_adapter(model, tmp_path / "a") == tmp_path / "a"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(MODELS[kind](), tmp_path / "a").eval()
+    ours_logits = _logits(model)
+    torch.testing.assert_close(_logits(theirs), ours_logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(MODELS[kind]()), ours_logits, atol=1e-3)  # the adapter matters
+    assert _peft_lora_names(theirs) == {n for n, _ in lora_layers(model)}
+
+
+def test_config_describes_the_layers(tmp_path: Path) -> None:
+    kind, *calls = OURS["llama-patterns-rslora-lm_head"]
+    model = _ours(kind, *calls)
+    model.config._name_or_path = "org/tiny-llama"
+    config = json.loads((save_adapter(model, tmp_path) / CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == "org/tiny-llama" and config["inference_mode"] is True
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (2, 3, True)  # 4 layers of r=2
+    assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert config["rank_pattern"] == {f"model.layers.{i}.self_attn.q_proj": 4 for i in (0, 1)}
+    assert config["alpha_pattern"] == {f"model.layers.{i}.self_attn.q_proj": 8 for i in (0, 1)}
+    assert config["modules_to_save"] == ["lm_head"] and config["bias"] == "none"
+    assert config["fan_in_fan_out"] is False
+    one = _ours(*OURS["llama-one-layer"])
+    config = json.loads((save_adapter(one, tmp_path / "one", "given/name") / CONFIG).read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]  # "q_proj" would select 2
+    assert config["base_model_name_or_path"] == "given/name"
+    gpt2_dir = save_adapter(_ours(*OURS["gpt2-conv1d-bias-all"]), tmp_path / "g")
+    gpt2 = json.loads((gpt2_dir / CONFIG).read_text())
+    assert gpt2["fan_in_fan_out"] is True and gpt2["bias"] == "all"
+    assert sorted(gpt2["target_modules"]) == ["c_attn", "transformer.h.0.attn.c_proj",
+                                              "transformer.h.1.attn.c_proj"]
+
+
+# ----------------------------------------------------------------- (b) HF PEFT -> file -> ours
+
+THEIRS = {
+    "llama-patterns-rslora-lm_head": ("llama", dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"],
+        rank_pattern={"model.layers.0.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True,
+        lora_dropout=0.1, task_type="CAUSAL_LM")),
+    "gpt2-conv1d-bias-all": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
+                                          fan_in_fan_out=True, bias="all")),
+    "bert-seq-cls-lora_only": ("bert", dict(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                            modules_to_save=["classifier"], bias="lora_only",
+                                            task_type="SEQ_CLS")),
+    "bert-classifier-bias-all": ("bert", dict(r=2, lora_alpha=4, target_modules=["query", "key"],
+                                              modules_to_save=["classifier"], bias="all",
+                                              init_lora_weights="gaussian")),
+}
+
+
+@pytest.mark.parametrize("case", list(THEIRS))
+def test_hf_peft_file_loads_in_ours(case: str, tmp_path: Path) -> None:
+    kind, kwargs = THEIRS[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(MODELS[kind](), peft.LoraConfig(**kwargs))
+        _perturb(theirs)
+        theirs.eval().save_pretrained(tmp_path / "peft")
+    model = load_adapter(MODELS[kind](), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(model), _logits(theirs), atol=1e-5, rtol=0)
+    assert {n for n, _ in lora_layers(model)} == _peft_lora_names(theirs)
+    # Saving what we loaded gives back PEFT's tensors (less its bias="all" copies inside the
+    # modules trained in full), bit for bit.
+    save_adapter(model, tmp_path / "ours")
+    peft_tensors = {k: v for k, v in load_file(tmp_path / "peft" / WEIGHTS).items()
+                    if ".original_module." not in k and ".modules_to_save." not in k}
+    ours = load_file(tmp_path / "ours" / WEIGHTS)
+    assert sorted(ours) == sorted(peft_tensors)
+    assert all(torch.equal(ours[k], peft_tensors[k]) for k in ours)
+
+
+def test_hf_peft_per_layer_ranks_and_scalings(tmp_path: Path) -> None:
+    kind, kwargs = THEIRS["llama-patterns-rslora-lm_head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(MODELS[kind](), peft.LoraConfig(**kwargs)).save_pretrained(tmp_path)
+    model = load_adapter(_llama(), tmp_path)
+    layers = dict(lora_layers(model))
+    q0, q1 = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.1.self_attn.q_proj"]
+    v0 = layers["model.layers.0.self_attn.v_proj"]
+    assert (q0.r, q0.alpha, q1.r, v0.r, v0.alpha) == (2, 8, 4, 4, 3)
+    assert q0.scaling == pytest.approx(8 / 2 ** 0.5) and v0.scaling == pytest.approx(3 / 2)
+    assert q0.dropout == 0.1 and q0.use_rslora
+    assert isinstance(model.lm_head, ModulesToSave) and model.lm_head.modules_to_save.weight.requires_grad
+
+
+# ------------------------------------------------------------------------- (c) ours -> ours
+
+
+class _Wrapper(nn.Module):
+    """Stands in for a LightningModule: holds the transformers model plus modules of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 4)
+        self.model = _llama()
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids=input_ids)
+
+
+def test_round_trip_through_a_wrapper(tmp_path: Path) -> None:
+    wrapper = _Wrapper()
+    apply_lora(wrapper, r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    _perturb(wrapper)
+    save_adapter(wrapper, tmp_path)
+    keys = set(load_file(tmp_path / WEIGHTS))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys  # "model." stripped
+    assert "base_model.model.lm_head.weight" in keys and len(keys) == 2 * 2 * 2 + 1
+    for target in (_Wrapper(), _llama()):  # into a fresh wrapper and into the bare model
+        loaded = load_adapter(target, tmp_path).eval()
+        assert torch.equal(_logits(loaded), _logits(wrapper.eval()))
+    assert len(lora_layers(loaded)) == 4 and not isinstance(target, LoRALinear)
+
+
+def test_round_trip_dtypes_existing_and_merged_layers(tmp_path: Path) -> None:
+    source = _ours(*OURS["llama-patterns-rslora-lm_head"])
+    source.to(torch.bfloat16)
+    save_adapter(source, tmp_path)
+    assert {t.dtype for t in load_file(tmp_path / WEIGHTS).values()} == {torch.bfloat16}
+    expected = dict(adapter_state_dict(source))
+    # Into an fp32 model: cast to the destination dtype.
+    loaded = load_adapter(_llama(), tmp_path)
+    for name, tensor in adapter_state_dict(loaded).items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, expected[name].float()), name
+    # Into a model that already has the layers (other alpha, merged): values and scaling from the file.
+    reference = _logits(loaded.eval())
+    target = _llama()
+    apply_lora(target, r=4, alpha=1, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    apply_lora(target, r=2, alpha=1, target_modules=["v_proj", "down_proj"])
+    merge_adapters(target)
+    load_adapter(target, tmp_path)
+    assert all(layer.merged for _, layer in lora_layers(target))
+    assert all(layer.use_rslora for _, layer in lora_layers(target))
+    torch.testing.assert_close(_logits(target.eval()), reference, atol=1e-5, rtol=0)
+
+
+def test_adapter_state_dict_round_trip() -> None:
+    wrapper = _Wrapper()
+    apply_lora(wrapper, r=2, alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"], bias="all")
+    _perturb(wrapper)
+    state = adapter_state_dict(wrapper)
+    assert "model.model.layers.1.self_attn.q_proj.lora_B" in state  # names as in the model
+    assert "model.lm_head.modules_to_save.weight" in state and "head.bias" in state
+    assert set(state) <= set(wrapper.state_dict())
+    params = dict(wrapper.named_parameters())
+    assert all(state[k].data_ptr() == params[k].data_ptr() for k in state)  # no copies
+    fresh = _Wrapper()
+    apply_lora(fresh, r=2, alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"], bias="all")
+    assert load_adapter_state_dict(fresh, {k: v.clone() for k, v in state.items()}) is fresh
+    assert torch.equal(_logits(fresh.eval()), _logits(wrapper.eval()))
+
+
+# --------------------------------------------------------------------------- (d) bad input
+
+
+def _edit_file(directory: Path, edit) -> None:
+    tensors = load_file(directory / WEIGHTS)
+    edit(tensors)
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / CONFIG).read_text())
+    config.update(changes)
+    (directory / CONFIG).write_text(json.dumps(config))
+
+
+KEY_A = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+BAD_FILES = {
+    "missing": (lambda t: t.pop(KEY_A), r"1 missing \(.*v_proj\.lora_A\.weight"),
+    "unexpected": (lambda t: t.update({"base_model.model.model.extra.weight": torch.ones(2)}),
+                   r"1 unexpected \(base_model\.model\.model\.extra\.weight"),
+    "mis-shaped": (lambda t: t.update({KEY_A: torch.ones(3, 16)}),
+                   r"mis-shaped \(.*v_proj\.lora_A\.weight: shape \(3, 16\) in .* vs \(4, 16\)"),
+    "not-float": (lambda t: t.update({KEY_A: torch.ones(4, 16, dtype=torch.int64)}), r"dtype torch\.int64"),
+}
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["fresh", "adapted"])
+@pytest.mark.parametrize("bad", list(BAD_FILES))
+def test_bad_tensors_leave_the_model_unchanged(bad: str, adapted: bool, tmp_path: Path) -> None:
+    save_adapter(_ours(*OURS["llama-qv"]), tmp_path)
+    edit, message = BAD_FILES[bad]
+    _edit_file(tmp_path, edit)
+    model = _ours(*OURS["llama-qv"]) if adapted else _llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+    assert adapted or not lora_layers(model)
+
+
+def test_non_strict_loading(tmp_path: Path) -> None:
+    source = _ours(*OURS["llama-qv"])
+    save_adapter(source, tmp_path)
+    _edit_file(tmp_path, lambda t: (t.pop(KEY_A), t.update({"base_model.model.extra": torch.ones(1)})))
+    model = load_adapter(_llama(), tmp_path, strict=False)
+    loaded, original = adapter_state_dict(model), adapter_state_dict(source)
+    assert len(loaded) == len(original) == 8
+    for name in loaded:
+        assert torch.equal(loaded[name], original[name]) != (name == "model.layers.1.self_attn.v_proj.lora_A")
+    _edit_file(tmp_path, lambda t: t.update({KEY_A: torch.ones(3, 16)}))  # shapes are always checked
+    model = _llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="mis-shaped"):
+        load_adapter(model, tmp_path, strict=False)
+    _assert_unchanged(model, snap)
+
+
+CONFIG_ERRORS = {
+    "peft_type": (dict(peft_type="IA3"), ValueError, "peft_type is 'IA3'"),
+    "dora": (dict(use_dora=True), ValueError, "use_dora=True"),
+    "pissa": (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'"),
+    "rank": (dict(r=0), ValueError, "r must be a positive number"),
+    "target": (dict(target_modules=["no_such_layer"]), ValueError, "no_such_layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_bad_config(case: str, tmp_path: Path) -> None:
+    save_adapter(_ours(*OURS["llama-qv"]), tmp_path)
+    changes, error, message = CONFIG_ERRORS[case]
+    _edit_config(tmp_path, **changes)
+    model = _llama()
+    snap = _snapshot(model)
+    with pytest.raises(error, match=message):
+        load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_adapter(_llama(), tmp_path / "nowhere")
+    save_adapter(_ours(*OURS["llama-qv"]), tmp_path / "a")
+    (tmp_path / "a" / WEIGHTS).rename(tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors.*pickle"):
+        load_adapter(_llama(), tmp_path / "a")
+    (tmp_path / "a" / CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match=CONFIG):
+        load_adapter(_llama(), tmp_path / "a")
+    save_adapter(_ours(*OURS["llama-qv"]), tmp_path / "b")
+    (tmp_path / "b" / CONFIG).write_text('{"peft_type": "LORA", "r": ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapter(_llama(), tmp_path / "b")
+    (tmp_path / "b" / CONFIG).write_text('["LORA"]')
+    with pytest.raises(ValueError, match="JSON object"):
+        load_adapter(_llama(), tmp_path / "b")
+
+
+def test_bad_state_dicts_leave_the_model_unchanged() -> None:
+    model = _ours(*OURS["llama-qv"])
+    good = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    name = "model.layers.0.self_attn.q_proj.lora_B"
+    bad = {
+        "missing": ({k: v for k, v in good.items() if k != name}, "1 missing"),
+        "unexpected": ({**good, "model.extra": torch.ones(1)}, r"1 unexpected \(model\.extra"),
+        "mis-shaped": ({**good, name: torch.ones(16, 3)}, r"q_proj\.lora_B: shape \(16, 3\)"),
+    }
+    snap = _snapshot(model)
+    for state, message in bad.values():
+        with pytest.raises(ValueError, match=message):
+            load_adapter_state_dict(model, state)
+        _assert_unchanged(model, snap)
+    load_adapter_state_dict(model, bad["missing"][0], strict=False)
+    with pytest.raises(ValueError, match="inject the adapter first"):
+        load_adapter_state_dict(_llama(), good)
+
+
+def test_unsavable_models(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        save_adapter(_llama(), tmp_path)
+    model = _llama()
+    apply_lora(model, r=2, target_modules=["q_proj"], use_rslora=True)
+    apply_lora(model, r=2, target_modules=["v_proj"])
+    with pytest.raises(ValueError, match="use_rslora"):
+        save_adapter(model, tmp_path)
+
+
+# ---------------------------------------------------------- (e) no pickle, (f) adapter-only
+
+
+def test_files_are_safetensors_and_json(tmp_path: Path) -> None:
+    model = _ours(*OURS["llama-patterns-rslora-lm_head"])
+    save_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS]
+    raw = (tmp_path / WEIGHTS).read_bytes()
+    assert raw[:1] != b"\x80" and raw[:2] != b"PK"  # neither a pickle nor a torch zip archive
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    assert header.pop("__metadata__") == {"format": "pt"}
+    expected = {"base_model.model.lm_head.weight"} | {
+        f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight"
+        for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj") for ab in "AB"}
+    assert set(header) == expected
+    assert header["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"] == {
+        "dtype": "F32", "shape": [2, 32], "data_offsets": header[
+            "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]["data_offsets"]}
+    assert 8 + size + max(h["data_offsets"][1] for h in header.values()) == len(raw)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    assert config["peft_type"] == "LORA"
+    assert peft.LoraConfig.from_pretrained(str(tmp_path)).rank_pattern == config["rank_pattern"]
+
+
+def test_adapter_file_is_small(tmp_path: Path) -> None:
+    model = _ours("llama", dict(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    save_adapter(model, tmp_path)
+    full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert (tmp_path / WEIGHTS).stat().st_size < 0.15 * full
