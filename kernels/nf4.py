@@ -1,0 +1,642 @@
+"""NF4 4-bit weights, bit-compatible with bitsandbytes: quantize, dequantize, ``y = x·Wᵀ + b``.
+
+NF4 (NormalFloat4, QLoRA: Dettmers et al., 2023, arXiv 2305.14314) stores each weight as one of
+16 code values ``c[0..15]`` (quantiles of N(0, 1), scaled into [-1, 1]) times a per-block scale.
+The format is exactly the one bitsandbytes writes (checked bit for bit against its CPU path,
+bitsandbytes 0.50.2). With ``w`` the flattened row-major weight of ``n`` elements and ``B`` the
+blocksize (32, 64, ..., 4096; 64 by default):
+
+    absmax[b] = max_i |w[bB + i]|                           fp32, one per block (ceil(n/B),)
+    s         = clamp(w[i] · (1 / absmax[b]), -1, 1)        full blocks (a zero absmax reads 1e-38)
+    s         = clamp(w[i] / max(absmax[b], 1e-38), -1, 1)  the partial last block, whose stored
+                                                            absmax is the clamped value
+    q[i]      = #{ k : s > (c[k] + c[k+1]) / 2 }           nearest code; a tie goes to the lower
+    byte[j]   = (q[2j] << 4) | q[2j+1]                      first element in the high nibble; an odd
+                                                            n pads q[n] = 7 (the code of 0.0)
+    w'[i]     = c[q[i]] · absmax[i // B]                   fp32 product, then rounded to the dtype
+
+Double quantization (``double_quant=True``, bitsandbytes' ``compress_statistics``) stores absmax
+as 8 bits with bitsandbytes' signed dynamic map ``d[0..255]`` in blocks of 256 absmax values:
+
+    offset   = mean(absmax)                                fp32 scalar
+    v        = absmax - offset ;  a2[g] = max |v[256g:256g+256]|          fp32 (ceil(blocks/256),)
+    qa[b]    = L[trunc(((clamp(v[b] / a2[g], -1, 1) + 1) · 0.5) · 65535 + 0.5)]   uint8; 0 if a2 = 0
+    L[t]     = #{ k : (d[k] + d[k+1]) / 2 < -1 + 2t/65535 }   bitsandbytes' CPU 65536-entry table
+    absmax'  = d[qa[b]] · a2[b // 256] + offset            two fp32 roundings, never fused
+
+(The CUDA build of bitsandbytes picks the exactly nearest ``d[k]`` instead of ``L``; the two differ
+only for values within 2⁻¹⁶ of a midpoint.) The serialized form is that of
+``bitsandbytes.nn.Linear4bit``: ``weight`` (packed bytes ``((n+1)//2, 1)``), ``weight.absmax``,
+``weight.quant_map`` (c), ``weight.nested_absmax`` (a2), ``weight.nested_quant_map`` (d) and
+``weight.quant_state.bitsandbytes__nf4`` (JSON with type, blocksize, dtype, shape, offset).
+
+Matmul: ``nf4_linear(x, q, b) = x·dequant(q)ᵀ + b`` with ``dX = dY·dequant(q)``; the weight gets
+no gradient. On the Triton path, ``M <= 16`` rows run a fused kernel that reads the 4-bit bytes
+straight into the dot product; larger ``M`` dequantizes into a reused buffer and calls the GEMM.
+This file is the specification and CPU fallback; :mod:`kernels._nf4_triton` holds the kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kernels import _backend
+
+__all__ = [
+    "BLOCKSIZES",
+    "NF4Tensor",
+    "dequantize_nf4",
+    "nf4_dense_for_matmul",
+    "nf4_linear",
+    "nf4_linear_reference",
+    "quantize_nf4",
+]
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NESTED_BLOCKSIZE = 256
+_QS_KEY = "quant_state.bitsandbytes__nf4"
+
+# The 16 NF4 code values, as bitsandbytes hard-codes them (sorted ascending, c[7] = 0).
+_NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+# The Torch dequantizer works through the packed bytes this many at a time, so that its
+# temporaries stay in cache and are allocated once per call.
+_CHUNK_BYTES = 1 << 16
+
+
+def _dynamic_map() -> Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``), 256 sorted fp32 values.
+
+    For exponent ``e = 0..6`` it holds ``±10^(e-6)`` times the midpoints of ``2^e + 1`` points
+    evenly spaced over [0.1, 1], plus 0 and 1.
+    """
+    values: list[float] = []
+    for e in range(7):
+        points = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        means = (points[:-1] + points[1:]) / 2.0
+        values += ((10 ** (e - 6)) * means).tolist()
+        values += (-(10 ** (e - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+class _Tables:
+    """Per-device constant tables shared by the Torch and Triton paths."""
+
+    def __init__(self, device: torch.device) -> None:
+        code = torch.tensor(_NF4_CODE, dtype=torch.float32)
+        byte = torch.arange(256)
+        self.code = code.to(device)                                        # (16,) c
+        self.bounds = ((code[:-1] + code[1:]) / 2).to(device)              # (15,) midpoints of c
+        # pair[byte] holds (c[byte >> 4], c[byte & 15]) as two fp32 in one int64 (low word first)
+        pair = torch.stack([code[byte >> 4], code[byte & 15]], 1)           # (256, 2)
+        self.pair = pair.contiguous().view(torch.int64).view(256).to(device)  # (256,)
+        dyn = _dynamic_map()
+        self.dynamic = dyn.to(device)                                      # (256,) d
+        mid = 0.5 * (dyn[:-1] + dyn[1:])                                   # (255,)
+        grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+        lut = torch.searchsorted(mid, grid, right=False)                   # #{mid < grid}
+        self.lut = lut.to(torch.uint8).to(device)                          # (65536,) L
+
+
+@functools.cache
+def _tables(device: torch.device) -> _Tables:
+    return _Tables(device)
+
+
+class NF4Tensor:
+    """A weight in bitsandbytes' NF4 format (see the module docstring for the exact layout).
+
+    Attributes:
+        packed: uint8 ``((numel + 1) // 2,)``, two codes per byte, first in the high nibble.
+        absmax: fp32 ``(blocks,)`` scales, or uint8 ``(blocks,)`` codes when double-quantized.
+        nested_absmax: fp32 ``(ceil(blocks / 256),)`` scales of the absmax codes, or ``None``.
+        nested_code: fp32 ``(256,)`` map of the absmax codes (the dynamic map), or ``None``.
+        nested_offset: fp32 0-d tensor added back to the absmax, or ``None``.
+        shape: the logical shape (``(out, in)`` for a linear weight).
+        dtype: the dtype the weight had before quantization (the default dequantize dtype).
+        blocksize: elements per absmax block.
+    """
+
+    def __init__(self, packed: Tensor, absmax: Tensor, shape: tuple[int, ...] | torch.Size,
+                 dtype: torch.dtype, blocksize: int, nested_absmax: Tensor | None = None,
+                 nested_code: Tensor | None = None, nested_offset: Tensor | None = None) -> None:
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.blocksize = int(blocksize)
+        self.packed = packed
+        self.absmax = absmax
+        self.nested_absmax = nested_absmax
+        self.nested_code = nested_code
+        self.nested_offset = nested_offset
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise TypeError(f"NF4Tensor dtype must be one of {_DTYPES}, got {self.dtype}")
+        _check_blocksize(self.blocksize)
+        n = self.numel()
+        if n == 0:
+            raise ValueError(f"NF4Tensor shape must have at least one element, got {self.shape}")
+        blocks = -(-n // self.blocksize)
+        _check_tensor("packed", self.packed, torch.uint8, ((n + 1) // 2,))
+        device = self.packed.device
+        nested = (self.nested_absmax, self.nested_code, self.nested_offset)
+        if all(t is None for t in nested):
+            _check_tensor("absmax", self.absmax, torch.float32, (blocks,), device)
+        elif any(t is None for t in nested):
+            raise ValueError("nested_absmax, nested_code and nested_offset must be given together "
+                             "(double quantization) or all be None")
+        else:
+            _check_tensor("absmax", self.absmax, torch.uint8, (blocks,), device)
+            groups = -(-blocks // _NESTED_BLOCKSIZE)
+            _check_tensor("nested_absmax", self.nested_absmax, torch.float32, (groups,), device)
+            _check_tensor("nested_code", self.nested_code, torch.float32, (256,), device)
+            _check_tensor("nested_offset", self.nested_offset, torch.float32, (), device)
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def double_quant(self) -> bool:
+        """Whether the absmax is itself quantized to 8 bits."""
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory: packed codes plus all quantization statistics."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel()
+
+    def _tensors(self) -> dict[str, Tensor]:
+        names = ("packed", "absmax", "nested_absmax", "nested_code", "nested_offset")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def __repr__(self) -> str:
+        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize="
+                f"{self.blocksize}, double_quant={self.double_quant}, device={self.device}, "
+                f"nbytes={self.nbytes})")
+
+    # ----------------------------------------------------------------------------- conversion
+    def dequantize(self, dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
+        """The dense weight, ``self.shape``, in ``dtype`` (default: the original dtype)."""
+        return dequantize_nf4(self, dtype, out=out)
+
+    def to(self, device: torch.device | str | int | None = None, non_blocking: bool = False
+           ) -> NF4Tensor:
+        """A copy on ``device`` (``self`` when it is already there). The dtype never changes."""
+        if device is None:
+            return self
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self._tensors().items()}
+        return NF4Tensor(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, **moved)
+
+    def cpu(self) -> NF4Tensor:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | None = None) -> NF4Tensor:
+        return self.to("cuda" if device is None else torch.device("cuda", device)
+                       if isinstance(device, int) else device)
+
+    def _json(self) -> dict[str, Any]:
+        """The non-tensor quant state, key for key as bitsandbytes' ``QuantState.as_dict``."""
+        meta: dict[str, Any] = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            meta.update(nested_blocksize=_NESTED_BLOCKSIZE, nested_dtype="float32",
+                        nested_offset=self.nested_offset.item())
+        return meta
+
+    def to_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        """The keys ``bitsandbytes.nn.Linear4bit`` writes for its weight, under ``prefix``.
+
+        ``prefix`` is the module's prefix (``"model.layers.0.q_proj."``); the keys are
+        ``{prefix}weight``, ``{prefix}weight.absmax``, ``{prefix}weight.quant_map``, with double
+        quantization ``{prefix}weight.nested_absmax`` and ``{prefix}weight.nested_quant_map``, and
+        ``{prefix}weight.quant_state.bitsandbytes__nf4`` (the JSON state as uint8).
+        """
+        w = prefix + "weight"
+        sd = {w: self.packed.view(-1, 1), f"{w}.absmax": self.absmax,
+              f"{w}.quant_map": _tables(self.device).code.clone()}
+        if self.double_quant:
+            sd[f"{w}.nested_absmax"] = self.nested_absmax
+            sd[f"{w}.nested_quant_map"] = self.nested_code.clone()
+        blob = json.dumps(self._json()).encode("utf-8")
+        sd[f"{w}.{_QS_KEY}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, Tensor], prefix: str = "") -> NF4Tensor:
+        """Read the weight keys a ``bitsandbytes.nn.Linear4bit`` serialized (see :meth:`to_state_dict`)."""
+        w = prefix + "weight"
+        missing = [k for k in (w, f"{w}.absmax", f"{w}.{_QS_KEY}") if k not in state_dict]
+        if missing:
+            other = [k for k in state_dict if k.startswith(f"{w}.quant_state.")]
+            hint = f"; found {other} (only nf4 is supported)" if other else ""
+            raise ValueError(f"state_dict lacks the NF4 keys {missing} under prefix {prefix!r}"
+                             f"{hint}")
+        blob = state_dict[f"{w}.{_QS_KEY}"]
+        meta = json.loads(bytes(blob.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        if meta.get("quant_type") != "nf4":
+            raise ValueError(f"quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+        packed = state_dict[w]
+        _check_quant_map(state_dict.get(f"{w}.quant_map"))
+        nested = {}
+        if "nested_absmax" in meta or f"{w}.nested_absmax" in state_dict or "nested_offset" in meta:
+            if meta.get("nested_blocksize") != _NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize must be {_NESTED_BLOCKSIZE}, got "
+                                 f"{meta.get('nested_blocksize')!r}")
+            for key in ("nested_absmax", "nested_quant_map"):
+                if f"{w}.{key}" not in state_dict:
+                    raise ValueError(f"state_dict lacks {w}.{key} for a double-quantized weight")
+            nested = dict(nested_absmax=state_dict[f"{w}.nested_absmax"],
+                          nested_code=state_dict[f"{w}.nested_quant_map"],
+                          nested_offset=torch.tensor(float(meta["nested_offset"]),
+                                                     dtype=torch.float32, device=packed.device))
+        return cls(packed=_as_bytes(packed), absmax=state_dict[f"{w}.absmax"],
+                   shape=tuple(meta["shape"]), dtype=_parse_dtype(meta["dtype"]),
+                   blocksize=meta["blocksize"], **nested)
+
+    @classmethod
+    def from_bitsandbytes(cls, packed: Tensor, quant_state: Any) -> NF4Tensor:
+        """Wrap bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` output (no copy)."""
+        if getattr(quant_state, "quant_type", None) != "nf4":
+            raise ValueError(f"quant_state.quant_type must be 'nf4', got "
+                             f"{getattr(quant_state, 'quant_type', None)!r}")
+        _check_quant_map(quant_state.code)
+        nested = {}
+        if quant_state.nested:
+            if quant_state.state2.blocksize != _NESTED_BLOCKSIZE:
+                raise ValueError(f"quant_state.state2.blocksize must be {_NESTED_BLOCKSIZE}, got "
+                                 f"{quant_state.state2.blocksize}")
+            nested = dict(nested_absmax=quant_state.state2.absmax,
+                          nested_code=quant_state.state2.code,
+                          nested_offset=torch.as_tensor(quant_state.offset, dtype=torch.float32,
+                                                        device=packed.device).reshape(()))
+        return cls(packed=_as_bytes(packed), absmax=quant_state.absmax, shape=quant_state.shape,
+                   dtype=quant_state.dtype, blocksize=quant_state.blocksize, **nested)
+
+    def to_bitsandbytes(self) -> tuple[Tensor, Any]:
+        """``(packed ((n+1)//2, 1) uint8, bitsandbytes.functional.QuantState)`` sharing storage."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = offset = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code,
+                                blocksize=_NESTED_BLOCKSIZE, dtype=torch.float32)
+            offset = self.nested_offset
+        state = QuantState(absmax=self.absmax, shape=self.shape, code=_tables(self.device).code,
+                           blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
+                           offset=offset, state2=state2)
+        return self.packed.view(-1, 1), state
+
+
+# --------------------------------------------------------------------------------- validation
+def _check_blocksize(blocksize: Any) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def _check_tensor(name: str, t: Any, dtype: torch.dtype, shape: tuple[int, ...],
+                  device: torch.device | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but packed is on {device}")
+
+
+def _check_quant_map(code: Tensor | None) -> None:
+    if code is None:
+        return
+    expected = torch.tensor(_NF4_CODE, dtype=torch.float32)
+    if code.numel() != 16 or not torch.equal(code.detach().float().cpu().reshape(16), expected):
+        raise ValueError("quant_map is not the NF4 code (only quant_type='nf4' is supported)")
+
+
+def _as_bytes(packed: Tensor) -> Tensor:
+    """bitsandbytes' packed weight (any ``quant_storage`` dtype, shape ``(k, 1)``) as flat uint8."""
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    packed = packed.detach().contiguous()
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    return packed.view(-1)
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype in the quant state must be one of {_DTYPES}, got {name!r}")
+    return dtype
+
+
+def _check_dtype(dtype: Any, what: str = "dtype") -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise TypeError(f"{what} must be one of {_DTYPES}, got {dtype}")
+    return dtype
+
+
+def _check_nf4(q: Any, what: str = "q") -> NF4Tensor:
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"{what} must be an NF4Tensor (from quantize_nf4), got {type(q).__name__}")
+    return q
+
+
+# ------------------------------------------------------------------------- Torch reference
+def _quantize_torch(w: Tensor, blocksize: int, double_quant: bool) -> NF4Tensor:
+    tables = _tables(w.device)
+    x = w.reshape(-1).float()                                          # (n,)
+    n = x.numel()
+    full_blocks, rem = divmod(n, blocksize)
+    full = full_blocks * blocksize
+    blocks = full_blocks + (rem > 0)
+    scaled = torch.empty(n + (n & 1), dtype=torch.float32, device=w.device)  # even length
+    scaled[n:] = 0.0
+    absmax = torch.empty(blocks, dtype=torch.float32, device=w.device)
+    xb = x[:full].view(full_blocks, blocksize)                         # (full_blocks, B)
+    torch.amax(xb.abs(), dim=1, out=absmax[:full_blocks])
+    inv = 1.0 / absmax[:full_blocks].clamp(min=1e-38)                  # (full_blocks,)
+    torch.mul(xb, inv[:, None], out=scaled[:full].view(full_blocks, blocksize))
+    if rem:
+        am = x[full:].abs().amax().clamp(min=1e-38)                    # () partial block
+        absmax[-1] = am
+        torch.div(x[full:], am, out=scaled[full:n])
+    scaled.clamp_(-1.0, 1.0)
+    codes = torch.bucketize(scaled, tables.bounds, out_int32=True).to(torch.uint8)  # (n_even,)
+    packed = (codes[0::2] << 4) | codes[1::2]                          # ((n+1)//2,)
+    if not double_quant:
+        return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    offset = absmax.mean()                                             # () fp32
+    qabs, nested = _quantize_absmax_torch(absmax - offset, tables)
+    return NF4Tensor(packed, qabs, w.shape, w.dtype, blocksize, nested_absmax=nested,
+                     nested_code=tables.dynamic.clone(), nested_offset=offset)
+
+
+def _quantize_absmax_torch(v: Tensor, tables: _Tables) -> tuple[Tensor, Tensor]:
+    """8-bit blockwise (256) quantization of ``v`` as bitsandbytes' CPU kernel does it."""
+    blocks = v.numel()
+    groups = -(-blocks // _NESTED_BLOCKSIZE)
+    vp = torch.zeros(groups * _NESTED_BLOCKSIZE, dtype=torch.float32, device=v.device)
+    vp[:blocks] = v
+    vp = vp.view(groups, _NESTED_BLOCKSIZE)                            # (groups, 256)
+    a2 = vp.abs().amax(dim=1)                                          # (groups,)
+    inv = torch.where(a2 == 0, 0.0, 1.0 / a2)                          # (groups,)
+    t = (vp * inv[:, None]).clamp_(-1.0, 1.0)
+    idx = (((t + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int32)          # trunc: (groups, 256)
+    q = tables.lut[idx.view(-1)].view(groups, _NESTED_BLOCKSIZE)
+    q.masked_fill_((a2 == 0)[:, None], 0)
+    return q.view(-1)[:blocks].clone(), a2
+
+
+def _absmax_torch(q: NF4Tensor) -> Tensor:
+    """The fp32 per-block scales, reconstructing double-quantized ones: ``d[qa]·a2 + offset``."""
+    if not q.double_quant:
+        return q.absmax
+    blocks = q.absmax.numel()
+    groups = q.nested_absmax.numel()
+    v = torch.zeros(groups * _NESTED_BLOCKSIZE, dtype=torch.float32, device=q.device)
+    torch.index_select(q.nested_code, 0, q.absmax.int(), out=v[:blocks])
+    v = v.view(groups, _NESTED_BLOCKSIZE).mul_(q.nested_absmax[:, None]).view(-1)[:blocks]
+    return v.add_(q.nested_offset)                                     # (blocks,)
+
+
+def _dequantize_torch(q: NF4Tensor, out: Tensor) -> Tensor:
+    """Write ``c[q]·absmax`` into ``out`` (any float dtype, contiguous, ``q.numel()`` elements).
+
+    Works through the bytes in chunks: int32 byte indices -> one gather of a (c[hi], c[lo]) fp32
+    pair per byte from a 256-entry table -> scale in place -> one rounding copy into ``out``.
+    """
+    tables = _tables(q.device)
+    n, bs = q.numel(), q.blocksize
+    half = bs // 2
+    absmax = _absmax_torch(q)                                          # (blocks,)
+    flat = out.view(-1)
+    full_blocks = n // bs
+    step = max(1, _CHUNK_BYTES // half)                                # blocks per chunk
+    width = min(step, full_blocks) * half
+    idx = torch.empty(width, dtype=torch.int32, device=q.device)
+    pairs = torch.empty(width, dtype=torch.int64, device=q.device)
+    for b0 in range(0, full_blocks, step):
+        b1 = min(b0 + step, full_blocks)
+        c = (b1 - b0) * half
+        i, p = idx[:c], pairs[:c]
+        i.copy_(q.packed[b0 * half:b1 * half])                         # (c,) uint8 -> int32
+        torch.index_select(tables.pair, 0, i, out=p)                   # (c,) fp32 pairs
+        vals = p.view(torch.float32).view(b1 - b0, bs)                 # (blocks, B)
+        vals.mul_(absmax[b0:b1, None])
+        flat[b0 * bs:b1 * bs].view(b1 - b0, bs).copy_(vals)
+    rem = n - full_blocks * bs
+    if rem:                                                            # partial last block
+        tail = q.packed[full_blocks * half:].int()                     # (ceil(rem/2),)
+        vals = tables.pair.index_select(0, tail).view(torch.float32)[:rem]
+        flat[n - rem:].copy_(vals * absmax[full_blocks])
+    return out
+
+
+# ----------------------------------------------------------------------------- public ops
+def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize ``w`` (any shape, fp16/bf16/fp32) to NF4, exactly as bitsandbytes would.
+
+    Same packed bytes and absmax as ``bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
+    compress_statistics=double_quant, quant_type="nf4")``. ``w`` is not modified and needs no
+    gradient (quantization is not differentiable).
+    """
+    if not isinstance(w, Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _DTYPES:
+        raise TypeError(f"w must be a float tensor of dtype {_DTYPES}, got {w.dtype}")
+    _check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    if w.numel() == 0:
+        raise ValueError(f"w must have at least one element, got shape {tuple(w.shape)}")
+    w = w.detach()
+    if _backend.use_triton(w):
+        from kernels import _nf4_triton
+
+        return _nf4_triton.quantize(w, blocksize, double_quant)
+    return _quantize_torch(w, blocksize, double_quant)
+
+
+def _check_out(out: Any, q: NF4Tensor, dtype: torch.dtype) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype} but the requested dtype is {dtype}")
+    if out.numel() != q.numel():
+        raise ValueError(f"out must have {q.numel()} elements (shape {tuple(q.shape)}), got "
+                         f"shape {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if out.device != q.device:
+        raise ValueError(f"out is on {out.device} but q is on {q.device}")
+    return out
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: Tensor | None = None
+                   ) -> Tensor:
+    """The dense weight of ``q`` in ``dtype`` (fp16/bf16/fp32; default ``q.dtype``).
+
+    Bit-identical to ``bitsandbytes.functional.dequantize_4bit``. With ``out`` (contiguous, same
+    number of elements, dtype, device) the result is written there and ``out`` is returned, so a
+    buffer can be reused across calls; otherwise a new tensor of shape ``q.shape``.
+    """
+    _check_nf4(q)
+    if dtype is None:
+        dtype = out.dtype if isinstance(out, Tensor) else q.dtype
+    _check_dtype(dtype)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    else:
+        _check_out(out, q, dtype)
+    if _backend.use_triton(q.packed, out):
+        from kernels import _nf4_triton
+
+        return _nf4_triton.dequantize(q, out)
+    return _dequantize_torch(q, out)
+
+
+_WORKSPACE: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat scratch buffer shared by every caller on ``(device, dtype)``; grows as needed."""
+    buf = _WORKSPACE.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        _WORKSPACE.pop((device, dtype), None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _WORKSPACE[(device, dtype)] = buf
+    return buf[:numel]
+
+
+def nf4_dense_for_matmul(q: NF4Tensor, dtype: torch.dtype, reuse: bool = True) -> Tensor:
+    """``q`` dequantized to ``dtype`` for an immediately following matmul (Triton or Torch path).
+
+    With ``reuse=True`` the result lives in a scratch buffer shared per (device, dtype): consume it
+    before the next call (do not save it for backward; dequantize again there). ``reuse=False``
+    returns a fresh tensor.
+    """
+    _check_nf4(q)
+    _check_dtype(dtype)
+    out = _workspace(q.numel(), dtype, q.device).view(q.shape) if reuse else None
+    return dequantize_nf4(q, dtype, out=out)
+
+
+def _check_linear(x: Any, q: Any, bias: Any) -> None:
+    _check_nf4(q)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be a float tensor of dtype {_DTYPES}, got {x.dtype}")
+    if q.ndim != 2:
+        raise ValueError(f"q must be a 2-D (out, in) weight, got shape {tuple(q.shape)}")
+    out_features, in_features = q.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must be (..., {in_features}) to match q of shape "
+                         f"{tuple(q.shape)} (out, in), got {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"x is on {x.device} but q is on {q.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+
+
+class _NF4Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q, bias, triton):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
+        if triton:
+            from kernels import _nf4_triton
+
+            y = _nf4_triton.nf4_matmul(x2, q, bias)                     # (M, N)
+        else:
+            w = nf4_dense_for_matmul(q, x.dtype)                        # (N, K), scratch
+            y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        ctx.q, ctx.shape = q, shape
+        return y.view(*shape[:-1], q.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q = ctx.q
+        dy = grad_out.reshape(-1, q.shape[0])                           # (M, N)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = nf4_dense_for_matmul(q, dy.dtype)                       # (N, K), scratch
+            grad_x = torch.mm(dy, w).view(ctx.shape)                    # (M, K)
+        if ctx.needs_input_grad[2]:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, None
+
+
+def _nf4_linear(x: Tensor, q: NF4Tensor, bias: Tensor | None, triton: bool | None) -> Tensor:
+    _check_linear(x, q, bias)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return _nf4_linear(x, q, bias, triton)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    if triton is None:
+        triton = _backend.use_triton(x, q.packed)
+    return _NF4Linear.apply(x, q, bias, triton)
+
+
+def nf4_linear_reference(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
+    """The pure-PyTorch op (CPU fallback and the specification of the Triton path)."""
+    return _nf4_linear(x, q, bias, triton=False)
+
+
+def nf4_linear(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x·dequant(q)ᵀ + bias`` with autograd for ``x`` and ``bias`` (the weight is frozen).
+
+    Args:
+        x: input ``(..., in)``, fp16/bf16/fp32; the weight is dequantized to ``x``'s dtype.
+        q: NF4 weight ``(out, in)``.
+        bias: optional ``(out,)``, cast to ``x``'s dtype (the cast is differentiable).
+
+    Under ``torch.autocast`` the input is cast to the autocast dtype first.
+    """
+    return _nf4_linear(x, q, bias, triton=None)
