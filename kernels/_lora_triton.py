@@ -217,7 +217,7 @@ def _lora_gemm_kernel(
     a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, xl_ptr, da_ptr, seed_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_wk, stride_wn, stride_pm, stride_pr, stride_qr, stride_qn,
-    stride_om, stride_on, stride_xm, stride_xn, stride_dap, stride_dar, stride_dan,
+    stride_om, stride_on, stride_xm, stride_xn, stride_dap, stride_dar, stride_dan, stride_bias,
     alpha, threshold,
     NEED_OUT: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr, NEED_DA: tl.constexpr,
@@ -287,7 +287,8 @@ def _lora_gemm_kernel(
                         mask=k_ok[:, None], other=0.0)                          # (BK, BN)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + rn * stride_bias, mask=n_ok, other=0.0)      # (BN,)
+            acc += bias.to(tl.float32)[None, :]
         out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
         out_mask = m_ok[:, None] & n_ok[None, :]
         if ACCUMULATE:
@@ -435,7 +436,7 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
     need_da = xl is not None
     R = p.shape[1] if p is not None else 1
     deterministic = torch.are_deterministic_algorithms_enabled()
-    f32 = {"dtype": torch.float32, "device": out.device}
+    f32 = {"dtype": torch.float32, "device": a.device}
     da = None
     if need_da:
         if deterministic:
@@ -458,6 +459,7 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
                 xl_.stride(0), xl_.stride(1),
                 da_buf.stride(0) if da_buf.dim() == 3 else 0,
                 da_buf.stride(-2) if da_buf.dim() >= 2 else 0, da_buf.stride(-1),
+                0 if bias is None else bias.stride(0),
                 alpha, _threshold(dropout_p),
                 NEED_OUT=need_out, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
                 ACCUMULATE=accumulate, DROPOUT=dropout_p > 0.0, NEED_DA=need_da,
@@ -512,7 +514,6 @@ def _lora_bwd(grads: list[Tensor], x: Tensor, weights: list[Tensor], lora_a: Ten
         ds_parts.append(ds)
         dbs.append(db if db is not None else x.new_empty(0))
         offset += r
-    empty = x.new_empty(0)
     dx = da = None
     if need_ds:
         ds_cat = ds_parts[0] if len(ds_parts) == 1 else torch.cat(ds_parts, dim=1)  # (M, Σr)
@@ -525,7 +526,7 @@ def _lora_bwd(grads: list[Tensor], x: Tensor, weights: list[Tensor], lora_a: Ten
         else:
             da = _lora_gemm(x, lora_a, None, p=ds_cat, xl=x, need_out=False,
                             dropout_p=dropout_p, seed=seed)
-    return [empty if dx is None else dx, empty if da is None else da] + dbs
+    return [x.new_empty(0) if dx is None else dx, x.new_empty(0) if da is None else da] + dbs
 
 
 def _setup_context(ctx, inputs, output) -> None:
