@@ -1,8 +1,11 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning.
 
 Plain-PyTorch functions (``apply_lora``, ``merge_adapters``, ``save_adapter``, ...) work on any
-``nn.Module``; the Lightning callbacks (``LoRACallback``) are thin sequences of them.
+``nn.Module``; the Lightning callbacks (``LoRACallback``) are thin sequences of them. The callbacks
+and the data module import Lightning lazily, on first access, so the plain functions never do.
 """
+
+from importlib import import_module
 
 from lightning_peft._base import trainable_parameters
 from lightning_peft.lora import (
@@ -15,11 +18,36 @@ from lightning_peft.lora import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "LoRACallback": "lightning_peft.callbacks",
+    "PEFTCallback": "lightning_peft.callbacks",
+    "save_adapter": "lightning_peft.io",
+    "load_adapter": "lightning_peft.io",
+    "adapter_state_dict": "lightning_peft.io",
+    "load_adapter_state_dict": "lightning_peft.io",
+    "InstructionDataModule": "lightning_peft.data",
+}
+
 __all__ = [
+    "InstructionDataModule",
+    "LoRACallback",
     "LoRAConfig",
     "LoRALinear",
+    "PEFTCallback",
+    "adapter_state_dict",
     "apply_lora",
+    "load_adapter",
+    "load_adapter_state_dict",
     "merge_adapters",
+    "save_adapter",
     "trainable_parameters",
     "unmerge_adapters",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")

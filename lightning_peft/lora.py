@@ -268,9 +268,11 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
             parent, child = get_parent(model, name)
             setattr(parent, child, ModulesToSave(module))
     if config.bias == "all":
+        inside_saved = {id(m) for w in model.modules() if isinstance(w, ModulesToSave)
+                        for m in w.modules()}
         for module in model.modules():
             if isinstance(getattr(module, "bias", None), nn.Parameter) and \
-                    not isinstance(module, AdapterLayer):
+                    not isinstance(module, AdapterLayer) and id(module) not in inside_saved:
                 setattr(module, TRAIN_BIAS_ATTR, True)
     elif config.bias == "lora_only":
         for _, layer in lora_layers(model):
