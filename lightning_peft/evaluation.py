@@ -121,7 +121,7 @@ def generate_answers(
     tokenizer: Any,
     records: Sequence[Mapping[str, Any]],
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> list[str]:
     """Greedy answers of a Hugging Face causal LM to instruction records, in input order.
 

@@ -1,0 +1,335 @@
+"""Instruction-tuning data: Alpaca-style records -> masked, dynamically padded batches.
+
+A record is a JSON object with string fields ``instruction``, ``input`` (may be empty or absent)
+and ``output``; other fields are ignored. A JSONL file holds one record per line (blank lines
+are skipped); a ``.json`` file may hold a list of records instead.
+
+Each record becomes ``prompt_ids + answer_ids + [eos]``: the prompt is
+:func:`~lightning_peft.evaluation.encode_prompt` (the tokenizer's chat template with the
+generation prompt, or the Alpaca template when it has none), the answer is the ``output`` text.
+Labels are ``-100`` on the prompt (and, after collation, on the padding) and equal the input
+ids on the answer and the closing EOS, so the loss trains only what the model must generate.
+
+The plain functions (:func:`load_records`, :func:`format_prompt`, :func:`encode_example`,
+:func:`collate`) work without Lightning; :class:`InstructionDataModule` wraps them for
+``Trainer.fit``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_peft.evaluation import encode_prompt, format_prompt
+
+__all__ = [
+    "IGNORE_INDEX",
+    "InstructionDataModule",
+    "collate",
+    "encode_example",
+    "format_prompt",
+    "load_records",
+]
+
+IGNORE_INDEX = -100
+"""Label of tokens left out of the loss (``torch.nn.CrossEntropyLoss``'s default)."""
+
+RecordSource = str | os.PathLike | Sequence[Mapping[str, Any]]
+"""A JSONL/JSON file path, or a list of record mappings."""
+
+_REQUIRED_FIELDS = ("instruction", "output")
+
+
+def _check_record(record: Any, where: str) -> dict[str, str]:
+    """Validate one record; return it as ``{"instruction", "input", "output"}`` strings."""
+    if not isinstance(record, Mapping):
+        raise ValueError(
+            f"{where}: expected a JSON object with fields 'instruction', 'input', 'output', "
+            f"got {type(record).__name__}"
+        )
+    for name in _REQUIRED_FIELDS:
+        if name not in record:
+            raise ValueError(
+                f"{where}: missing field {name!r} (a record needs 'instruction' and 'output' "
+                f"strings, and optionally an 'input' string)"
+            )
+    fields = {
+        "instruction": record["instruction"],
+        "input": record.get("input", ""),
+        "output": record["output"],
+    }
+    if fields["input"] is None:
+        fields["input"] = ""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{where}: field {name!r} must be a string, got {type(value).__name__} "
+                f"({value!r:.60})"
+            )
+    return fields
+
+
+def _load_with_locations(source: RecordSource, name: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Records of ``source`` and, for each, where it came from (``file:line N`` or ``name[i]``)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{name}: no such file {str(path)!r}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {err.lineno}: invalid JSON ({err.msg})") from None
+            wheres = [f"{path} item {i}" for i in range(len(items))]
+        else:
+            items, wheres = [], []
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{path} line {lineno}: invalid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+                wheres.append(f"{path} line {lineno}")
+    elif isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
+        items = list(source)
+        wheres = [f"{name}[{i}]" for i in range(len(items))]
+    else:
+        raise ValueError(
+            f"{name} must be a path to a JSONL/JSON file or a list of records, "
+            f"got {type(source).__name__}"
+        )
+    records = [_check_record(item, where) for item, where in zip(items, wheres, strict=True)]
+    if not records:
+        raise ValueError(f"{name} holds no records")
+    return records, wheres
+
+
+def load_records(source: RecordSource) -> list[dict[str, str]]:
+    """Load and validate instruction records from a JSONL/JSON file or a list of mappings.
+
+    Each returned record has exactly the string fields ``instruction``, ``input`` (``""`` when
+    absent) and ``output``. A malformed record raises a ValueError naming the file and line
+    (or the list index) and what is wrong.
+    """
+    return _load_with_locations(source, "source")[0]
+
+
+def encode_example(
+    tokenizer: Any,
+    record: Mapping[str, Any],
+    max_length: int | None = None,
+    truncation: bool = False,
+    *,
+    where: str = "record",
+) -> dict[str, list[int]]:
+    """Token ids and labels of one record: ``prompt + output + [eos]``, prompt masked.
+
+    ``labels`` is ``-100`` on every prompt token and equals ``input_ids`` on the answer tokens
+    and the closing EOS. If the example is longer than ``max_length``: with ``truncation`` the
+    answer is cut from the end (the prompt is kept whole, and at least one answer token must
+    fit); without it a ValueError naming ``where`` is raised.
+    """
+    fields = _check_record(record, where)
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token_id; the answer must end with an EOS")
+    prompt = encode_prompt(tokenizer, fields["instruction"], fields["input"])
+    answer = list(tokenizer(fields["output"], add_special_tokens=False)["input_ids"]) + [eos]
+    total = len(prompt) + len(answer)
+    if max_length is not None and total > max_length:
+        if not truncation:
+            raise ValueError(
+                f"{where}: example is {total} tokens ({len(prompt)} prompt + {len(answer)} "
+                f"answer), longer than max_length={max_length}; raise max_length or set "
+                f"truncation=True"
+            )
+        if len(prompt) >= max_length:
+            raise ValueError(
+                f"{where}: the prompt alone is {len(prompt)} tokens, so no answer token fits "
+                f"in max_length={max_length}; raise max_length or shorten the instruction/input"
+            )
+        answer = answer[: max_length - len(prompt)]
+    return {
+        "input_ids": prompt + answer,
+        "labels": [IGNORE_INDEX] * len(prompt) + answer,
+    }
+
+
+def collate(
+    examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples to the longest one in the batch.
+
+    Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` (1 on real tokens,
+    0 on padding) and ``labels`` (padded with ``-100``), each a ``(batch, longest)`` long tensor.
+    """
+    if not examples:
+        raise ValueError("examples is empty; a batch needs at least one example")
+    if not isinstance(pad_token_id, int):
+        raise ValueError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        if len(ex["labels"]) != n:
+            raise ValueError(
+                f"examples[{row}]: input_ids has {n} tokens but labels has {len(ex['labels'])}"
+            )
+        input_ids[row, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(ex["labels"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError("tokenizer has neither pad_token_id nor eos_token_id to pad with")
+    return int(pad)
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Train/validation dataloaders of masked, dynamically padded instruction examples.
+
+    Records are loaded and validated when the module is built (so a bad file fails at once) and
+    tokenized in :meth:`setup`. The validation set is ``val`` when given; otherwise a seeded
+    random ``val_fraction`` of ``train`` (``0`` means no validation). Batches are dicts of
+    ``input_ids``, ``attention_mask`` and ``labels``, ready for ``model(**batch).loss`` of a
+    Hugging Face causal LM.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        train: RecordSource,
+        val: RecordSource | None = None,
+        val_fraction: float = 0.0,
+        max_length: int = 512,
+        truncation: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            tokenizer: A Hugging Face tokenizer (with a chat template, or the Alpaca template
+                is used). It needs an ``eos_token_id``; padding uses ``pad_token_id``, or the
+                EOS id when there is none (padding is masked by position, not by id).
+            train: Training records: a JSONL/JSON path or a list of mappings.
+            val: Validation records, same forms; ``None`` to split them off ``train``.
+            val_fraction: Fraction of ``train`` held out for validation when ``val`` is None,
+                in ``[0, 1)``; must be 0 when ``val`` is given.
+            max_length: Longest example in tokens.
+            truncation: Cut over-long answers to ``max_length``; when False an over-long
+                example raises a ValueError naming its line.
+            batch_size: Examples per batch.
+            num_workers: DataLoader worker processes.
+            seed: Seed of the validation split and of the training shuffle.
+        """
+        super().__init__()
+        if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if val is not None and val_fraction > 0:
+            raise ValueError(
+                f"give either val or val_fraction, not both (val_fraction={val_fraction})"
+            )
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_fraction = float(val_fraction)
+        self.pad_token_id = _pad_token_id(tokenizer)
+
+        records, wheres = _load_with_locations(train, "train")
+        if val is not None:
+            val_records, val_wheres = _load_with_locations(val, "val")
+        elif val_fraction > 0:
+            n_val = round(len(records) * val_fraction)
+            if n_val < 1 or n_val >= len(records):
+                raise ValueError(
+                    f"val_fraction={val_fraction} of {len(records)} train records leaves "
+                    f"{n_val} for validation and {len(records) - n_val} for training; "
+                    f"both need at least one"
+                )
+            order = list(range(len(records)))
+            random.Random(seed).shuffle(order)
+            held = set(order[:n_val])
+            val_records = [records[i] for i in sorted(held)]
+            val_wheres = [wheres[i] for i in sorted(held)]
+            records = [r for i, r in enumerate(records) if i not in held]
+            wheres = [w for i, w in enumerate(wheres) if i not in held]
+        else:
+            val_records, val_wheres = [], []
+        self.train_records: list[dict[str, str]] = records
+        """Training records (after the validation split)."""
+        self.val_records: list[dict[str, str]] = val_records
+        """Validation records, e.g. for :func:`~lightning_peft.evaluation.generate_answers`."""
+        self._train_wheres = wheres
+        self._val_wheres = val_wheres
+        self.train_dataset: list[dict[str, list[int]]] | None = None
+        self.val_dataset: list[dict[str, list[int]]] | None = None
+
+    def _encode_all(self, records: list[dict[str, str]], wheres: list[str]) -> list:
+        return [
+            encode_example(self.tokenizer, r, self.max_length, self.truncation, where=w)
+            for r, w in zip(records, wheres, strict=True)
+        ]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize the records (once; later calls reuse the encoded examples)."""
+        if self.train_dataset is None:
+            self.train_dataset = self._encode_all(self.train_records, self._train_wheres)
+            self.val_dataset = self._encode_all(self.val_records, self._val_wheres)
+
+    def _loader(self, dataset: list[dict[str, list[int]]], shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=functools.partial(collate, pad_token_id=self.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) batches of the training examples."""
+        self.setup()
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of the validation examples in order; ``[]`` when there is no validation."""
+        if not self.val_records:
+            return []
+        self.setup()
+        return self._loader(self.val_dataset, shuffle=False)
