@@ -11,7 +11,7 @@ accumulates into the same output buffer:
     backward   dS = s·dY·B                             (M, r)
                dB = s·dYᵀ·S                            (N, r)
                dA = dSᵀ·dropout(x)                     (r, K)
-               dX = (dS·A)⊙mask/(1-p) + dY·W0          (M, K), one buffer
+               dX = dY·W0 + (dS·A)⊙mask/(1-p)          (M, K), one buffer
 
 Saved for backward: ``x`` (already alive as the previous layer's output), ``S``, and the dropout
 mask as bool when ``dropout_p > 0`` (the dropped copy of ``x`` is never kept). ``W0`` only gets a
@@ -100,10 +100,11 @@ class _LoRALinear(torch.autograd.Function):
                 xd = x2 if mask is None else x2 * mask
                 grad_a = torch.mm(d_s.t(), xd)                          # (r, K)
             if need_x:
-                grad_x = torch.mm(d_s, lora_a)                          # (M, K)
-                if mask is not None:
-                    grad_x.mul_(mask)
-                grad_x.addmm_(dy, _dense(weight, dy.dtype))             # += dY·W0
+                grad_x = torch.mm(dy, _dense(weight, dy.dtype))         # (M, K) dY·W0
+                if mask is None:
+                    grad_x.addmm_(d_s, lora_a)                          # += dS·A, in place
+                else:
+                    grad_x.add_(torch.mm(d_s, lora_a).mul_(mask))       # += (dS·A)⊙mask
                 grad_x = grad_x.view(ctx.shape)
         if need_w:
             grad_w = torch.mm(dy.t(), x2)                               # (N, K)
