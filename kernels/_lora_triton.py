@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from kernels import _backend
@@ -302,8 +303,27 @@ def _lora_gemm_kernel(
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch a Triton kernel through ``wrap_triton`` (traceable by torch.compile)."""
+    """Launch a Triton kernel through ``wrap_triton`` (traceable by torch.compile).
+
+    Under the interpreter ``wrap_triton`` hands back the plain kernel, which cannot run on fake
+    tensors: there the ops are opaque custom ops (see :func:`_op`) and the launch is skipped
+    while their fake implementation computes output metadata."""
+    if _backend.interpreting() and any(is_fake(a) for a in args if isinstance(a, Tensor)):
+        return
     wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _op(name: str):
+    """Register ``fn`` as a torch.library op: a ``triton_op`` (torch.compile traces into its
+    kernels), or under the interpreter an opaque ``custom_op`` whose fake implementation is
+    ``fn`` itself with the launches skipped."""
+    def register(fn):
+        if not _backend.interpreting():
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
 
 
 def _pad_rank(r: int) -> int:
@@ -476,7 +496,7 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_op("lightning_peft::lora_linear_fwd", mutates_args=())
+@_op("lightning_peft::lora_linear_fwd")
 def _lora_fwd(x: Tensor, weights: list[Tensor], lora_a: Tensor, lora_bs: list[Tensor],
               scalings: list[float], biases: list[Tensor], has_bias: list[bool],
               dropout_p: float, seed: Tensor | None) -> list[Tensor]:
@@ -498,7 +518,7 @@ def _lora_fwd(x: Tensor, weights: list[Tensor], lora_a: Tensor, lora_bs: list[Te
     return outs + [s_cat]
 
 
-@triton_op("lightning_peft::lora_linear_bwd", mutates_args=())
+@_op("lightning_peft::lora_linear_bwd")
 def _lora_bwd(grads: list[Tensor], x: Tensor, weights: list[Tensor], lora_a: Tensor,
               lora_bs: list[Tensor], s_cat: Tensor, scalings: list[float], dropout_p: float,
               seed: Tensor | None, need_dx: bool, need_da: bool, need_db: bool) -> list[Tensor]:

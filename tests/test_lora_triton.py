@@ -404,6 +404,40 @@ def test_grouped_rejects_bad_arguments(change, error, match):
         T.lora_linear_grouped(x, **kwargs)
 
 
+def test_torch_compile_fullgraph_traces_the_ops():
+    """Dynamo + AOTAutograd trace the wrappers and the registered autograd without graph breaks
+    (on CPU the ops stay opaque; the gpu test below compiles the kernels with inductor)."""
+    t = _make((2, 19, 40), 23, 8, torch.float32)
+    args = [t[k] for k in ("x", "w", "a", "b", "bias")]
+
+    def f(x, w, a, b, bias):
+        return kernels.lora_linear(x, w, a, b, 0.5, bias, dropout_p=0.1).square().mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    loss = compiled(*args)
+    got = torch.autograd.grad(loss, args)
+    torch.manual_seed(1)
+    want_loss = f(*args)
+    want = torch.autograd.grad(want_loss, args)
+    torch.testing.assert_close(loss, want_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    x, ws, as_, bs, ss, biases = _group(ranks=(4, 8), outs=(16, 9), k=40, lead=(2, 5))
+
+    def g(x, ws, as_, bs, biases):
+        return sum(y.sum() for y in T.lora_linear_grouped(x, ws, as_, bs, ss, biases))
+
+    torch.compile(g, fullgraph=True, backend="aot_eager")(x, ws, as_, bs, biases).backward()
+    got = [v.grad for v in (x, *as_, *bs)]
+    for v in (x, *as_, *bs):
+        v.grad = None
+    g(x, ws, as_, bs, biases).backward()
+    for a, v in zip(got, (x, *as_, *bs)):
+        torch.testing.assert_close(a, v.grad)
+
+
 def test_benchmark_smoke(tmp_path):
     from benchmarks import kernels_lora
 
