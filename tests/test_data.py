@@ -1,0 +1,395 @@
+"""Instruction data: prompt templates, loss masking, dynamic padding, splits and input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_peft.data import (
+    IGNORE_INDEX,
+    InstructionDataModule,
+    collate,
+    encode_example,
+    format_prompt,
+    load_records,
+)
+from lightning_peft.evaluation import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, encode_prompt
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+RECORDS = [
+    {"instruction": "Extract the triples.", "input": "Marie Curie was born in Warsaw.",
+     "output": "(Marie Curie | born in | Warsaw)"},
+    {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    {"instruction": "Extract the triples.", "input": "Ada Lovelace lives in London.",
+     "output": "(Ada Lovelace | lives in | London)"},
+    {"instruction": "Name a colour.", "output": "Blue, as the sea is."},
+    {"instruction": "Extract the triples.", "input": "Alan Turing studied at Cambridge.",
+     "output": "(Alan Turing | studied at | Cambridge)"},
+    {"instruction": "Count to three.", "input": "", "output": "one two three"},
+    {"instruction": "Extract the triples.", "input": "Emmy Noether was born in Erlangen.",
+     "output": "(Emmy Noether | born in | Erlangen)"},
+    {"instruction": "Repeat the input.", "input": "a b c", "output": "a b c"},
+]
+
+
+def _tiny_tokenizer(chat_template: bool, pad_is_eos: bool = False):
+    """A byte-level BPE tokenizer trained here on the test records (decoding is exact)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|im_end|>", "<|im_start|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [r["instruction"] + " " + r.get("input", "") + " " + r["output"] for r in RECORDS]
+    backend.train_from_iterator(corpus * 4, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>" if pad_is_eos else "<pad>",
+    )
+    tok.chat_template = CHAT_TEMPLATE if chat_template else None
+    return tok
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return _tiny_tokenizer(chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return _tiny_tokenizer(chat_template=False)
+
+
+def _write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# --- templates -------------------------------------------------------------------------------
+
+
+def test_chat_template_prompt(chat_tok):
+    text = format_prompt(chat_tok, "Extract the triples.", "Marie Curie was born in Warsaw.")
+    assert text == (
+        "<|im_start|>user\nExtract the triples.\n\nMarie Curie was born in Warsaw.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert format_prompt(chat_tok, "Say hello.", "") == (
+        "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # The template's special tokens are encoded once each, not re-added.
+    ids = encode_prompt(chat_tok, "Say hello.", "")
+    assert chat_tok.decode(ids) == format_prompt(chat_tok, "Say hello.", "")
+    assert ids.count(chat_tok.convert_tokens_to_ids("<|im_start|>")) == 2
+
+
+def test_alpaca_template_without_chat_template(plain_tok):
+    text = format_prompt(plain_tok, "Extract the triples.", "Ada Lovelace lives in London.")
+    assert text == ALPACA_TEMPLATE.format(
+        instruction="Extract the triples.", input="Ada Lovelace lives in London."
+    )
+    assert "### Input:\nAda Lovelace lives in London.\n\n### Response:\n" in text
+    no_input = format_prompt(plain_tok, "Say hello.", "  ")
+    assert no_input == ALPACA_TEMPLATE_NO_INPUT.format(instruction="Say hello.")
+    assert "### Input:" not in no_input
+    assert plain_tok.decode(encode_prompt(plain_tok, "Say hello.")) == no_input
+
+
+# --- masking ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_encode_example_masks_exactly_the_prompt(template, chat_tok, plain_tok):
+    tok = chat_tok if template == "chat" else plain_tok
+    for record in RECORDS:
+        ex = encode_example(tok, record)
+        prompt = encode_prompt(tok, record["instruction"], record.get("input", ""))
+        n = len(prompt)
+        assert ex["input_ids"][:n] == prompt
+        assert ex["labels"][:n] == [IGNORE_INDEX] * n
+        assert ex["labels"][n:] == ex["input_ids"][n:]
+        assert IGNORE_INDEX not in ex["labels"][n:]
+        # The supervised part is the answer text followed by the EOS.
+        assert ex["input_ids"][-1] == tok.eos_token_id
+        assert tok.decode(ex["input_ids"][n:-1]) == record["output"]
+        assert tok.decode(ex["input_ids"][:n]) == format_prompt(
+            tok, record["instruction"], record.get("input", "")
+        )
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_batches_mask_prompt_and_padding_only(pad_is_eos):
+    tok = _tiny_tokenizer(chat_template=True, pad_is_eos=pad_is_eos)
+    dm = InstructionDataModule(tok, RECORDS, batch_size=3, seed=1)
+    dm.setup("fit")
+    seen = 0
+    for batch in dm.train_dataloader():
+        assert set(batch) == {"input_ids", "attention_mask", "labels"}
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"],
+                                     batch["labels"], strict=True):
+            n = int(mask.sum())
+            assert mask[:n].eq(1).all() and mask[n:].eq(0).all()  # right padding
+            assert ids[n:].eq(tok.pad_token_id).all()
+            prompt_len = int(labels[:n].eq(IGNORE_INDEX).sum())
+            prompt = ids[:prompt_len].tolist()
+            matching = [
+                r for r in RECORDS
+                if encode_prompt(tok, r["instruction"], r.get("input", "")) == prompt
+            ]
+            assert matching, "the masked tokens are not a prompt"
+            assert labels[:prompt_len].eq(IGNORE_INDEX).all()
+            assert torch.equal(labels[prompt_len:n], ids[prompt_len:n])
+            assert labels[n:].eq(IGNORE_INDEX).all()
+            # The closing EOS is supervised even when the pad id is the EOS id.
+            assert labels[n - 1].item() == tok.eos_token_id
+            seen += 1
+    assert seen == len(RECORDS)
+
+
+# --- padding ---------------------------------------------------------------------------------
+
+
+def test_collate_pads_to_longest_in_batch():
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [8], "labels": [8]},
+    ]
+    batch = collate(examples, pad_token_id=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    with pytest.raises(ValueError, match="examples is empty"):
+        collate([], pad_token_id=0)
+    with pytest.raises(ValueError, match=r"examples\[0\].*labels"):
+        collate([{"input_ids": [1, 2], "labels": [1]}], pad_token_id=0)
+
+
+def test_dynamic_padding_is_per_batch(chat_tok):
+    dm = InstructionDataModule(chat_tok, RECORDS, batch_size=2, max_length=256)
+    dm.setup("fit")
+    lengths = [len(ex["input_ids"]) for ex in dm.train_dataset]
+    widths = []
+    covered = 0
+    for batch in dm.train_dataloader():
+        real = batch["attention_mask"].sum(dim=1)
+        width = batch["input_ids"].shape[1]
+        assert width == int(real.max())  # padded to this batch's longest, not max_length
+        widths.append(width)
+        covered += len(real)
+    assert covered == len(RECORDS)
+    assert max(widths) == max(lengths) < 256
+    assert len(set(widths)) > 1
+
+
+# --- splits ----------------------------------------------------------------------------------
+
+
+def test_val_fraction_split_is_seeded_and_disjoint(chat_tok):
+    key = json.dumps
+
+    def split(seed):
+        dm = InstructionDataModule(chat_tok, RECORDS, val_fraction=0.25, seed=seed)
+        return [key(r) for r in dm.train_records], [key(r) for r in dm.val_records]
+
+    train, val = split(0)
+    assert len(val) == 2 and len(train) == 6
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(key(_full(r)) for r in RECORDS)
+    assert split(0) == (train, val)
+    assert any(split(seed)[1] != val for seed in (1, 2, 3))
+    dm = InstructionDataModule(chat_tok, RECORDS, val_fraction=0.25, batch_size=8)
+    dm.setup("fit")
+    (batch,) = list(dm.val_dataloader())
+    assert batch["input_ids"].shape[0] == 2
+
+
+def _full(record):
+    return {"instruction": record["instruction"], "input": record.get("input", ""),
+            "output": record["output"]}
+
+
+def test_given_val_and_no_val(chat_tok, tmp_path):
+    train = _write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in RECORDS[:6]])
+    val = _write_jsonl(tmp_path / "val.jsonl", [json.dumps(r) for r in RECORDS[6:]])
+    dm = InstructionDataModule(chat_tok, train, val=str(val), batch_size=4)
+    assert dm.val_records == [_full(r) for r in RECORDS[6:]]
+    assert len(dm.train_records) == 6
+    assert sum(b["input_ids"].shape[0] for b in dm.val_dataloader()) == 2
+    without = InstructionDataModule(chat_tok, train)
+    assert without.val_dataloader() == []
+    with pytest.raises(ValueError, match="either val or val_fraction"):
+        InstructionDataModule(chat_tok, train, val=val, val_fraction=0.2)
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        InstructionDataModule(chat_tok, train, val_fraction=1.0)
+    with pytest.raises(ValueError, match="val_fraction=0.01 of 6"):
+        InstructionDataModule(chat_tok, train, val_fraction=0.01)
+
+
+def test_train_shuffle_is_seeded(chat_tok):
+    def first_epoch(seed):
+        dm = InstructionDataModule(chat_tok, RECORDS, batch_size=8, seed=seed)
+        return next(iter(dm.train_dataloader()))["input_ids"]
+
+    assert torch.equal(first_epoch(3), first_epoch(3))
+
+
+def test_fit_with_lightning_trainer(chat_tok):
+    import lightning as L
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class _Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            config = LlamaConfig(vocab_size=len(chat_tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2)
+            self.model = LlamaForCausalLM(config)
+            self.val_losses = []
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, batch_idx):
+            loss = self.model(**batch).loss
+            self.val_losses.append(loss.item())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = _Module()
+    dm = InstructionDataModule(chat_tok, RECORDS, val_fraction=0.25, batch_size=3)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    assert module.val_losses and all(torch.isfinite(torch.tensor(module.val_losses)))
+
+
+# --- lengths ---------------------------------------------------------------------------------
+
+
+def test_truncation(chat_tok, tmp_path):
+    record = RECORDS[0]
+    full = encode_example(chat_tok, record)
+    n_prompt = full["labels"].count(IGNORE_INDEX)
+    limit = n_prompt + 3
+    cut = encode_example(chat_tok, record, max_length=limit, truncation=True)
+    assert cut["input_ids"] == full["input_ids"][:limit]
+    assert cut["labels"] == full["labels"][:limit]
+    with pytest.raises(ValueError, match="prompt alone is"):
+        encode_example(chat_tok, record, max_length=n_prompt, truncation=True)
+    with pytest.raises(ValueError, match=r"record: example is \d+ tokens.*max_length="):
+        encode_example(chat_tok, record, max_length=limit)
+
+    path = _write_jsonl(tmp_path / "long.jsonl", [json.dumps(r) for r in RECORDS[1:3]]
+                        + [json.dumps(record)])
+    short = max(len(encode_example(chat_tok, r)["input_ids"]) for r in RECORDS[1:3])
+    assert short < len(full["input_ids"])
+    dm = InstructionDataModule(chat_tok, path, max_length=short)
+    with pytest.raises(ValueError, match=rf"long\.jsonl line 3: example is .*max_length={short}"):
+        dm.setup("fit")
+    dm = InstructionDataModule(chat_tok, path, max_length=short, truncation=True)
+    dm.setup("fit")
+    assert max(len(ex["input_ids"]) for ex in dm.train_dataset) == short
+    dm = InstructionDataModule(chat_tok, RECORDS[:1], max_length=limit)
+    with pytest.raises(ValueError, match=r"train\[0\]: example is"):
+        dm.setup("fit")
+
+
+# --- bad records -----------------------------------------------------------------------------
+
+
+def test_load_records_from_file_and_list(tmp_path):
+    lines = [json.dumps(r) for r in RECORDS[:3]]
+    path = _write_jsonl(tmp_path / "ok.jsonl", [lines[0], "", "  ", lines[1], lines[2]])
+    assert load_records(path) == [_full(r) for r in RECORDS[:3]]
+    assert load_records(str(path)) == load_records(RECORDS[:3])
+    array = tmp_path / "ok.json"
+    array.write_text(json.dumps(RECORDS[:3], indent=2), encoding="utf-8")
+    assert load_records(array) == [_full(r) for r in RECORDS[:3]]
+    extra = dict(RECORDS[0], id=7, input=None)
+    assert load_records([extra]) == [{**_full(RECORDS[0]), "input": ""}]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"instruction": "x", "input": ""}', "line 2: missing field 'output'"),
+        ('{"input": "a", "output": "b"}', "line 2: missing field 'instruction'"),
+        ('{"instruction": "x", "input": "", "output": 3}', "line 2: field 'output' must be a str"),
+        ('{"instruction": ["x"], "output": "y"}', "line 2: field 'instruction' must be a str"),
+        ('{"instruction": "x", "input": 1.5, "output": "y"}', "line 2: field 'input' must be"),
+        ('{"instruction": "x", "output": "y"', "line 2: invalid JSON"),
+        ("not json at all", "line 2: invalid JSON"),
+        ('["instruction", "output"]', "line 2: expected a JSON object"),
+    ],
+)
+def test_bad_line_names_file_and_line(tmp_path, chat_tok, line, message):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [json.dumps(RECORDS[0]), line])
+    with pytest.raises(ValueError, match="bad.jsonl " + _escape(message)):
+        load_records(path)
+    with pytest.raises(ValueError, match="bad.jsonl " + _escape(message)):
+        InstructionDataModule(chat_tok, RECORDS, val=path)
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_bad_list_record_names_index(chat_tok):
+    bad = [RECORDS[0], {"instruction": "x", "output": None}]
+    with pytest.raises(ValueError, match=r"train\[1\]: field 'output' must be a string"):
+        InstructionDataModule(chat_tok, bad)
+    with pytest.raises(ValueError, match=r"source\[1\]: field 'output'"):
+        load_records(bad)
+    with pytest.raises(ValueError, match="no such file"):
+        load_records("/nonexistent/data.jsonl")
+    with pytest.raises(ValueError, match="holds no records"):
+        load_records([])
+    with pytest.raises(ValueError, match="path to a JSONL/JSON file or a list"):
+        load_records(42)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"num_workers": -1}, "num_workers must be a non-negative integer"),
+        ({"max_length": 1}, "max_length must be an integer >= 2"),
+        ({"seed": "x"}, "seed must be an integer"),
+    ],
+)
+def test_bad_arguments(chat_tok, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InstructionDataModule(chat_tok, RECORDS, **kwargs)
+
+
+def test_shipped_task_files_are_valid():
+    root = Path(__file__).resolve().parents[1] / "examples" / "data"
+    train = load_records(root / "triples_train.jsonl")
+    held = load_records(root / "triples_eval.jsonl")
+    assert len(train) == 400 and len(held) == 100
+    assert not {r["input"] for r in train} & {r["input"] for r in held}
+    for r in train + held:
+        assert r["output"].startswith("(") and r["output"].endswith(")")
+        for triple in r["output"][1:-1].split("); ("):
+            assert len(triple.split(" | ")) == 3, r["output"]
