@@ -7,7 +7,17 @@ lazily on the Triton path.
 
 from kernels._backend import get_backend, set_backend, use_backend
 from kernels.lora import lora_linear
+from kernels.nf4 import NF4Tensor, dequantize_nf4, nf4_linear, quantize_nf4
 
 __version__ = "0.1.0"
 
-__all__ = ["get_backend", "lora_linear", "set_backend", "use_backend"]
+__all__ = [
+    "NF4Tensor",
+    "dequantize_nf4",
+    "get_backend",
+    "lora_linear",
+    "nf4_linear",
+    "quantize_nf4",
+    "set_backend",
+    "use_backend",
+]
