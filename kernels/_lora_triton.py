@@ -94,13 +94,14 @@ def _lora_down_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sp, stride_sm, stride_sr,
     scale, threshold,
     DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
-    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    RB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """S[m, :] (+)= scale · Σ_k keep(m, k)·x[m, k]·A[:, k] over this program's slice of K."""
+    """S[m, r] (+)= scale · Σ_k keep(m, k)·x[m, k]·A[r, k] over this program's slice of K,
+    for rank columns r in block ``program_id(2)`` of RB."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
-    rr = tl.arange(0, RP)
+    rr = tl.program_id(2) * RB + tl.arange(0, RB)
     if INT64:
         rm = rm.to(tl.int64)
     m_ok = rm < M
@@ -109,7 +110,7 @@ def _lora_down_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    acc = tl.zeros((BM, RB), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
         if INT64:
@@ -120,8 +121,8 @@ def _lora_down_kernel(
         if DROPOUT:
             x = tl.where(_keep_mask(seed, rm, k0, K, threshold, BM, BK), x, tl.zeros_like(x))
         a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                    mask=k_ok[:, None] & (rr[None, :] < R), other=0.0)           # (BK, RP) = Aᵀ
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)                      # (BM, RP)
+                    mask=k_ok[:, None] & (rr[None, :] < R), other=0.0)           # (BK, RB) = Aᵀ
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)                      # (BM, RB)
     acc = acc * scale
     ptrs = s_ptr + pid_s * stride_sp + rm[:, None] * stride_sm + rr[None, :] * stride_sr
     mask = m_ok[:, None] & (rr[None, :] < R)
@@ -140,24 +141,25 @@ def _lora_dy_kernel(
     ds_scale, db_scale,
     NEED_DS: tl.constexpr, NEED_DB: tl.constexpr, DS_ATOMIC: tl.constexpr,
     DB_ATOMIC: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
-    RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """One read of dY: dS[m, :] (+)= ds_scale·dY·B and dB (+)= db_scale·dYᵀ·S on this tile row."""
+    """One read of dY: dS (+)= ds_scale·dY·B and dB (+)= db_scale·dYᵀ·S on this row tile, this
+    slice of N, and rank columns in block ``program_id(2)`` of RB."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
-    rr = tl.arange(0, RP)
+    rr = tl.program_id(2) * RB + tl.arange(0, RB)
     if INT64:
         rm = rm.to(tl.int64)
     m_ok = rm < M
     r_ok = rr < R
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
-    s = tl.zeros((BM, RP), dtype=dy_ptr.dtype.element_ty)
+    s = tl.zeros((BM, RB), dtype=dy_ptr.dtype.element_ty)
     if NEED_DB:
         s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)               # (BM, RP)
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)               # (BM, RB)
+    acc = tl.zeros((BM, RB), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BN):
         rn = n0 + tl.arange(0, BN)
         if INT64:
@@ -167,10 +169,10 @@ def _lora_dy_kernel(
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)              # (BM, BN)
         if NEED_DS:
             b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)           # (BN, RP)
-            acc = tl.dot(dy, b, acc, input_precision=PRECISION)                 # (BM, RP)
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)           # (BN, RB)
+            acc = tl.dot(dy, b, acc, input_precision=PRECISION)                 # (BM, RB)
         if NEED_DB:
-            db = tl.dot(tl.trans(dy), s, input_precision=PRECISION) * db_scale  # (BN, RP)
+            db = tl.dot(tl.trans(dy), s, input_precision=PRECISION) * db_scale  # (BN, RB)
             db_ptrs = (db_ptr + pid_m * stride_dbp + rn[:, None] * stride_dbn
                        + rr[None, :] * stride_dbr)
             db_mask = n_ok[:, None] & r_ok[None, :]
@@ -223,6 +225,7 @@ def _lora_gemm_kernel(
     NEED_OUT: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr, NEED_DA: tl.constexpr,
     DA_ATOMIC: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, RP: tl.constexpr,
+    RB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """On one (BM, BN) tile: out = alpha·keep⊙(P·Q) + Am·W (+ bias) (+ out),
@@ -242,37 +245,43 @@ def _lora_gemm_kernel(
     pid_n = (pid % width) // size_m
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rr = tl.arange(0, RP)
     if INT64:
         rm = rm.to(tl.int64)
         rn = rn.to(tl.int64)
     m_ok = rm < M
     n_ok = rn < N
-    r_ok = rr < R
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     keep = tl.full((BM, BN), 1, dtype=tl.int1)
     if DROPOUT:
         keep = _keep_mask(tl.load(seed_ptr), rm, pid_n * BN, N, threshold, BM, BN)
-    p = tl.zeros((BM, RP), dtype=p_ptr.dtype.element_ty)
-    if HAS_LOWRANK or NEED_DA:
-        p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)               # (BM, RP)
+    xl = tl.zeros((BM, BN), dtype=xl_ptr.dtype.element_ty)
     if NEED_DA:
         xl = tl.load(xl_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)              # (BM, BN)
         if DROPOUT:
             xl = tl.where(keep, xl, tl.zeros_like(xl))
-        da = tl.dot(tl.trans(p), xl, input_precision=PRECISION)                 # (RP, BN)
-        da_ptrs = da_ptr + pid_m * stride_dap + rr[:, None] * stride_dar + rn[None, :] * stride_dan
-        if DA_ATOMIC:
-            tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :], sem="relaxed")
-        else:
-            tl.store(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :])
+    for r0 in tl.static_range(0, RP, RB):        # the rank in chunks of RB columns
+        rr = r0 + tl.arange(0, RB)
+        r_ok = rr < R
+        if (NEED_OUT and HAS_LOWRANK) or NEED_DA:
+            p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)           # (BM, RB)
+            if NEED_DA:
+                da = tl.dot(tl.trans(p), xl, input_precision=PRECISION)         # (RB, BN)
+                da_ptrs = (da_ptr + pid_m * stride_dap + rr[:, None] * stride_dar
+                           + rn[None, :] * stride_dan)
+                if DA_ATOMIC:
+                    tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :],
+                                  sem="relaxed")
+                else:
+                    tl.store(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :])
+            if NEED_OUT and HAS_LOWRANK:
+                q = tl.load(q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
+                            mask=r_ok[:, None] & n_ok[None, :], other=0.0)       # (RB, BN)
+                acc = tl.dot(p, q, acc, input_precision=PRECISION)              # (BM, BN)
     if NEED_OUT:
         if HAS_LOWRANK:
-            q = tl.load(q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)           # (RP, BN)
-            acc = tl.dot(p, q, acc, input_precision=PRECISION) * alpha          # (BM, BN)
+            acc = acc * alpha                     # the accumulator starts at the LoRA term
             if DROPOUT:
                 acc = tl.where(keep, acc, 0.0)
         ram = rm % M                              # wrapped rows/cols: loads need no M/N mask
@@ -329,6 +338,19 @@ def _op(name: str):
 def _pad_rank(r: int) -> int:
     """The rank as ``tl.dot`` sees it: a power of two, at least 16."""
     return max(16, triton.next_power_of_2(r))
+
+
+def _rank_block(r: int) -> int:
+    """Rank columns handled at once: all of them up to 64 (16 under the interpreter, so that
+    tests cover the chunking); larger ranks go in chunks."""
+    return min(_pad_rank(r), 16 if _backend.interpreting() else 64)
+
+
+def _m_bucket(m) -> int:
+    """Autotune key for M: the next power of two (linear 256-row buckets for a symbolic M)."""
+    if isinstance(m, int):
+        return triton.next_power_of_2(max(m, 1))
+    return (m + 255) // 256 * 256
 
 
 def _needs_int64(*tensors: Tensor | None) -> bool:
@@ -395,7 +417,7 @@ def _lora_down(x: Tensor, a: Tensor, dropout_p: float, seed: Tensor | None) -> T
     else:
         buf = torch.zeros((M, R), dtype=torch.float32, device=x.device)
     if M > 0:
-        _launch(_lora_down_kernel, (m_blocks, splits),
+        _launch(_lora_down_kernel, (m_blocks, splits, triton.cdiv(R, _rank_block(R))),
                 x, a, buf, x if seed is None else seed,
                 M, K, R, per,
                 x.stride(0), x.stride(1), a.stride(0), a.stride(1),
@@ -403,7 +425,7 @@ def _lora_down(x: Tensor, a: Tensor, dropout_p: float, seed: Tensor | None) -> T
                 1.0 / (1.0 - dropout_p), _threshold(dropout_p),
                 DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1 and not deterministic,
                 INT64=_needs_int64(x, a, buf), PRECISION=_precision(x.dtype),
-                RP=_pad_rank(R), **cfg)
+                RB=_rank_block(R), **cfg)
     if splits == 1:
         return buf
     return (buf.sum(0) if deterministic else buf).to(x.dtype)
@@ -427,7 +449,7 @@ def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, 
         ds = torch.zeros((M, R), **f32)
     db = torch.zeros((m_blocks, N, R), **f32) if deterministic else torch.zeros((N, R), **f32)
     if M > 0 and (need_ds or need_db):
-        _launch(_lora_dy_kernel, (m_blocks, splits),
+        _launch(_lora_dy_kernel, (m_blocks, splits, triton.cdiv(R, _rank_block(R))),
                 dy, b, s, ds, db,
                 M, N, R, per,
                 dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), s.stride(0), s.stride(1),
@@ -436,7 +458,7 @@ def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, 
                 ds_scale, scaling,
                 NEED_DS=need_ds, NEED_DB=need_db, DS_ATOMIC=splits > 1 and not deterministic,
                 DB_ATOMIC=not deterministic, INT64=_needs_int64(dy, b, s, ds, db),
-                PRECISION=_precision(dy.dtype), RP=_pad_rank(R), **cfg)
+                PRECISION=_precision(dy.dtype), RB=_rank_block(R), **cfg)
     if splits > 1:
         ds = (ds.sum(0) if deterministic else ds).to(dy.dtype)
     db = (db.sum(0) if deterministic else db).to(dy.dtype)
@@ -473,7 +495,7 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
                 a, w, p_, q_, a if bias is None else bias, out if need_out else dummy, xl_,
                 da_buf,
                 a if seed is None else seed,
-                M, N, K, R, triton.next_power_of_2(M),
+                M, N, K, R, _m_bucket(M),
                 a.stride(0), a.stride(1), w.stride(0), w.stride(1), p_.stride(0), p_.stride(1),
                 q_.stride(0), q_.stride(1), *(out.stride() if need_out else (0, 0)),
                 xl_.stride(0), xl_.stride(1),
@@ -485,7 +507,7 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
                 ACCUMULATE=accumulate, DROPOUT=dropout_p > 0.0, NEED_DA=need_da,
                 DA_ATOMIC=not deterministic,
                 INT64=_needs_int64(a, w, p, q, out, xl, da), PRECISION=_precision(a.dtype),
-                RP=_pad_rank(R))
+                RP=_pad_rank(R), RB=_rank_block(R))
     if da is None:
         return None
     return (da.sum(0) if deterministic else da).to(p.dtype)

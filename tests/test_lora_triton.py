@@ -83,6 +83,7 @@ CASES = [
     (torch.float32, (37, 50), 23, 64, False, 0.1),
     (torch.float32, (3, 7, 50), 23, 8, True, 0.5),
     (torch.float32, (2, 9, 40), 33, 16, False, 0.0),
+    (torch.float32, (37, 50), 23, 100, True, 0.2),                # rank in several chunks
     (torch.float16, (37, 50), 23, 8, True, 0.0),
     (torch.float16, (3, 7, 50), 23, 16, False, 0.3),
     (torch.float16, (37, 50), 23, 64, True, 0.1),
