@@ -41,6 +41,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -71,9 +74,9 @@ _NF4_CODE = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
-# The Torch dequantizer works through the packed bytes this many at a time, so that its
-# temporaries stay in cache and are allocated once per call.
-_CHUNK_BYTES = 1 << 16
+# Elements per step of the Torch dequantizer on a CPU: under torch's parallel grain size (32768),
+# so every op runs inline on the calling thread and its temporaries stay in cache.
+_CPU_CHUNK = 32767
 
 
 def _dynamic_map() -> Tensor:
@@ -103,6 +106,14 @@ class _Tables:
         # pair[byte] holds (c[byte >> 4], c[byte & 15]) as two fp32 in one int64 (low word first)
         pair = torch.stack([code[byte >> 4], code[byte & 15]], 1)           # (256, 2)
         self.pair = pair.contiguous().view(torch.int64).view(256).to(device)  # (256,)
+        # quads[v] for the int16 word v read from bytes (first, second) holds the codes of its
+        # 4 nibbles in element order: (c[first >> 4], c[first & 15], c[second >> 4], ...)
+        word = torch.arange(65536)
+        first, second = (word & 255, word >> 8) if sys.byteorder == "little" else (word >> 8,
+                                                                                    word & 255)
+        quads = torch.stack([code[first >> 4], code[first & 15], code[second >> 4],
+                             code[second & 15]], 1)                        # (65536, 4)
+        self.quads = quads.contiguous().view(torch.complex128).view(65536).to(device)
         dyn = _dynamic_map()
         self.dynamic = dyn.to(device)                                      # (256,) d
         mid = 0.5 * (dyn[:-1] + dyn[1:])                                   # (255,)
@@ -442,34 +453,72 @@ def _absmax_torch(q: NF4Tensor) -> Tensor:
 def _dequantize_torch(q: NF4Tensor, out: Tensor) -> Tensor:
     """Write ``c[q]·absmax`` into ``out`` (any float dtype, contiguous, ``q.numel()`` elements).
 
-    Works through the bytes in chunks: int32 byte indices -> one gather of a (c[hi], c[lo]) fp32
-    pair per byte from a 256-entry table -> scale in place -> one rounding copy into ``out``.
+    Reads the bytes two at a time as int16: one gather per 4 elements from a 65536-entry table of
+    fp32 quadruples (1 MiB), then scale in place, then one rounding copy into ``out`` (an fp32
+    ``out`` receives the gather directly). On a CPU each op covers fewer than torch's grain size
+    (32768) elements, so it runs inline without waking torch's thread pool (whose spinning
+    threads cost more than this memory-bound loop on a busy machine); instead up to
+    ``torch.get_num_threads()`` Python threads (torch ops release the GIL) take chunks in turn.
     """
     tables = _tables(q.device)
     n, bs = q.numel(), q.blocksize
-    half = bs // 2
     absmax = _absmax_torch(q)                                          # (blocks,)
     flat = out.view(-1)
     full_blocks = n // bs
-    step = max(1, _CHUNK_BYTES // half)                                # blocks per chunk
-    width = min(step, full_blocks) * half
-    idx = torch.empty(width, dtype=torch.int32, device=q.device)
-    pairs = torch.empty(width, dtype=torch.int64, device=q.device)
-    for b0 in range(0, full_blocks, step):
-        b1 = min(b0 + step, full_blocks)
-        c = (b1 - b0) * half
-        i, p = idx[:c], pairs[:c]
-        i.copy_(q.packed[b0 * half:b1 * half])                         # (c,) uint8 -> int32
-        torch.index_select(tables.pair, 0, i, out=p)                   # (c,) fp32 pairs
-        vals = p.view(torch.float32).view(b1 - b0, bs)                 # (blocks, B)
-        vals.mul_(absmax[b0:b1, None])
-        flat[b0 * bs:b1 * bs].view(b1 - b0, bs).copy_(vals)
+    if full_blocks:
+        step = min(_chunk_elements(q.device) // bs, full_blocks)       # blocks per chunk
+        width = step * bs // 4                                         # int16 words per chunk
+        packed = q.packed if q.packed.data_ptr() % 2 == 0 else q.packed.clone()
+        words = packed[:full_blocks * bs // 2].view(torch.int16).split(width)   # (≤ width,) each
+        dests = flat[:full_blocks * bs].view(full_blocks, bs).split(step)       # (≤ step, B) each
+        scales = absmax[:full_blocks, None].split(step)                         # (≤ step, 1) each
+        direct = (out.dtype == torch.float32 and out.data_ptr() % 16 == 0
+                  and out.storage_offset() % 4 == 0)
+        chunks = iter(zip(words, dests, scales))    # shared: next() is atomic under the GIL
+        threads = min(torch.get_num_threads(), len(words) // 8) if q.device.type == "cpu" else 1
+        if threads > 1:
+            pool = _thread_pool(threads - 1)
+            done = [pool.submit(_dequantize_chunks, chunks, tables.quads, width, direct)
+                    for _ in range(threads - 1)]
+            _dequantize_chunks(chunks, tables.quads, width, direct)
+            for d in done:
+                d.result()
+        else:
+            _dequantize_chunks(chunks, tables.quads, width, direct)
     rem = n - full_blocks * bs
     if rem:                                                            # partial last block
-        tail = q.packed[full_blocks * half:].int()                     # (ceil(rem/2),)
-        vals = tables.pair.index_select(0, tail).view(torch.float32)[:rem]
-        flat[n - rem:].copy_(vals * absmax[full_blocks])
+        tail = q.packed[full_blocks * bs // 2:].int()                  # (ceil(rem/2),)
+        tail_vals = tables.pair.index_select(0, tail).view(torch.float32)[:rem]
+        flat[n - rem:].copy_(tail_vals * absmax[full_blocks])
     return out
+
+
+def _dequantize_chunks(chunks: Iterator[tuple[Tensor, Tensor, Tensor]], table: Tensor, width: int,
+                       direct: bool) -> None:
+    """Dequantize ``(int16 words, (blocks, B) destination, (blocks, 1) scale)`` chunks."""
+    idx = quads = vals = None
+    for word, dest, scale in chunks:
+        if idx is None or word.numel() != idx.numel():                # first or last chunk
+            idx = torch.empty(word.numel(), dtype=torch.int32, device=word.device)
+            quads = torch.empty(word.numel(), dtype=torch.complex128, device=word.device)
+            vals = quads.view(torch.float32).view(dest.shape)
+        if direct:
+            quads, vals = dest.view(-1).view(torch.complex128), dest
+        idx.copy_(word).bitwise_and_(0xFFFF)                           # (words,) 0..65535
+        torch.index_select(table, 0, idx, out=quads)                   # (words,) 4 x fp32
+        vals.mul_(scale)                                               # (blocks, B)
+        if not direct:
+            dest.copy_(vals)
+
+
+@functools.cache
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nf4-dequantize")
+
+
+def _chunk_elements(device: torch.device) -> int:
+    """Elements per step of the Torch dequantizer: below the CPU grain size, large on a GPU."""
+    return _CPU_CHUNK if device.type == "cpu" else 1 << 24
 
 
 # ----------------------------------------------------------------------------- public ops
