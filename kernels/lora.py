@@ -157,4 +157,11 @@ def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
 
         return _lora_triton.lora_linear_triton(x, weight, lora_a, lora_b, float(scaling), bias,
                                                float(dropout_p), generator)
+    from kernels.nf4 import NF4Tensor
+
+    if isinstance(weight, NF4Tensor) and _backend.use_triton(x, weight.packed, lora_a, lora_b):
+        from kernels import _lora_nf4_triton  # QLoRA: dequantize to a scratch buffer, fused op
+
+        return _lora_nf4_triton.lora_linear_nf4_triton(x, weight, lora_a, lora_b, float(scaling),
+                                                       bias, float(dropout_p), generator)
     return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)

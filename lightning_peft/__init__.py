@@ -15,12 +15,14 @@ from lightning_peft.lora import (
     merge_adapters,
     unmerge_adapters,
 )
+from lightning_peft.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "LoRACallback": "lightning_peft.callbacks",
     "PEFTCallback": "lightning_peft.callbacks",
+    "QLoRACallback": "lightning_peft.callbacks",
     "save_adapter": "lightning_peft.io",
     "load_adapter": "lightning_peft.io",
     "adapter_state_dict": "lightning_peft.io",
@@ -33,12 +35,17 @@ __all__ = [
     "LoRACallback",
     "LoRAConfig",
     "LoRALinear",
+    "NF4Linear",
     "PEFTCallback",
+    "QLoRACallback",
+    "QLoRAConfig",
     "adapter_state_dict",
     "apply_lora",
+    "apply_qlora",
     "load_adapter",
     "load_adapter_state_dict",
     "merge_adapters",
+    "merge_and_dequantize",
     "save_adapter",
     "trainable_parameters",
     "unmerge_adapters",

@@ -194,3 +194,38 @@ class LoRACallback(PEFTCallback):
     @override
     def apply(self, module: nn.Module) -> nn.Module:
         return apply_lora(module, config=self.config)
+
+
+class QLoRACallback(PEFTCallback):
+    """Fine-tune with QLoRA: ``Trainer(callbacks=[QLoRACallback(r=16, target_modules="all-linear")],
+    precision="bf16-true")``.
+
+    The targeted base layers are quantized to 4-bit NF4 one at a time and LoRA trains in
+    ``compute_dtype`` (a name: ``"bfloat16"``, ``"float16"`` or ``"float32"``). Arguments are
+    those of :func:`lightning_peft.apply_qlora` plus ``merge_on_fit_end`` (merge into the 4-bit
+    base, re-quantizing, when ``fit`` ends) and ``adapter_dir`` (write the adapter in HF PEFT
+    format when ``fit`` ends, on rank 0). Checkpoints hold only the adapter; the NF4 base stays
+    4-bit through precision "bf16-true"/"bf16-mixed" and device moves.
+    """
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 modules_to_save: list[str] | None = None, use_rslora: bool = False,
+                 init: str = "kaiming", bias: str = "none", double_quant: bool = True,
+                 compute_dtype: str = "bfloat16", blocksize: int = 64,
+                 merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
+        from lightning_peft.qlora import QLoRAConfig
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = QLoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                                  exclude_modules=exclude_modules, modules_to_save=modules_to_save,
+                                  use_rslora=use_rslora, init=init, bias=bias,
+                                  double_quant=double_quant, compute_dtype=compute_dtype,
+                                  blocksize=blocksize)
+
+    @override
+    def apply(self, module: nn.Module) -> nn.Module:
+        from lightning_peft.qlora import apply_qlora
+
+        return apply_qlora(module, config=self.config)

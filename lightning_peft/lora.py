@@ -99,35 +99,62 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _quantized_base_weight(base: nn.Module) -> kernels.NF4Tensor | None:
+    """The 4-bit weight of a quantized base layer: a :class:`lightning_peft.qlora.NF4Linear`'s
+    ``NF4Tensor``, or a quantized bitsandbytes ``Linear4bit``'s (nf4) wrapped without a copy;
+    ``None`` for a dense base."""
+    weight = base.weight
+    if isinstance(weight, kernels.NF4Tensor):
+        return weight
+    state = getattr(weight, "quant_state", None)  # bitsandbytes Params4bit once quantized
+    return None if state is None else kernels.NF4Tensor.from_bitsandbytes(weight.data, state)
+
+
+def _set_quantized_base_weight(base: nn.Module, q: kernels.NF4Tensor) -> None:
+    """Make ``q`` the weight of the quantized base layer ``base`` (NF4Linear or Linear4bit)."""
+    if isinstance(base.weight, kernels.NF4Tensor):
+        base.weight = q
+        return
+    packed, state = q.to_bitsandbytes()
+    base.weight.data = packed.view(base.weight.dtype)
+    base.weight.quant_state = state
+
+
 class LoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (kept as ``base_layer``) plus ``lora_A``/``lora_B``.
 
     ``Conv1D`` stores its weight (in, out); the layer reads it transposed (``fan_in_fan_out``),
-    without copying.
+    without copying. A 4-bit base (:class:`lightning_peft.qlora.NF4Linear`, or a bitsandbytes
+    ``Linear4bit`` such as Lightning's ``BitsandbytesPrecision`` swaps in) is dequantized on the fly
+    and the layer computes in the base's ``compute_dtype``; merging re-quantizes (see :meth:`merge`).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming") -> None:
         super().__init__()
-        if not is_linear_like(base_layer):
-            raise ValueError(f"LoRALinear wraps nn.Linear or transformers Conv1D, "
+        weight = getattr(base_layer, "weight", None)
+        if not is_linear_like(base_layer) and not isinstance(weight, kernels.NF4Tensor):
+            raise ValueError(f"LoRALinear wraps nn.Linear, transformers Conv1D or NF4Linear, "
                              f"got {type(base_layer).__name__}")
         self.base_layer = base_layer
         conv1d = conv1d_class()
         self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
-        weight = base_layer.weight
-        if self.fan_in_fan_out:
+        dtype = weight.dtype
+        if isinstance(weight, kernels.NF4Tensor) or getattr(weight, "quant_state", None) is not None:
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+            dtype = getattr(base_layer, "compute_dtype", None) or torch.float32
+        elif self.fan_in_fan_out:
             self.in_features, self.out_features = weight.shape
         else:
             self.out_features, self.in_features = weight.shape
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.use_rslora, self.init = use_rslora, init
         self.scaling = lora_scaling(r, alpha, use_rslora)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))   # (r, in)
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
         self.merged = False
-        self._restore: tuple[Tensor, Tensor] | None = None
+        self._restore: tuple[Tensor, Tensor] | kernels.NF4Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,18 +184,24 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        return kernels.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling,
-                                   bias=self.base_layer.bias,
-                                   dropout_p=self.dropout if self.training else 0.0)
+        q = _quantized_base_weight(self.base_layer)
+        compute = None if q is None else getattr(self.base_layer, "compute_dtype", None)
+        xc = x if compute is None or torch.is_autocast_enabled(x.device.type) else x.to(compute)
+        y = kernels.lora_linear(xc, self.weight if q is None else q, self.lora_A, self.lora_B,
+                                self.scaling, bias=self.base_layer.bias,
+                                dropout_p=self.dropout if self.training else 0.0)
+        return y if xc is x else y.to(x.dtype)  # a 4-bit base computes in its compute_dtype
 
     def delta_weight(self) -> Tensor:
-        """``s·B·A`` in the base weight's layout and dtype (computed in fp32 at least)."""
-        base = self.base_layer.weight
-        compute = torch.promote_types(base.dtype, torch.float32)
+        """``s·B·A`` in the base weight's layout and dtype (computed in fp32 at least; fp32 for a
+        4-bit base)."""
+        quantized = _quantized_base_weight(self.base_layer) is not None
+        dtype = torch.float32 if quantized else self.base_layer.weight.dtype
+        compute = torch.promote_types(dtype, torch.float32)
         delta = (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scaling  # (out, in)
         if self.fan_in_fan_out:
             delta = delta.t()
-        return delta.to(base.dtype)
+        return delta.to(dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -177,6 +210,17 @@ class LoRALinear(AdapterLayer):
         :meth:`unmerge` gives back the original weight bit for bit."""
         if self.merged:
             warnings.warn("LoRA layer is already merged; merge() does nothing", stacklevel=2)
+            return
+        q = _quantized_base_weight(self.base_layer)
+        if q is not None:  # 4-bit base: dequantize, add, re-quantize; keep the original for unmerge
+            warnings.warn("merging LoRA into a 4-bit base re-quantizes W0 + s·B·A to NF4, which adds "
+                          "rounding error to the update; unmerge() restores the original 4-bit weight "
+                          "exactly. For a full-precision merged model use "
+                          "lightning_peft.merge_and_dequantize(model, dtype)", stacklevel=2)
+            merged = q.dequantize(torch.float32).add_(self.delta_weight())  # (out, in) fp32
+            _set_quantized_base_weight(self.base_layer, kernels.quantize_nf4(
+                merged.to(q.dtype), blocksize=q.blocksize, double_quant=q.double_quant))
+            self._restore, self.merged = q, True
             return
         weight = self.base_layer.weight
         delta = self.delta_weight()
@@ -191,6 +235,10 @@ class LoRALinear(AdapterLayer):
         """Subtract the update again, restoring the original base weight exactly."""
         if not self.merged:
             warnings.warn("LoRA layer is not merged; unmerge() does nothing", stacklevel=2)
+            return
+        if isinstance(self._restore, kernels.NF4Tensor):  # 4-bit base: the weight before merge()
+            _set_quantized_base_weight(self.base_layer, self._restore)
+            self._restore, self.merged = None, False
             return
         weight = self.base_layer.weight
         weight.sub_(self.delta_weight())
