@@ -84,7 +84,10 @@ def _load_with_locations(source: RecordSource, name: str) -> tuple[list[dict[str
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"{name}: no such file {str(path)!r}")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         if path.suffix == ".json" and text.lstrip().startswith("["):
             try:
                 items = json.loads(text)
@@ -93,7 +96,9 @@ def _load_with_locations(source: RecordSource, name: str) -> tuple[list[dict[str
             wheres = [f"{path} item {i}" for i in range(len(items))]
         else:
             items, wheres = [], []
-            for lineno, line in enumerate(text.splitlines(), start=1):
+            # Split on "\n" only: str.splitlines() would also split inside a JSON string
+            # holding a raw U+2028 or U+0085.
+            for lineno, line in enumerate(text.split("\n"), start=1):
                 if not line.strip():
                     continue
                 try:

@@ -326,6 +326,14 @@ def test_load_records_from_file_and_list(tmp_path):
     assert load_records(array) == [_full(r) for r in RECORDS[:3]]
     extra = dict(RECORDS[0], id=7, input=None)
     assert load_records([extra]) == [{**_full(RECORDS[0]), "input": ""}]
+    # A raw line separator inside a JSON string does not end the line; CRLF files load.
+    odd = {"instruction": "a\u2028b", "input": "", "output": "c\x85d"}
+    path = _write_jsonl(tmp_path / "odd.jsonl", [json.dumps(odd, ensure_ascii=False) + "\r"])
+    assert load_records(path) == [odd]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps(RECORDS[0]).encode()[:-2] + b'\xe9"}\n')
+    with pytest.raises(ValueError, match="latin.jsonl: not UTF-8"):
+        load_records(latin)
 
 
 @pytest.mark.parametrize(
