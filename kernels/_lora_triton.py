@@ -251,38 +251,37 @@ def _lora_gemm_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    keep = tl.full((BM, BN), 1, dtype=tl.int1)
-    if DROPOUT:
-        keep = _keep_mask(tl.load(seed_ptr), rm, pid_n * BN, N, threshold, BM, BN)
-    xl = tl.zeros((BM, BN), dtype=xl_ptr.dtype.element_ty)
-    if NEED_DA:
+    if NEED_DA:                                   # dA (+)= Pᵀ·(keep⊙XL), before acc is live
         xl = tl.load(xl_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)              # (BM, BN)
         if DROPOUT:
+            keep = _keep_mask(tl.load(seed_ptr), rm, pid_n * BN, N, threshold, BM, BN)
             xl = tl.where(keep, xl, tl.zeros_like(xl))
-    for r0 in tl.static_range(0, RP, RB):        # the rank in chunks of RB columns
-        rr = r0 + tl.arange(0, RB)
-        r_ok = rr < R
-        if (NEED_OUT and HAS_LOWRANK) or NEED_DA:
+        for r0 in tl.static_range(0, RP, RB):    # the rank in chunks of RB columns
+            rr = r0 + tl.arange(0, RB)
+            r_ok = rr < R
             p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)           # (BM, RB)
-            if NEED_DA:
-                da = tl.dot(tl.trans(p), xl, input_precision=PRECISION)         # (RB, BN)
-                da_ptrs = (da_ptr + pid_m * stride_dap + rr[:, None] * stride_dar
-                           + rn[None, :] * stride_dan)
-                if DA_ATOMIC:
-                    tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :],
-                                  sem="relaxed")
-                else:
-                    tl.store(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :])
-            if NEED_OUT and HAS_LOWRANK:
+            da = tl.dot(tl.trans(p), xl, input_precision=PRECISION)             # (RB, BN)
+            da_ptrs = (da_ptr + pid_m * stride_dap + rr[:, None] * stride_dar
+                       + rn[None, :] * stride_dan)
+            if DA_ATOMIC:
+                tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :], sem="relaxed")
+            else:
+                tl.store(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :])
+    if NEED_OUT:
+        if HAS_LOWRANK:                           # the accumulator starts at the LoRA term
+            for r0 in tl.static_range(0, RP, RB):
+                rr = r0 + tl.arange(0, RB)
+                r_ok = rr < R
+                p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
+                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)       # (BM, RB)
                 q = tl.load(q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)       # (RB, BN)
                 acc = tl.dot(p, q, acc, input_precision=PRECISION)              # (BM, BN)
-    if NEED_OUT:
-        if HAS_LOWRANK:
-            acc = acc * alpha                     # the accumulator starts at the LoRA term
-            if DROPOUT:
+            acc = acc * alpha
+            if DROPOUT:                           # regenerated: cheaper than keeping it live
+                keep = _keep_mask(tl.load(seed_ptr), rm, pid_n * BN, N, threshold, BM, BN)
                 acc = tl.where(keep, acc, 0.0)
         ram = rm % M                              # wrapped rows/cols: loads need no M/N mask
         rwn = rn % N

@@ -439,6 +439,84 @@ def test_torch_compile_fullgraph_traces_the_ops():
         torch.testing.assert_close(a, v.grad)
 
 
+_HOPPER_COMPILE = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
+from kernels import _lora_triton as T
+
+compiled = []
+
+def compile_launch(kernel, grid, *args, **kwargs):
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    configs = kernel.configs[:2] if isinstance(kernel, Autotuner) else [None]
+    for cfg in configs:
+        consts = dict(kwargs)
+        if cfg is None:
+            opts = {k: consts.pop(k) for k in ("num_warps", "num_stages")}
+        else:
+            consts.update(cfg.kwargs)
+            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        sig, attrs = {}, {}
+        for i, (name, v) in enumerate(zip(fn.arg_names, args)):
+            if isinstance(v, torch.Tensor):
+                sig[name] = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32",
+                                   torch.int64: "i64"}[v.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(v, float):
+                sig[name] = "fp32"
+            elif v == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        for name in consts:
+            sig[name] = "constexpr"
+        k = triton.compile(triton.compiler.ASTSource(fn, sig, consts, attrs),
+                           target=GPUTarget("cuda", 90, 32), options=opts)
+        ttgir = k.asm["ttgir"]
+        compiled.append({"kernel": fn.__name__, "smem": k.metadata.shared,
+                         "async": ttgir.count("async_copy_global_to_local"),
+                         "wgmma": ttgir.count("ttng.warp_group_dot ")})
+
+T._launch = compile_launch
+g = torch.Generator().manual_seed(0)
+x = torch.randn(512, 256, generator=g).bfloat16().requires_grad_()
+w = torch.randn(384, 256, generator=g).bfloat16()
+a = torch.randn(16, 256, generator=g).bfloat16().requires_grad_()
+b = torch.randn(384, 16, generator=g).bfloat16().requires_grad_()
+y = T.lora_linear_triton(x, w, a, b, 2.0, None, 0.1, None)
+y.backward(torch.ones_like(y))
+print(json.dumps(compiled))
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Ahead-of-time compile (ptxas, no GPU needed) of every launch of a bf16 forward+backward
+    with dropout for sm_90: the GEMMs' main loops are pipelined (async copies) and use wgmma,
+    and each kernel fits in shared memory."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", _HOPPER_COMPILE], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    kinds = [c["kernel"] for c in compiled]
+    assert kinds == ["_lora_down_kernel", "_lora_gemm_kernel", "_lora_gemm_kernel",
+                     "_lora_dy_kernel", "_lora_gemm_kernel", "_lora_gemm_kernel"], kinds
+    for c in compiled:
+        assert c["async"] > 0 and c["wgmma"] > 0, c
+        assert c["smem"] <= 227 * 1024, c
+
+
 def test_benchmark_smoke(tmp_path):
     from benchmarks import kernels_lora
 
