@@ -52,7 +52,7 @@ __all__ = [
     "lora_linear_triton",
 ]
 
-_PHILOX_ROUNDS = 7
+_PHILOX_ROUNDS = tl.constexpr(7)  # Philox-4x32 rounds: the fewest that pass BigCrush
 _INT32_LIMIT = 2**31 - 2**24  # margin for block overhang past the last row or column
 
 
@@ -66,7 +66,7 @@ def _keep_mask(seed, rows, col0, n_cols, threshold, BM: tl.constexpr, BN: tl.con
     """keep (BM, BN) for ``rows`` x columns ``col0 .. col0+BN-1`` (col0 a multiple of 8)."""
     groups = col0 // 8 + tl.arange(0, BN // 8)                                  # (BN/8,)
     counter = rows[:, None] * ((n_cols + 7) // 8) + groups[None, :]             # (BM, BN/8)
-    r0, r1, r2, r3 = tl.randint4x(seed, counter, 7)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter, _PHILOX_ROUNDS)
     u = tl.join(tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
                 tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)))
     u = tl.reshape(u, (BM, BN))                   # (BM, BN): column k holds lane k % 8
