@@ -22,18 +22,21 @@ never stored. The grouped op (q/k/v or gate/up reading the same ``x``) concatena
     S_cat = keep⊙x·A_catᵀ / (1-p) ,  y_i = S_i·(s_i·B_i)ᵀ + x·W_iᵀ + b_i
     dX = keep⊙(dS_cat·A_cat) + Σ_i dY_i·W_i ,  dA_cat = dS_catᵀ·(keep⊙x)
 
-Dropout mask: ``keep[m, k]`` comes from Philox-4x32 (7 rounds, the fewest that pass BigCrush)
-keyed by a 64-bit seed with counter ``m·⌈K/8⌉ + ⌊k/8⌋``; its four 32-bit words give eight 16-bit
-uniforms ``u`` and element ``k`` takes lane ``k mod 8``; ``keep = u >= round(p·2¹⁶)``. The mask
-depends only on (seed, m, k, K), so every kernel regenerates the same one whatever its tiling.
+Dropout mask: ``keep[m, k]`` comes from Philox-4x32-7 (Salmon et al. 2011: 7 rounds pass
+BigCrush; 10 is their margin) keyed by a 64-bit seed with counter ``m·⌈K/8⌉ + ⌊k/8⌋``; its four
+32-bit words give eight 16-bit uniforms ``u`` and element ``k`` takes lane ``k mod 8``;
+``keep = u >= round(p·2¹⁶)`` (so p is resolved to 2⁻¹⁶; kept values are scaled by 1/(1-p)). One
+Philox call per 8 elements keeps the mask cheap next to the GEMMs. The mask depends only on
+(seed, m, k, K), so every kernel regenerates the same one whatever its tiling.
 The seed is drawn with ``torch.randint`` from ``generator`` (or torch's default generator), so
 ``torch.manual_seed`` reproduces it; :func:`dropout_keep_mask` rebuilds the mask from a seed.
 
 Reductions split across programs (split-K of the down pass, dB and dS of the dY pass, dA) add
 fp32 partials with atomics, or, under ``torch.use_deterministic_algorithms(True)``, store them
 per program and sum them with torch in a fixed order. Offsets are int64 where a tensor spans
-2³¹ elements or more. The ops are registered with ``torch.library.triton_op`` and
-``register_autograd`` so ``torch.compile(fullgraph=True)`` traces them.
+2³¹ elements or more. The ops (``lightning_peft::lora_linear_fwd`` / ``_bwd``) are registered
+with ``torch.library.triton_op`` and ``register_autograd``, so ``torch.compile(fullgraph=True)``
+traces into their kernels; under the CPU interpreter they are opaque ``custom_op``s instead.
 """
 
 import torch
@@ -446,7 +449,12 @@ def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, 
         ds = torch.empty((splits, M, R), **f32)
     else:
         ds = torch.zeros((M, R), **f32)
-    db = torch.zeros((m_blocks, N, R), **f32) if deterministic else torch.zeros((N, R), **f32)
+    if not need_db:
+        db = torch.empty((1, 1), **f32)            # not written
+    elif deterministic:
+        db = torch.zeros((m_blocks, N, R), **f32)  # one partial per row tile, summed below
+    else:
+        db = torch.zeros((N, R), **f32)
     if M > 0 and (need_ds or need_db):
         _launch(_lora_dy_kernel, (m_blocks, splits, triton.cdiv(R, _rank_block(R))),
                 dy, b, s, ds, db,
@@ -458,10 +466,13 @@ def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, 
                 NEED_DS=need_ds, NEED_DB=need_db, DS_ATOMIC=splits > 1 and not deterministic,
                 DB_ATOMIC=not deterministic, INT64=_needs_int64(dy, b, s, ds, db),
                 PRECISION=_precision(dy.dtype), RB=_rank_block(R), **cfg)
-    if splits > 1:
+    if not need_ds:
+        ds = None
+    elif splits > 1:
         ds = (ds.sum(0) if deterministic else ds).to(dy.dtype)
-    db = (db.sum(0) if deterministic else db).to(dy.dtype)
-    return (ds if need_ds else None), (db if need_db else None)
+    if need_db:
+        db = (db.sum(0) if deterministic else db).to(dy.dtype)
+    return ds, (db if need_db else None)
 
 
 def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = None,
