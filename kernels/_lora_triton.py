@@ -714,7 +714,7 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
 def dropout_keep_mask(seed: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
     """The (rows, cols) bool keep-mask the kernels derive from ``seed`` (a (1,) int64 tensor)."""
     out = torch.empty((rows, cols), dtype=torch.int8, device=seed.device)
-    bm, bn = 16, 32
+    bm, bn = 32, 64
     if rows > 0 and cols > 0:
         _launch(_mask_kernel, (triton.cdiv(rows, bm), triton.cdiv(cols, bn)),
                 seed, out, rows, cols, _threshold(dropout_p),
