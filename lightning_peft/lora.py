@@ -107,7 +107,14 @@ def _quantized_base_weight(base: nn.Module) -> kernels.NF4Tensor | None:
     if isinstance(weight, kernels.NF4Tensor):
         return weight
     state = getattr(weight, "quant_state", None)  # bitsandbytes Params4bit once quantized
-    return None if state is None else kernels.NF4Tensor.from_bitsandbytes(weight.data, state)
+    if state is None:
+        return None
+    if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' AVX512-BF16 CPU layout
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state = weight.quant_state
+    return kernels.NF4Tensor.from_bitsandbytes(weight.data, state)
 
 
 def _set_quantized_base_weight(base: nn.Module, q: kernels.NF4Tensor) -> None:
@@ -118,6 +125,8 @@ def _set_quantized_base_weight(base: nn.Module, q: kernels.NF4Tensor) -> None:
     packed, state = q.to_bitsandbytes()
     base.weight.data = packed.view(base.weight.dtype)
     base.weight.quant_state = state
+    if hasattr(base, "quant_state"):  # bitsandbytes keeps a copy on the module as well
+        base.quant_state = state
 
 
 class LoRALinear(AdapterLayer):
