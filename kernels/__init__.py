@@ -6,7 +6,7 @@ lazily on the Triton path.
 """
 
 from kernels._backend import get_backend, set_backend, use_backend
-from kernels.lora import lora_linear
+from kernels.lora import lora_linear, lora_linear_grouped
 from kernels.nf4 import NF4Tensor, dequantize_nf4, nf4_linear, quantize_nf4
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "dequantize_nf4",
     "get_backend",
     "lora_linear",
+    "lora_linear_grouped",
     "nf4_linear",
     "quantize_nf4",
     "set_backend",

@@ -9,7 +9,6 @@ for CUDA tensors when triton imports, and the reference otherwise. The environme
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
@@ -51,15 +50,22 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-@functools.cache
+_TRITON_OK: bool | None = None
+
+
 def triton_available() -> bool:
-    """Whether the ``triton`` package imports on this machine."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether the ``triton`` package imports on this machine (checked once; a plain cached bool,
+    not ``functools.cache``, so torch.compile traces callers without a warning)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:
+            _TRITON_OK = False
+        else:
+            _TRITON_OK = True
+    return _TRITON_OK
 
 
 def interpreting() -> bool:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kernels import _backend
 
-__all__ = ["lora_linear", "lora_linear_reference"]
+__all__ = ["lora_linear", "lora_linear_grouped", "lora_linear_grouped_reference", "lora_linear_reference"]
 
 
 def _dense(weight: Any, dtype: torch.dtype) -> Tensor:
@@ -165,3 +165,59 @@ def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
         return _lora_nf4_triton.lora_linear_nf4_triton(x, weight, lora_a, lora_b, float(scaling),
                                                        bias, float(dropout_p), generator)
     return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)
+
+
+def lora_linear_grouped_reference(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
+                                  lora_bs: list[Tensor], scalings: list[float],
+                                  biases: list[Tensor | None] | None = None, dropout_p: float = 0.0,
+                                  generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+    """Pure-PyTorch grouped op: ``S_cat = dropout(x)·[A_1; ...; A_n]ᵀ`` in one pass over ``x``
+    (one dropout mask shared by the members), then each member's base GEMM accumulates
+    ``s_i·S_i·B_iᵀ`` in its output buffer; autograd by torch."""
+    biases = [None] * len(weights) if biases is None else list(biases)
+    x2 = x.reshape(-1, x.shape[-1])                                          # (M, K)
+    xd = x2
+    if dropout_p > 0.0:
+        keep = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p, generator=generator)
+        xd = x2 * keep / (1.0 - dropout_p)
+    lora_a = torch.cat([a.to(x.dtype) for a in lora_as], dim=0)             # (Σr, K)
+    s_cat = torch.mm(xd, lora_a.t())                                         # (M, Σr)
+    outs, start = [], 0
+    for w, a, b, s, bias in zip(weights, lora_as, lora_bs, scalings, biases):
+        s_i = s_cat[:, start:start + a.shape[0]]                             # (M, r_i)
+        start += a.shape[0]
+        w = _dense(w, x.dtype)
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+        y = torch.addmm(y, s_i, b.to(x.dtype).t(), alpha=float(s))          # (M, N_i)
+        outs.append(y.view(*x.shape[:-1], w.shape[0]))
+    return tuple(outs)
+
+
+def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor], lora_bs: list[Tensor],
+                        scalings: list[float], biases: list[Tensor | None] | None = None,
+                        dropout_p: float = 0.0,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+    """LoRA linears that read the same ``x`` (q/k/v, gate/up), with ``x`` read once for all their
+    ``A`` matrices: ``y_i = x·W_iᵀ + s_i·(dropout(x)·A_iᵀ)·B_iᵀ + b_i``. The members share one
+    dropout mask. Returns one output per member; autograd to every input."""
+    if isinstance(x, Tensor) and all(isinstance(w, Tensor) for w in weights) and \
+            _backend.use_triton(x, *weights, *lora_as, *lora_bs):
+        from kernels import _lora_triton
+
+        return _lora_triton.lora_linear_grouped(x, weights, lora_as, lora_bs, scalings, biases,
+                                                dropout_p, generator)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear_grouped(
+                x.to(dtype), [w.to(dtype) if isinstance(w, Tensor) else w for w in weights], lora_as,
+                lora_bs, scalings, biases, dropout_p, generator)
+    if len(lora_as) != len(weights) or len(lora_bs) != len(weights) or len(scalings) != len(weights) \
+            or (biases is not None and len(biases) != len(weights)) or not weights:
+        raise ValueError("weights, lora_as, lora_bs, scalings (and biases) must be non-empty and have "
+                         "one entry per member")
+    for i, (w, a, b) in enumerate(zip(weights, lora_as, lora_bs)):
+        _check_args(x, w, a, b, None if biases is None else biases[i], dropout_p)
+    return lora_linear_grouped_reference(x, weights, lora_as, lora_bs, scalings, biases, dropout_p,
+                                         generator)
