@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
+from lightning_peft import _grouping
 from lightning_peft._base import (
     TRAIN_BIAS_ATTR,
     AdapterLayer,
@@ -193,6 +194,13 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
+        group = _grouping.group_of(self)
+        if group is not None:  # siblings reading the same x share one pass over it
+            return group(self, x)
+        return self.forward_single(x)
+
+    def forward_single(self, x: Tensor) -> Tensor:
+        """This layer alone (no shared-input fusion with its siblings)."""
         q = _quantized_base_weight(self.base_layer)
         compute = None if q is None else getattr(self.base_layer, "compute_dtype", None)
         xc = x if compute is None or torch.is_autocast_enabled(x.device.type) else x.to(compute)
@@ -336,6 +344,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
             if layer.base_layer.bias is not None:
                 setattr(layer.base_layer, TRAIN_BIAS_ATTR, True)
     freeze_all_but_adapters(model)
+    _grouping.attach(model)
     return model
 
 

@@ -1,0 +1,111 @@
+"""Shared-input fusion: sibling LoRA layers that read the same tensor (q/k/v, gate/up) compute
+their ``S_i = dropout(x)·A_iᵀ`` in one pass over ``x`` via :func:`kernels.lora_linear_grouped`.
+
+Which siblings really share their input is learned, not assumed: a :class:`SharedInputGroup`
+holds the LoRA layers of one parent with the same ``in_features`` and dropout, watches which of
+them are called with the identical tensor during a forward pass, and from the next pass on, the
+first member called runs the grouped op for all of them and hands each sibling its output when
+that sibling is called with the same tensor. If a sibling is then called with another tensor
+(cross-attention, a changed model), the group forgets what it learned and falls back to single
+calls, so the result is always that of the layers run one by one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+import kernels
+
+if TYPE_CHECKING:
+    from lightning_peft.lora import LoRALinear
+
+_ATTR = "_shared_input_group"
+
+
+def _key(x: Tensor) -> tuple:
+    return (id(x), x.data_ptr(), x._version, tuple(x.shape), x.dtype, x.device)
+
+
+class SharedInputGroup:
+    """LoRA layers of one parent that may read the same input (see the module docstring)."""
+
+    def __init__(self, layers: list[LoRALinear]) -> None:
+        self.layers = layers
+        self.learned: tuple[int, ...] | None = None
+        self._round_key: tuple | None = None
+        self._round: set[int] = set()
+        self._pending: dict[int, Tensor] = {}
+        self._pending_key: tuple | None = None
+        self._pending_x: Tensor | None = None  # keeps x alive so its id cannot be reused meanwhile
+
+    def _observe(self, index: int, key: tuple) -> None:
+        if key == self._round_key and index not in self._round:
+            self._round.add(index)
+            return
+        if len(self._round) >= 2:
+            self.learned = tuple(sorted(self._round))
+        self._round_key, self._round = key, {index}
+
+    def __call__(self, layer: LoRALinear, x: Tensor) -> Tensor:
+        index = self.layers.index(layer)
+        key = _key(x)
+        if index in self._pending:
+            out = self._pending.pop(index)
+            if self._pending_key == key and x is self._pending_x:
+                self._round.add(index)
+                if not self._pending:
+                    self._pending_x = None
+                return out
+            self._pending.clear()  # a sibling read another tensor: unlearn
+            self._pending_x = None
+            self.learned = None
+        self._observe(index, key)
+        if self.learned is not None and index in self.learned and all(
+                self.layers[i].training == layer.training and not self.layers[i].merged
+                for i in self.learned):
+            members = [self.layers[i] for i in self.learned]
+            outs = kernels.lora_linear_grouped(
+                x, [m.weight for m in members], [m.lora_A for m in members],
+                [m.lora_B for m in members], [m.scaling for m in members],
+                [m.base_layer.bias for m in members],
+                dropout_p=layer.dropout if layer.training else 0.0)
+            self._pending = {i: o for i, o in zip(self.learned, outs) if i != index}
+            self._pending_key, self._pending_x = key, x
+            return outs[self.learned.index(index)]
+        return layer.forward_single(x)
+
+
+def groupable(layer: LoRALinear) -> bool:
+    """Plain dense bases only (a quantized base runs its own path)."""
+    weight = getattr(layer.base_layer, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point
+
+
+def attach(model: nn.Module) -> None:
+    """Give the sibling LoRA layers of every parent (same in_features and dropout) a shared group."""
+    from lightning_peft.lora import LoRALinear
+
+    for parent in model.modules():
+        buckets: dict[tuple, list[LoRALinear]] = {}
+        for child in parent.children():
+            if isinstance(child, LoRALinear) and groupable(child):
+                buckets.setdefault((child.in_features, child.dropout), []).append(child)
+        for members in buckets.values():
+            if len(members) < 2:
+                continue
+            if all(getattr(m, _ATTR, None) is not None and getattr(m, _ATTR).layers == members
+                   for m in members):
+                continue
+            group = SharedInputGroup(members)
+            for m in members:
+                m.__dict__[_ATTR] = group
+
+
+def group_of(layer: nn.Module) -> SharedInputGroup | None:
+    group = layer.__dict__.get(_ATTR)
+    if group is None or torch.compiler.is_compiling():
+        return None
+    return group
