@@ -142,7 +142,7 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                # yᵀ tile
         m = tl.arange(0, BLOCK_M)
         m_mask = m < M
     for kb in range(kb_start, kb_end, NBLK):
@@ -167,28 +167,29 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code
             k = tl.reshape(k, (NBLK * BLOCKSIZE,))
             kmask = tl.reshape(tl.broadcast_to(j_mask[:, None], (NBLK, BLOCKSIZE)),
                                (NBLK * BLOCKSIZE,))
-            xt = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :],
-                         mask=m_mask[:, None] & kmask[None, :], other=0.0)   # (BLOCK_M, NBLK·B)
+            xt = tl.load(x_ptr + m[None, :] * stride_xm + k[:, None],
+                         mask=m_mask[None, :] & kmask[:, None], other=0.0)  # (NBLK·B, BLOCK_M)
+            # the weight tile is the dot's A operand, so it can stay in registers
             if IEEE:
-                acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+                acc += tl.dot(w, xt, input_precision="ieee")             # (BLOCK_N, BLOCK_M)
             else:
-                acc += tl.dot(xt, tl.trans(w))                           # (BLOCK_M, BLOCK_N)
+                acc += tl.dot(w, xt)
     if FINAL:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-        if BLOCK_M == 1:
-            tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            o = m[:, None] * stride_om + n[None, :]
-            tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & n_mask[None, :])
+            bias = tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)   # (BLOCK_N,)
+            if BLOCK_M == 1:
+                acc += bias
+            else:
+                acc += bias[:, None]
+        acc = acc.to(out_ptr.dtype.element_ty)
+        base = out_ptr
     else:
-        base = out_ptr + pid_s * stride_os
-        if BLOCK_M == 1:
-            tl.store(base + n, acc, mask=n_mask)
-        else:
-            o = m[:, None] * stride_om + n[None, :]
-            tl.store(base + o, acc, mask=m_mask[:, None] & n_mask[None, :])
+        base = out_ptr + pid_s * stride_os                              # fp32 partial sums
+    if BLOCK_M == 1:
+        tl.store(base + n, acc, mask=n_mask)
+    else:
+        tl.store(base + m[None, :] * stride_om + n[:, None], acc,
+                 mask=m_mask[None, :] & n_mask[:, None])
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -230,11 +231,12 @@ def dequantize(q: NF4Tensor, out: Tensor) -> Tensor:
     n = q.numel()
     nbytes = q.packed.numel()
     cols = min(q.blocksize // 2, 1024)                                  # bytes per tile row
-    rows = max(1, 1024 // cols)                                         # 1024 bytes per program
+    rows = max(1, 1024 // cols)              # 1024 bytes a program, 4 a thread: 8 outputs store
+                                             # as one 16-byte bf16 vector, no layout shuffle
     grid = (triton.cdiv(nbytes, rows * cols),)
     _dequantize_kernel[grid](
         q.packed, q.absmax, *_nested_args(q), tables.pair, out, n, nbytes,
-        BLOCKSIZE=q.blocksize, NESTED=q.double_quant, ROWS=rows, COLS=cols, num_warps=4,
+        BLOCKSIZE=q.blocksize, NESTED=q.double_quant, ROWS=rows, COLS=cols, num_warps=8,
         enable_fp_fusion=False)
     return out
 
@@ -245,13 +247,15 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _matmul_config(m: int, blocksize: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, NBLK)``: about 8192 weights per K step, 512+ of K per step."""
-    nblk = max(1, 512 // blocksize)
-    kstep = nblk * blocksize
+def _matmul_config(m: int, blocksize: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, NBLK, num_warps)``, chosen by compiling for sm_90 (no spills, few
+    layout conversions). ``M == 1``: K steps of 512+ over 16 rows (8192 weights a step).
+    ``M > 1``: the dequantized ``(BLOCK_N, K step)`` tile is the A operand of the dot."""
     if m == 1:
-        return 1, max(1, min(64, 8192 // kstep)), nblk
-    return 16, 16, nblk
+        nblk = max(1, 512 // blocksize)
+        return 1, max(1, min(16, 8192 // (nblk * blocksize))), nblk, 8
+    nblk = max(1, 128 // blocksize)
+    return 16, max(16, 8192 // (nblk * blocksize)) if blocksize <= 128 else 16, nblk, 8
 
 
 def fused_supported(m: int, q: NF4Tensor) -> bool:
@@ -267,7 +271,7 @@ def matmul_small_m(x2: Tensor, q: NF4Tensor, bias: Tensor | None, split_k: int |
     m, k = x2.shape
     n = q.shape[0]
     x2 = x2.contiguous()
-    block_m, block_n, nblk = _matmul_config(m, q.blocksize)
+    block_m, block_n, nblk, warps = _matmul_config(m, q.blocksize)
     kblocks = k // q.blocksize
     tiles_n = triton.cdiv(n, block_n)
     steps = triton.cdiv(kblocks, nblk)                                  # K steps per row tile
@@ -284,7 +288,7 @@ def matmul_small_m(x2: Tensor, q: NF4Tensor, bias: Tensor | None, split_k: int |
         bias if bias is not None else y, dest, m, n, k, x2.stride(0), n, m * n, blocks_per_split,
         BLOCKSIZE=q.blocksize, NESTED=q.double_quant, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, NBLK=nblk, FINAL=final,
-        IEEE=x2.dtype == torch.float32, num_warps=4)
+        IEEE=x2.dtype == torch.float32, num_warps=warps, enable_fp_fusion=True)
     if not final:
         acc = dest.sum(0)                                               # (M, N) fp32
         if bias is not None:
