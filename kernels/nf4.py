@@ -692,18 +692,26 @@ def _check_linear(x: Any, q: Any, bias: Any) -> None:
             raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
 
 
+def _matmul(x2: Tensor, q: NF4Tensor, bias: Tensor | None, triton: bool) -> Tensor:
+    """``x2·dequant(q)ᵀ (+ bias)``, ``x2`` (M, K) -> (M, N)."""
+    if triton:
+        from kernels import _nf4_triton
+
+        return _nf4_triton.nf4_matmul(x2, q, bias)
+    w = nf4_dense_for_matmul(q, x2.dtype)                               # (N, K), scratch
+    return torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+
+
+def _grad_x(dy: Tensor, q: NF4Tensor) -> Tensor:
+    """``dX = dY·dequant(q)``, ``dy`` (M, N) -> (M, K); the weight is dequantized again."""
+    return torch.mm(dy, nf4_dense_for_matmul(q, dy.dtype))
+
+
 class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, bias, triton):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
-        if triton:
-            from kernels import _nf4_triton
-
-            y = _nf4_triton.nf4_matmul(x2, q, bias)                     # (M, N)
-        else:
-            w = nf4_dense_for_matmul(q, x.dtype)                        # (N, K), scratch
-            y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        y = _matmul(x.reshape(-1, shape[-1]), q, bias, triton)          # (M, N)
         ctx.q, ctx.shape = q, shape
         return y.view(*shape[:-1], q.shape[0])
 
@@ -711,13 +719,60 @@ class _NF4Linear(torch.autograd.Function):
     def backward(ctx, grad_out):
         q = ctx.q
         dy = grad_out.reshape(-1, q.shape[0])                           # (M, N)
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            w = nf4_dense_for_matmul(q, dy.dtype)                       # (N, K), scratch
-            grad_x = torch.mm(dy, w).view(ctx.shape)                    # (M, K)
-        if ctx.needs_input_grad[2]:
-            grad_bias = dy.sum(0)
+        grad_x = _grad_x(dy, q).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        grad_bias = dy.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, None
+
+
+# torch.compile sees nf4_linear as this opaque op (eager calls skip its dispatch overhead).
+def _unpack(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape):
+    return NF4Tensor(packed, absmax, shape, torch.float32, blocksize, nested_absmax, nested_code,
+                     nested_offset)
+
+
+@torch.library.custom_op("lightning_peft::nf4_linear", mutates_args=())
+def _nf4_linear_op(x2: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
+                   nested_code: Tensor | None, nested_offset: Tensor | None, blocksize: int,
+                   shape: list[int], bias: Tensor | None, triton: bool) -> Tensor:
+    q = _unpack(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape)
+    return _matmul(x2, q, bias, triton)
+
+
+@_nf4_linear_op.register_fake
+def _(x2, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape, bias,
+      triton):
+    return x2.new_empty(x2.shape[0], shape[0])
+
+
+@torch.library.custom_op("lightning_peft::nf4_linear_grad_x", mutates_args=())
+def _nf4_grad_x_op(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
+                   nested_code: Tensor | None, nested_offset: Tensor | None, blocksize: int,
+                   shape: list[int]) -> Tensor:
+    q = _unpack(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape)
+    return _grad_x(dy, q)
+
+
+@_nf4_grad_x_op.register_fake
+def _(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape):
+    return dy.new_empty(dy.shape[0], shape[1])
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    ctx.blocksize, ctx.shape = inputs[6], inputs[7]
+    ctx.save_for_backward(*(t for t in inputs[1:6] if t is not None))   # the weight's tensors
+    ctx.present = [t is not None for t in inputs[1:6]]
+
+
+def _op_backward(ctx, grad):
+    saved = iter(ctx.saved_tensors)
+    tensors = [next(saved) if p else None for p in ctx.present]
+    grad_x = (_nf4_grad_x_op(grad, *tensors, ctx.blocksize, ctx.shape)
+              if ctx.needs_input_grad[0] else None)
+    grad_bias = grad.sum(0) if ctx.needs_input_grad[8] else None
+    return grad_x, None, None, None, None, None, None, None, grad_bias, None
+
+
+_nf4_linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _nf4_linear(x: Tensor, q: NF4Tensor, bias: Tensor | None, triton: bool | None) -> Tensor:
@@ -731,7 +786,12 @@ def _nf4_linear(x: Tensor, q: NF4Tensor, bias: Tensor | None, triton: bool | Non
         bias = bias.to(x.dtype)
     if triton is None:
         triton = _backend.use_triton(x, q.packed)
-    return _NF4Linear.apply(x, q, bias, triton)
+    if not torch.compiler.is_compiling():
+        return _NF4Linear.apply(x, q, bias, triton)
+    x2 = x.reshape(-1, x.shape[-1])                                     # (M, K)
+    y = _nf4_linear_op(x2, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.nested_offset,
+                       q.blocksize, list(q.shape), bias, triton)        # (M, N)
+    return y.view(*x.shape[:-1], q.shape[0])
 
 
 def nf4_linear_reference(x: Tensor, q: NF4Tensor, bias: Tensor | None = None) -> Tensor:

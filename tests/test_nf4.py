@@ -116,6 +116,21 @@ def test_matches_bitsandbytes_compiled_fallback():
                        _bnb_dequantize(packed, state, torch.bfloat16))
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_large_dequantize_matches_bitsandbytes(threads, monkeypatch, eager_bnb):
+    """Enough chunks for the helper threads; a partial last block; fp32 straight into ``out``,
+    also when ``out`` is not 16-byte aligned."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    w = _weight((1030, 601), torch.float32, seed=4)
+    q = quantize_nf4(w, 64, True)
+    packed, state = _bnb_quantize(w, 64, True)
+    for dt in FLOATS:
+        assert torch.equal(dequantize_nf4(q, dt).reshape(-1), _bnb_dequantize(packed, state, dt))
+    unaligned = torch.empty(w.numel() + 1)[1:]
+    dequantize_nf4(q, torch.float32, out=unaligned)
+    assert torch.equal(unaligned, _bnb_dequantize(packed, state, torch.float32))
+
+
 def test_special_values_match_bitsandbytes(eager_bnb):
     code = _tables(torch.device("cpu")).code
     mids = (code[:-1] + code[1:]) / 2
@@ -317,6 +332,27 @@ def test_nf4_linear_bf16_torch_and_autocast():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nf4_linear_torch_compile_fullgraph(backend):
+    """Dynamo + AOTAutograd trace nf4_linear as the registered op without graph breaks."""
+    q = quantize_nf4(_weight((24, 128), torch.float32), 64, True)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+
+    def f(x, bias):
+        return nf4_linear(x, q, bias).square().mean()
+
+    torch._dynamo.reset()
+    with use_backend(backend):
+        loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x, bias)
+        got = torch.autograd.grad(loss, [x, bias])
+        want_loss = f(x, bias)
+        want = torch.autograd.grad(want_loss, [x, bias])
+    torch.testing.assert_close(loss, want_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_nf4_linear_weight_gets_no_gradient():
     q = quantize_nf4(_weight((8, 64), torch.float32))
     x = torch.randn(2, 64, requires_grad=True)
@@ -408,6 +444,91 @@ def test_gpu_bf16_bit_exact_and_matmul(double_quant):
             y = nf4_linear(x, q)
         ref_y = x.float() @ q.dequantize(torch.bfloat16).float().t()
         torch.testing.assert_close(y.float(), ref_y, rtol=2e-2, atol=2e-1)
+
+
+_HOPPER_COMPILE = r"""
+import json, os, re, subprocess, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from kernels import _nf4_triton as T, nf4
+
+PTR = {torch.uint8: "*u8", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int64: "*i64"}
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+compiled = []
+
+
+class Capture:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.compile
+
+    def compile(self, *args, **kwargs):
+        consts = {k: v for k, v in kwargs.items() if k not in OPTIONS}
+        opts = {k: v for k, v in kwargs.items() if k in OPTIONS}
+        sig, attrs = {}, {}
+        for i, (name, v) in enumerate(zip(self.fn.arg_names, args)):
+            if isinstance(v, torch.Tensor):
+                sig[name], attrs[(i,)] = PTR[v.dtype], [["tt.divisibility", 16]]
+            else:
+                sig[name] = "i64" if abs(v) >= 2**31 else "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        sig.update({name: "constexpr" for name in consts})
+        k = triton.compile(triton.compiler.ASTSource(self.fn, sig, consts, attrs),
+                           target=GPUTarget("cuda", 90, 32), options=opts)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True,
+                                   text=True).stdout
+        ptx = k.asm["ptx"]
+        compiled.append({"kernel": self.fn.__name__, "smem": k.metadata.shared,
+                         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+                         "spill": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+                         "vector_store": "st.global.v4" in ptx,
+                         "mma": "mma" in ptx})
+
+
+for name in ("_quantize_kernel", "_quantize_absmax_kernel", "_dequantize_kernel",
+             "_matmul_kernel"):
+    setattr(T, name, Capture(getattr(T, name)))
+g = torch.Generator().manual_seed(0)
+w = torch.randn(512, 1024, generator=g).bfloat16()
+T.quantize(w, 64, True)
+q = nf4.quantize_nf4(w.float(), 64, True)
+T.dequantize(q, torch.empty(512, 1024, dtype=torch.bfloat16))
+for m in (1, 16):
+    T.matmul_small_m(torch.randn(m, 1024, generator=g).bfloat16(), q, None, split_k=1)
+print(json.dumps(compiled))
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Ahead-of-time compile (ptxas, no GPU needed) of every NF4 kernel for sm_90 in bf16: no
+    register spills, dequantize stores 16-byte vectors, the M = 16 matmul runs on tensor cores."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", _HOPPER_COMPILE], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    kinds = [c["kernel"] for c in compiled]
+    assert kinds == ["_quantize_kernel", "_quantize_absmax_kernel", "_dequantize_kernel",
+                     "_matmul_kernel", "_matmul_kernel"], kinds
+    for c in compiled:
+        assert c["spill"] == 0 and c["smem"] <= 227 * 1024, c
+    assert compiled[2]["vector_store"], compiled[2]
+    assert compiled[4]["mma"], compiled[4]
 
 
 # ------------------------------------------------------------------------------- bad input
