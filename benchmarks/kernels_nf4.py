@@ -56,6 +56,14 @@ def device_slug(device: torch.device) -> str:
     return f"{device.type}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def _load_average() -> str:
+    """The 1-minute load average (a shared CPU makes every timing noisy), or "n/a"."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "n/a"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -177,10 +185,26 @@ def bench_matmul(shape, ms, device, repeats) -> list[dict]:
     return rows
 
 
+def _targets(result: dict, cpu: bool) -> dict:
+    """The issue's targets, measured: CPU, ours/bitsandbytes dequantize time <= 1.0 (worst
+    shape); GPU, >= 85 % of copy bandwidth, >= 2x bitsandbytes, M = 1 >= 2.5x the bf16 GEMV."""
+    ours = [r for r in result["dequantize"] if r["impl"] == "ours"]
+    worst_ratio = max(r["ratio_vs_bitsandbytes"] for r in ours)
+    if cpu:
+        return {"dequantize_time_vs_bitsandbytes": worst_ratio, "met": worst_ratio <= 1.0}
+    pct = min(r["pct_copy_bw"] for r in ours)
+    gemv = [r for r in result["matmul"] if r["impl"] == "ours" and r["m"] == 1]
+    gemv_speedup = min((r["speedup_vs_bf16"] for r in gemv), default=float("nan"))
+    return {"dequantize_pct_copy_bw": pct, "dequantize_speedup_vs_bitsandbytes": 1 / worst_ratio,
+            "gemv_m1_speedup_vs_bf16": gemv_speedup,
+            "met": pct >= 85 and 1 / worst_ratio >= 2 and gemv_speedup >= 2.5}
+
+
 def _markdown(result: dict) -> str:
     lines = [f"# NF4 kernels on {result['device']}", "",
              f"torch {result['torch']}, bitsandbytes {result['bitsandbytes']}; copy bandwidth "
-             f"{result['copy_gbps']:.1f} GB/s.", "",
+             f"{result['copy_gbps']:.1f} GB/s; load average {result['load_average']}.", "",
+             f"Targets: {json.dumps(result['targets'])}", "",
              "## Dequantize to bf16 (blocksize 64, double quant)", "",
              "| shape | impl | ms | GB/s | % copy BW | time / bitsandbytes |",
              "|---|---|---:|---:|---:|---:|"]
@@ -223,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         "bitsandbytes": bitsandbytes.__version__, "copy_gbps": copy_gbps,
         "dequantize": bench_dequantize(shapes, device, repeats, copy_gbps),
         "matmul": [] if args.skip_matmul else bench_matmul(mm_shape, ms, device, repeats),
+        "load_average": _load_average(),
     }
+    result["targets"] = _targets(result, cpu)
     folder = Path(args.out) / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "nf4.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -24,8 +24,9 @@ as 8 bits with bitsandbytes' signed dynamic map ``d[0..255]`` in blocks of 256 a
     L[t]     = #{ k : (d[k] + d[k+1]) / 2 < -1 + 2t/65535 }   bitsandbytes' CPU 65536-entry table
     absmax'  = d[qa[b]] · a2[b // 256] + offset            two fp32 roundings, never fused
 
-(The CUDA build of bitsandbytes picks the exactly nearest ``d[k]`` instead of ``L``; the two differ
-only for values within 2⁻¹⁶ of a midpoint.) The serialized form is that of
+(The CUDA build of bitsandbytes picks the exactly nearest ``d[k]`` instead of going through ``L``;
+the two differ within one table step, 2/65535, of a midpoint, which covers much of |s| < 1e-4,
+where the codes are denser than the table.) The serialized form is that of
 ``bitsandbytes.nn.Linear4bit``: ``weight`` (packed bytes ``((n+1)//2, 1)``), ``weight.absmax``,
 ``weight.quant_map`` (c), ``weight.nested_absmax`` (a2), ``weight.nested_quant_map`` (d) and
 ``weight.quant_state.bitsandbytes__nf4`` (JSON with type, blocksize, dtype, shape, offset).
@@ -224,6 +225,9 @@ class NF4Tensor:
     def to(self, device: torch.device | str | int | None = None, non_blocking: bool = False
            ) -> NF4Tensor:
         """A copy on ``device`` (``self`` when it is already there). The dtype never changes."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"NF4Tensor.to takes a device, got the dtype {device}; use "
+                            "dequantize(dtype) for a dense tensor of that dtype")
         if device is None:
             return self
         device = torch.device(device)
@@ -287,7 +291,7 @@ class NF4Tensor:
         packed = state_dict[w]
         _check_quant_map(state_dict.get(f"{w}.quant_map"))
         nested = {}
-        if "nested_absmax" in meta or f"{w}.nested_absmax" in state_dict or "nested_offset" in meta:
+        if "nested_offset" in meta or f"{w}.nested_absmax" in state_dict:
             if meta.get("nested_blocksize") != _NESTED_BLOCKSIZE:
                 raise ValueError(f"nested_blocksize must be {_NESTED_BLOCKSIZE}, got "
                                  f"{meta.get('nested_blocksize')!r}")
@@ -661,9 +665,9 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def nf4_dense_for_matmul(q: NF4Tensor, dtype: torch.dtype, reuse: bool = True) -> Tensor:
     """``q`` dequantized to ``dtype`` for an immediately following matmul (Triton or Torch path).
 
-    With ``reuse=True`` the result lives in a scratch buffer shared per (device, dtype): consume it
-    before the next call (do not save it for backward; dequantize again there). ``reuse=False``
-    returns a fresh tensor.
+    With ``reuse=True`` the result lives in a scratch buffer shared per (device, dtype) that keeps
+    the size of the largest weight seen: consume it before the next call (do not save it for
+    backward; dequantize again there). ``reuse=False`` returns a fresh tensor.
     """
     _check_nf4(q)
     _check_dtype(dtype)

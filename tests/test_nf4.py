@@ -249,6 +249,8 @@ def test_nf4tensor_attributes_and_memory():
     assert q1.nbytes == n // 2 + 4 * n // 64
     assert "NF4Tensor(shape=(128, 256)" in repr(q)
     assert q.to("cpu") is q and q.to(None) is q
+    with pytest.raises(TypeError, match="takes a device"):
+        q.to(torch.float16)
     assert torch.equal(q.dequantize(), dequantize_nf4(q, torch.bfloat16))
 
 
@@ -320,6 +322,16 @@ def test_nf4_linear_torch(case, dtype):
 def test_nf4_linear_triton(case, dtype):
     x_shape, n, k, bs, dq, with_bias = case
     _check_linear("triton", x_shape, n, k, bs, dq, dtype, with_bias, TOLS[dtype])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nf4_linear_empty_batch(backend):
+    q = quantize_nf4(_weight((8, 64), torch.float32))
+    x = torch.randn(0, 64, requires_grad=True)
+    with use_backend(backend):
+        y = nf4_linear(x, q)
+        y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 64)
 
 
 def test_nf4_linear_bf16_torch_and_autocast():
@@ -529,6 +541,25 @@ def test_kernels_compile_for_hopper():
         assert c["spill"] == 0 and c["smem"] <= 227 * 1024, c
     assert compiled[2]["vector_store"], compiled[2]
     assert compiled[4]["mma"], compiled[4]
+
+
+@pytest.mark.gpu
+def test_gpu_against_bitsandbytes_cuda():
+    """bnb's CUDA kernels: dequantizing its weights is bit-identical; quantizing agrees except
+    for values within rounding of a code midpoint (its CUDA kernel uses its own comparisons)."""
+    for dq in (False, True):
+        w = _weight((1000, 300), torch.bfloat16).cuda()
+        packed, state = _bnb_quantize(w, 64, dq)
+        q = NF4Tensor.from_bitsandbytes(packed, state)
+        for dt in FLOATS:
+            with use_backend("triton"):
+                ours = dequantize_nf4(q, dt)
+            assert torch.equal(ours.reshape(-1), _bnb_dequantize(packed, state, dt))
+        with use_backend("triton"):
+            mine = quantize_nf4(w, 64, dq)
+        assert (mine.packed == packed.view(-1)).float().mean() > 0.999
+        if not dq:
+            assert torch.equal(mine.absmax, state.absmax)
 
 
 # ------------------------------------------------------------------------------- bad input
