@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -29,7 +30,6 @@ from kernels.nf4 import (
     quantize_nf4,
 )
 
-bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
