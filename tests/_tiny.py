@@ -34,3 +34,32 @@ def randomize_lora(model, seed: int = 1) -> None:
         for name, param in model.named_parameters():
             if name.endswith("lora_B") or name.endswith("lora_B.weight") or ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""A ChatML template like SmolLM2's, without its default system prompt."""
+
+
+def tokenizer(corpus: list[str], vocab_size: int = 400, chat_template: bool = True,
+              pad_is_eos: bool = False):
+    """A byte-level BPE tokenizer trained here on ``corpus`` (decoding is exact); EOS
+    ``<|im_end|>`` is id 0, pad is ``<pad>`` (or the EOS with ``pad_is_eos``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|im_end|>", "<|im_start|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(list(corpus) * 4, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>" if pad_is_eos else "<pad>")
+    tok.chat_template = CHAT_TEMPLATE if chat_template else None
+    return tok

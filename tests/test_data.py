@@ -17,12 +17,7 @@ from lightning_peft.data import (
     load_records,
 )
 from lightning_peft.evaluation import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, encode_prompt
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from tests import _tiny
 
 RECORDS = [
     {"instruction": "Extract the triples.", "input": "Marie Curie was born in Warsaw.",
@@ -41,28 +36,8 @@ RECORDS = [
 
 
 def _tiny_tokenizer(chat_template: bool, pad_is_eos: bool = False):
-    """A byte-level BPE tokenizer trained here on the test records (decoding is exact)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|im_end|>", "<|im_start|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     corpus = [r["instruction"] + " " + r.get("input", "") + " " + r["output"] for r in RECORDS]
-    backend.train_from_iterator(corpus * 4, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>" if pad_is_eos else "<pad>",
-    )
-    tok.chat_template = CHAT_TEMPLATE if chat_template else None
-    return tok
+    return _tiny.tokenizer(corpus, 400, chat_template, pad_is_eos)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ import torch
 from torch import nn
 
 from lightning_peft.evaluation import encode_prompt, exact_match, generate_answers
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from tests import _tiny
 
 RECORDS = [
     {"instruction": "Extract the triples.", "input": "Marie Curie was born in Warsaw."},
@@ -29,25 +24,8 @@ RECORDS = [
 
 
 def _tiny_tokenizer(chat_template: bool):
-    """A byte-level BPE tokenizer trained here (EOS ``<|im_end|>`` is id 0)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|im_end|>", "<|im_start|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     corpus = [r["instruction"] + " " + r.get("input", "") for r in RECORDS]
-    backend.train_from_iterator(corpus * 4, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                  pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE if chat_template else None
-    return tok
+    return _tiny.tokenizer(corpus, 300, chat_template)
 
 
 def _tiny_llama(vocab_size: int, seed: int = 0):
