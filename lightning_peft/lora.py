@@ -195,7 +195,9 @@ class LoRALinear(AdapterLayer):
         if self.merged:
             return self.base_layer(x)
         group = _grouping.group_of(self)
-        if group is not None:  # siblings reading the same x share one pass over it
+        # siblings reading the same x share one pass over it, while every base is dense (a base
+        # may turn 4-bit after grouping, e.g. under Lightning's BitsandbytesPrecision)
+        if group is not None and all(_grouping.groupable(m) for m in group.layers):
             return group(self, x)
         return self.forward_single(x)
 

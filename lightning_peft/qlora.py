@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.nf4 import BLOCKSIZES
+from lightning_peft import _grouping
 from lightning_peft._base import AdapterLayer, freeze_all_but_adapters
 from lightning_peft.lora import (
     LoRAConfig,
@@ -351,8 +352,21 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
             param = getattr(layer, attr)
             if param.dtype != dtype:
                 setattr(layer, attr, nn.Parameter(param.detach().to(dtype)))
+    _ungroup_quantized(model)
     freeze_all_but_adapters(model)
     return model
+
+
+def _ungroup_quantized(model: nn.Module) -> None:
+    """Shared-input fusion (``lightning_peft._grouping``) takes dense bases only: dissolve every
+    group that now holds a 4-bit base, then regroup the remaining dense siblings."""
+    for layer in [m for m in model.modules() if isinstance(m, LoRALinear)]:
+        group = _grouping.group_of(layer)
+        if group is not None and any(_quantized_base_weight(m.base_layer) is not None
+                                     for m in group.layers):
+            for member in group.layers:
+                member.__dict__.pop(_grouping._ATTR, None)
+    _grouping.attach(model)
 
 
 # ----------------------------------------------------------------------------------- export
