@@ -26,7 +26,8 @@ _ATTR = "_shared_input_group"
 
 
 def _key(x: Tensor) -> tuple:
-    return (id(x), x.data_ptr(), x._version, tuple(x.shape), x.dtype, x.device)
+    version = 0 if x.is_inference() else x._version  # inference tensors have no version counter
+    return (id(x), x.data_ptr(), version, tuple(x.shape), x.dtype, x.device)
 
 
 class SharedInputGroup:

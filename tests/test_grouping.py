@@ -95,3 +95,15 @@ def test_grouped_op_reference_matches_single_ops_with_autocast():
         torch.testing.assert_close(o.float(), s.float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="one entry per member"):
         kernels.lora_linear_grouped(x, ws, a_s[:1], b_s, [0.5, 2.0])
+
+
+def test_grouping_under_inference_mode(count_grouped):
+    model = apply_lora(_tiny.llama(), r=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    _tiny.randomize_lora(model)
+    ids = torch.randint(0, 96, (2, 7))
+    expected = model(ids).logits
+    with torch.inference_mode():
+        model(ids)
+        out = model(ids).logits
+    assert count_grouped
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
