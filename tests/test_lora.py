@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.lora import dropout_keep_mask
 from lightning_peft import LoRALinear, apply_lora, merge_adapters, trainable_parameters, unmerge_adapters
 from lightning_peft.lora import LoRAConfig, ModulesToSave, lora_layers
 from tests import _tiny
@@ -296,7 +297,7 @@ def test_lora_linear_dropout_gradcheck_and_weight_grad():
     assert torch.autograd.gradcheck(f, (x, w, a, b, bias))
     # the dropout mask is that of torch.bernoulli with the same generator state
     gen.manual_seed(3)
-    keep = torch.empty(10, 7, dtype=torch.bool).bernoulli_(0.7, generator=gen).view(2, 5, 7)
+    keep = dropout_keep_mask((10, 7), 0.3, gen).view(2, 5, 7)
     expected = x @ w.t() + bias + 0.7 * ((x * keep / 0.7) @ a.t()) @ b.t()
     torch.testing.assert_close(f(x, w, a, b, bias), expected)
 
@@ -384,3 +385,15 @@ def test_transformers_unaffected_by_our_kernels_package():
     model = _tiny.llama()
     out = model(torch.randint(0, 96, (1, 5))).logits
     assert out.shape == (1, 5, 96) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_keep_mask_rate_and_reproducibility(p):
+    gen = torch.Generator().manual_seed(0)
+    mask = dropout_keep_mask((513, 257), p, gen)
+    assert mask.dtype == torch.bool and mask.shape == (513, 257)
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.01
+    for lane in range(4):  # each 16-bit lane of the 64-bit draws is uniform
+        assert abs(mask.view(-1)[: 513 * 256].view(-1, 4)[:, lane].float().mean().item() - (1 - p)) < 0.02
+    assert torch.equal(dropout_keep_mask((513, 257), p, gen.manual_seed(0)), mask)
+    assert not torch.equal(dropout_keep_mask((513, 257), p, gen), mask)
