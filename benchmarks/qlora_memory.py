@@ -23,6 +23,7 @@ file.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import time
@@ -51,7 +52,12 @@ def _rss() -> tuple[int, int]:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak RSS (``VmHWM``) of this process; False where not allowed."""
+    """Return freed heap to the OS (glibc ``malloc_trim``), then reset the kernel's peak RSS
+    (``VmHWM``) of this process; False where the reset is not allowed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -126,8 +132,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize(device)
         build_peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before, build_peak_rss = _rss()
+    build_peak_rss = _rss()[1]
     reset = _reset_peak_rss()
+    rss_before = _rss()[0]
     start = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

@@ -22,6 +22,7 @@ after :func:`lightning_peft.merge_and_dequantize`, an exact fp32 merge, for fast
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -123,6 +124,10 @@ class PeakMemory(L.Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
             self.start, self.reset = torch.cuda.memory_allocated(pl_module.device), True
             return
+        try:  # give freed heap (e.g. the dense weights QLoRA quantized away) back to the OS
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
             self.reset = True

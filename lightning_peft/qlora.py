@@ -104,7 +104,7 @@ class QLoRAConfig(LoRAConfig):
 @functools.cache
 def _dynamic_code() -> Tensor:
     """bitsandbytes' 8-bit dynamic map, the ``nested_code`` of a double-quantized NF4 weight."""
-    zero = torch.zeros(1, dtype=torch.float32)
+    zero = torch.zeros(1, dtype=torch.float32, device="cpu")
     with kernels.use_backend("torch"):
         return kernels.quantize_nf4(zero, blocksize=64, double_quant=True).nested_code
 

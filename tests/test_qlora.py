@@ -133,6 +133,9 @@ def test_dtype_cast_keeps_the_4bit_data_and_sets_compute_dtype():
     q.double()  # no NF4 compute in float64: the compute dtype stays
     assert q.compute_dtype == torch.float16
     assert q(torch.randn(2, 64)).dtype == torch.float32
+    moved = copy.deepcopy(q).to("meta")  # a device move moves every NF4 tensor
+    assert all(t.is_meta for t in moved.weight._tensors().values()) and moved.bias.is_meta
+    assert q.weight.packed is packed and not packed.is_meta
 
 
 def test_meta_placeholder_to_empty_and_quantize():
