@@ -111,3 +111,53 @@ def test_model_that_is_not_a_model_dir_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="neither a .gguf file nor a Hugging Face model directory"):
         load_causal_lm(tmp_path)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_to_the_floor():
+    from lightning_peft.tasks import lr_lambda
+
+    assert [lr_lambda(s, 10, warmup_steps=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    cosine = [lr_lambda(s, 10, warmup_steps=4, min_lr_ratio=0.1) for s in range(4, 10)]
+    assert cosine[0] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    linear = [lr_lambda(s, 10, warmup_steps=4, schedule="linear") for s in range(4, 10)]
+    assert linear == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    assert lr_lambda(7, 10, warmup_steps=2, schedule="constant") == 1.0
+
+
+def test_module_optimizes_only_adapters_and_steps_the_schedule_per_step(tiny_model_dir, tmp_path):
+    import lightning as L
+
+    from lightning_peft import InstructionDataModule, LoRACallback
+    from lightning_peft.tasks import CausalLMModule, load_causal_lm
+
+    model, tokenizer = load_causal_lm(tiny_model_dir)
+    data = InstructionDataModule(tokenizer, train=DATA / "triples_train.jsonl", batch_size=2)
+    module = CausalLMModule(model, lr=1e-2, warmup_steps=2, weight_decay=0.1)
+    trainer = L.Trainer(max_steps=5, callbacks=[LoRACallback(r=2, target_modules=["q_proj"])],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    (optimizer,) = trainer.optimizers
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert len(optimized) == len(lora) == 4 and all(any(p is q for q in lora) for p in optimized)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1
+    # 5 scheduler steps: warmup 1/2, 2/2, then cosine over steps 2..4 -> 0 at step 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert [s for s, _ in module.history["train_loss"]] == [0, 1, 2, 3, 4]
+    assert all(loss > 0 for _, loss in module.history["train_loss"])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lr": 0}, "lr must be a positive number"),
+    ({"schedule": "step"}, "schedule must be one of"),
+    ({"min_lr_ratio": 2.0}, "min_lr_ratio must be in"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer"),
+])
+def test_module_rejects_bad_settings(kwargs, message):
+    from lightning_peft.tasks import CausalLMModule
+
+    with pytest.raises(ValueError, match=message):
+        CausalLMModule(torch.nn.Linear(2, 2), **kwargs)
