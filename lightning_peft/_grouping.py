@@ -7,7 +7,9 @@ them are called with the identical tensor during a forward pass, and from the ne
 first member called runs the grouped op for all of them and hands each sibling its output when
 that sibling is called with the same tensor. If a sibling is then called with another tensor
 (cross-attention, a changed model), the group forgets what it learned and falls back to single
-calls, so the result is always that of the layers run one by one.
+calls, so the result is always that of the layers run one by one. Nothing is learned while
+backward runs, so an activation-checkpointing recomputation takes the path of the forward it
+replays.
 """
 
 from __future__ import annotations
@@ -38,32 +40,44 @@ class SharedInputGroup:
         self.learned: tuple[int, ...] | None = None
         self._round_key: tuple | None = None
         self._round: set[int] = set()
+        self._candidate: tuple[int, ...] | None = None
         self._pending: dict[int, Tensor] = {}
         self._pending_key: tuple | None = None
         self._pending_x: Tensor | None = None  # keeps x alive so its id cannot be reused meanwhile
 
-    def _observe(self, index: int, key: tuple) -> None:
+    def _observe(self, index: int, key: tuple) -> bool:
+        """Record that member ``index`` read ``key``; True when this call starts a new round."""
         if key == self._round_key and index not in self._round:
             self._round.add(index)
-            return
+            return False
         if len(self._round) >= 2:
-            self.learned = tuple(sorted(self._round))
+            self._candidate = tuple(sorted(self._round))
         self._round_key, self._round = key, {index}
+        return True
 
     def __call__(self, layer: LoRALinear, x: Tensor) -> Tensor:
         index = self.layers.index(layer)
         key = _key(x)
+        # Inside backward (an activation-checkpointing recomputation) nothing is learned or
+        # unlearned, so the recomputation takes the path of the forward it replays.
+        in_backward = torch._C._current_graph_task_id() != -1
         if index in self._pending:
             out = self._pending.pop(index)
             if self._pending_key == key and x is self._pending_x:
-                self._round.add(index)
+                if not in_backward:
+                    self._round.add(index)
                 if not self._pending:
                     self._pending_x = None
                 return out
-            self._pending.clear()  # a sibling read another tensor: unlearn
+            self._pending.clear()  # a sibling read another tensor: stop fusing from next pass
             self._pending_x = None
-            self.learned = None
-        self._observe(index, key)
+            if not in_backward:
+                self._candidate = None
+        if not in_backward and self._observe(index, key) and self.learned != self._candidate:
+            # what was learned takes effect only when a pass starts again at its first member,
+            # never in the middle of a pass (a later recomputation must see the same decision)
+            if index == min((self._candidate or ()) + (self.learned or ())):
+                self.learned = self._candidate
         if self.learned is not None and index in self.learned and all(
                 self.layers[i].training == layer.training and not self.layers[i].merged
                 for i in self.learned):
