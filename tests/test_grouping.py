@@ -24,13 +24,19 @@ def count_grouped(monkeypatch):
     return calls
 
 
-def test_llama_qkv_and_gate_up_fused_from_second_pass(count_grouped):
+def _fused_and_unfused_llama():
+    """A LoRA Llama on all linear layers and the same model with its shared-input groups removed."""
     model = apply_lora(_tiny.llama(), r=4, target_modules="all-linear")
     _tiny.randomize_lora(model)
     reference = apply_lora(_tiny.llama(), r=4, target_modules="all-linear")
     reference.load_state_dict(model.state_dict())
     for _, layer in lora_layers(reference):
         layer.__dict__.pop("_shared_input_group", None)
+    return model, reference
+
+
+def test_llama_qkv_and_gate_up_fused_from_second_pass(count_grouped):
+    model, reference = _fused_and_unfused_llama()
     ids = torch.randint(0, 96, (2, 7))
     model(ids)  # first pass: learns which siblings share x
     assert count_grouped == []
@@ -111,12 +117,7 @@ def test_grouping_under_inference_mode(count_grouped):
 
 def test_non_reentrant_gradient_checkpointing(count_grouped):
     """The recomputation in backward must take the forward's path (grouped or not) at every step."""
-    model = apply_lora(_tiny.llama(), r=4, target_modules="all-linear")
-    _tiny.randomize_lora(model)
-    reference = apply_lora(_tiny.llama(), r=4, target_modules="all-linear")
-    reference.load_state_dict(model.state_dict())
-    for _, layer in lora_layers(reference):
-        layer.__dict__.pop("_shared_input_group", None)
+    model, reference = _fused_and_unfused_llama()
     for m in (model, reference):
         m.train()
         m.gradient_checkpointing_enable({"use_reentrant": False})

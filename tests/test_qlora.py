@@ -574,7 +574,7 @@ def test_callback_fit_trains_only_lora_and_base_stays_4bit(tmp_path, precision):
         if name not in adapters:
             torch.testing.assert_close(p, frozen_before[name].to(p.dtype), rtol=0, atol=0)
     # the checkpoint holds only the adapter
-    state = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
+    state = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
     assert set(state) == set(adapters)
 
 
