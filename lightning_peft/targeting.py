@@ -43,9 +43,13 @@ def conv1d_class() -> type | None:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` or transformers ``Conv1D``: the layer types LoRA-style methods wrap."""
+    """``nn.Linear`` (bitsandbytes' 4-bit ``Linear4bit`` included), transformers ``Conv1D`` or our
+    4-bit :class:`~lightning_peft.qlora.NF4Linear`: the layer types LoRA-style methods wrap."""
+    from lightning_peft.qlora import NF4Linear  # qlora builds on this module: imported when called
+
     conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return (isinstance(module, (nn.Linear, NF4Linear))
+            or (conv1d is not None and isinstance(module, conv1d)))
 
 
 def model_type(model: nn.Module) -> str | None:

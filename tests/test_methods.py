@@ -39,6 +39,24 @@ def test_two_methods_give_table_json_and_chart(tmp_path, capsys):
     assert saved["rows"] == rows and saved["settings"]["steps"] == 3
     assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --update: run only the QLoRA row; the earlier rows stay, in table order, with their command
+    common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--eval-limit", "3",
+              "--max-new-tokens", "4", "--threads", "1", "--out", str(out)]
+    with pytest.raises(SystemExit, match="other settings.*steps: 3 there, 4 now"):
+        methods.main([*common[:2], "--steps", "4", *common[4:], "--methods", "qlora_all", "--update"])
+    updated = methods.main([*common, "--methods", "qlora_all", "--update"])
+    assert [r["key"] for r in updated] == ["full", "lora_qv", "qlora_all"]
+    assert updated[:2] == rows
+    qlora = updated[2]
+    # r=8 on q, o (32->32), k, v (32->16), gate, up (32->64) and down (64->32), in 2 layers
+    assert qlora["trainable_params"] == 2 * 8 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
+    assert qlora["total_params"] == full["total_params"] + qlora["trainable_params"]
+    assert qlora["saved_file"] == "adapter_model.safetensors"
+    markdown = (out / "methods.md").read_text()
+    assert "| QLoRA r=8 (all linear, NF4) |" in markdown and "| LoRA r=8 (q, v) |" in markdown
+    assert "--methods full,lora_qv" in markdown and "--methods qlora_all --update" in markdown
+    assert json.loads((out / "methods.json").read_text())["rows"] == updated
+
 
 def test_every_method_has_a_unique_key_and_builds_its_callbacks():
     keys = [m.key for m in methods.METHODS]
@@ -46,6 +64,8 @@ def test_every_method_has_a_unique_key_and_builds_its_callbacks():
     assert methods.METHODS[0].callbacks() == []
     (rslora,) = next(m for m in methods.METHODS if m.key == "rslora_qv").callbacks()
     assert rslora.config.use_rslora and rslora.config.r == 64
+    (qlora,) = next(m for m in methods.METHODS if m.key == "qlora_all").callbacks()
+    assert type(qlora).__name__ == "QLoRACallback" and qlora.config.compute_dtype == "float32"
 
 
 @pytest.mark.parametrize(("argv", "message"), [

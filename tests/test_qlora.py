@@ -547,6 +547,24 @@ def test_save_load_adapter_round_trip_and_hf_peft_on_dequantized_model(tmp_path)
     torch.testing.assert_close(hf(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
+def test_load_adapter_onto_a_model_already_holding_nf4_layers(tmp_path):
+    """A 4-bit base saved without adapters (NF4Linear layers, no LoRA yet) takes an adapter file."""
+    model, _ = _llama_pair(targets=["q_proj", "v_proj"])
+    _tiny.randomize_lora(model)
+    ids = torch.randint(0, 96, (2, 9))
+    want = model(ids).logits.detach()
+    save_adapter(model, tmp_path / "a")
+    bare = _tiny.llama()  # the same seed: the same unadapted weights
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):  # the same 4-bit bytes, as a plain NF4Linear
+            parent, child = name.rsplit(".", 1)
+            setattr(bare.get_submodule(parent), child, copy.deepcopy(m.base_layer))
+    load_adapter(bare, tmp_path / "a")
+    assert all(isinstance(bare.get_submodule(n).base_layer, NF4Linear)
+               for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    torch.testing.assert_close(bare(ids).logits, want, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------ the callback
 
 
