@@ -3,24 +3,30 @@
 LoRA (Hu et al., 2021, arXiv 2106.09685) freezes the pretrained weight ``W0`` (out, in) and learns
 a low-rank update ``ΔW = s·B·A`` with ``A`` (r, in), ``B`` (out, r) and ``s = α/r`` (or ``α/√r``
 for rsLoRA). Unfused, the update costs a second read of ``x`` and an output-sized temporary
-``(x·Aᵀ)·Bᵀ``. Here only ``S = dropout(x)·Aᵀ`` (tokens, r) is materialised and the base GEMM
+``(x·Aᵀ)·Bᵀ``. Here only ``S = s·dropout(x)·Aᵀ`` (tokens, r) is materialised, and the base GEMM
 accumulates into the same output buffer:
 
-    forward    S  = dropout(x)·Aᵀ                      (M, r)
-               y  = b + x·W0ᵀ ; y += s·S·Bᵀ             (M, N), one output buffer
+    forward    S  = s·dropout(x)·Aᵀ                    (M, r)
+               y  = b + S·Bᵀ ; y += x·W0ᵀ               (M, N), one output buffer
     backward   dS = s·dY·B                             (M, r)
-               dB = s·dYᵀ·S                            (N, r)
+               dB = (Sᵀ·dY)ᵀ                           (N, r)
                dA = dSᵀ·dropout(x)                     (r, K)
-               dX = dY·W0 + (dS·A)⊙mask/(1-p)          (M, K), one buffer
+               dX = (dS·A)⊙mask/(1-p) ; dX += dY·W0    (M, K), one buffer
 
-Saved for backward: ``x`` (already alive as the previous layer's output), ``S``, and the dropout
-mask as bool when ``dropout_p > 0`` (the dropped copy of ``x`` is never kept). ``W0`` only gets a
-gradient when it requires one. The Triton kernels of :mod:`kernels._lora_triton` implement the same
-contract; this file is their specification and the CPU fallback.
+The rank-r terms come first so that each big GEMM accumulates onto them (``beta=1``) instead of a
+second pass over the output. Saved for backward: ``x`` (already alive as the previous layer's
+output), ``S``, and what dropout dropped: the flat positions of the dropped elements when
+``0 < dropout_p <= 0.5`` (about ``p·M·K`` int64, drawn as geometric gaps: see
+:func:`dropout_positions`), a bool keep mask above. The dropped copy of ``x`` is never kept: forward
+and backward rebuild it with one scattered ``index_fill_``. ``W0`` only gets a gradient when it
+requires one. The Triton kernels of
+:mod:`kernels._lora_triton` implement the same contract; this file is their specification and the
+CPU fallback.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,7 +35,9 @@ from torch import Tensor
 from kernels import _backend
 
 __all__ = [
+    "bernoulli_positions",
     "dropout_keep_mask",
+    "dropout_positions",
     "lora_linear",
     "lora_linear_grouped",
     "lora_linear_grouped_reference",
@@ -65,41 +73,92 @@ def _check_args(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, bias: Te
                         "them or run under torch.autocast")
 
 
+_MARGIN_SIGMAS = 6.0
+"""Extra gaps drawn beyond the expected count, in standard deviations of the count."""
+
+
+def bernoulli_positions(numel: int, q: float, generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> Tensor:
+    """Sorted flat indices ``i < numel`` at which i.i.d. Bernoulli(``q``) trials succeed.
+
+    The gaps between successes are geometric, ``G = ⌊ln(1-U) / ln(1-q)⌋ + 1`` for ``U`` uniform on
+    [0, 1), so about ``q·numel`` uniforms are drawn instead of ``numel``: at dropout 0.05 the
+    positions of a 1024x4096 mask cost a twentieth of the uniforms a dense mask needs. The same
+    ``generator`` state gives the same positions."""
+    if numel <= 0 or q <= 0.0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    inv_log1m_q = 1.0 / math.log1p(-q) if q < 1.0 else -0.0
+    dtype = torch.float32 if q >= 0.01 else torch.float64  # long gaps need more than 24 bits
+    mean = numel * q
+    chunk, last, parts = max(16, int(mean + _MARGIN_SIGMAS * math.sqrt(mean) + 16)), -1, []
+    while last < numel - 1:  # one round almost always (the sum of the gaps falls short ~1e-9)
+        u = torch.rand(chunk, dtype=dtype, generator=generator, device=device)
+        gaps = torch.log1p(-u).mul_(inv_log1m_q).to(torch.int64).add_(1)  # >= 0 truncates: floor
+        parts.append(torch.cumsum(gaps, 0).add_(last))
+        last, chunk = int(parts[-1][-1]), max(16, chunk // 8)
+    pos = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return pos[: int(torch.searchsorted(pos, numel))]
+
+
+def dropout_positions(numel: int, dropout_p: float, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+    """What the torch path of :func:`lora_linear` drops: for ``dropout_p <= 0.5`` the sorted flat
+    indices (int64) of the dropped elements, each element dropped independently with probability
+    ``dropout_p``; above 0.5 a bool keep mask of ``numel`` elements built from the positions of the
+    (fewer) kept ones. Forward and backward zero the dropped elements in place with one scattered
+    ``index_fill_``, and backward keeps these positions (8 bytes per drop, about 0.4 bit per element
+    at 0.05) instead of a mask."""
+    if dropout_p <= 0.5:
+        return bernoulli_positions(numel, dropout_p, generator, device)
+    keep = torch.zeros(numel, dtype=torch.bool, device=device)
+    return keep.index_fill_(0, bernoulli_positions(numel, 1.0 - dropout_p, generator, device), True)
+
+
 def dropout_keep_mask(shape: tuple[int, ...] | torch.Size, dropout_p: float,
                       generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Tensor:
-    """Bool mask, True with probability ``1 - dropout_p``, from 16-bit uniforms: element i keeps
-    when ``u_i >= round(p·2¹⁶) - 2¹⁵`` for ``u_i`` uniform on the int16 range (``p`` rounded to a
-    multiple of 2⁻¹⁶, as the Triton kernels do). Four elements share one 64-bit draw of
-    ``torch.randint``, about 2.5x cheaper on a CPU than ``bernoulli_``; the same ``generator``
-    state gives the same mask."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device,
-                          generator=generator)
-    threshold = min(round(dropout_p * 65536.0), 65536) - 32768
-    return (words.view(torch.int16)[:n] >= threshold).view(*shape)
+    """Bool mask of ``shape``, True where the torch path keeps an element: the mask that
+    :func:`lora_linear` with the same ``generator`` state applies (see :func:`dropout_positions`)."""
+    numel = math.prod(int(d) for d in shape)
+    drop = dropout_positions(numel, dropout_p, generator, device)
+    if drop.dtype == torch.bool:
+        return drop.view(*shape)
+    keep = torch.ones(numel, dtype=torch.bool, device=device)
+    return keep.index_fill_(0, drop, False).view(*shape)
+
+
+def _zero_dropped_(t: Tensor, drop: Tensor) -> Tensor:
+    """Zero, in place, the elements of contiguous ``t`` that ``drop`` (from
+    :func:`dropout_positions`) drops."""
+    if drop.dtype == torch.bool:
+        return t.mul_(drop.view(t.shape))
+    t.view(-1).index_fill_(0, drop, 0)
+    return t
 
 
 class _LoRALinear(torch.autograd.Function):
+    # The rank-r terms are written first and each big GEMM accumulates onto them (beta=1, the read
+    # of C hidden inside the compute-bound GEMM), rather than a separate read-modify-write pass over
+    # the (M, N) output and the (M, K) input gradient afterwards.
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                   # (M, K)
         w = _dense(weight, x.dtype)                                     # (N, K)
-        mask = None
+        drop = None
         if dropout_p > 0.0:
-            mask = dropout_keep_mask(x2.shape, dropout_p, generator, x2.device)  # (M, K) bool
-            s_lora = torch.mm(x2 * mask, lora_a.t()).mul_(1.0 / (1.0 - dropout_p))  # (M, r)
+            drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device)
+            xd = _zero_dropped_(x2.clone(memory_format=torch.contiguous_format), drop)
+            s_lora = torch.mm(xd, lora_a.t()).mul_(scaling / (1.0 - dropout_p))   # s·S (M, r)
+            del xd
         else:
-            s_lora = torch.mm(x2, lora_a.t())                           # (M, r)
+            s_lora = torch.mm(x2, lora_a.t()).mul_(scaling)             # s·S (M, r)
         if bias is not None:
-            y = torch.addmm(bias, x2, w.t())                            # (M, N)
+            y = torch.addmm(bias, s_lora, lora_b.t())                   # b + s·S·Bᵀ (M, N)
         else:
-            y = torch.mm(x2, w.t())
-        y.addmm_(s_lora, lora_b.t(), alpha=scaling)                     # y += s·S·Bᵀ
-        ctx.save_for_backward(x2, lora_a, lora_b, s_lora, mask,
+            y = torch.mm(s_lora, lora_b.t())
+        y.addmm_(x2, w.t())                                             # y += x·W0ᵀ
+        ctx.save_for_backward(x2, lora_a, lora_b, s_lora, drop,
                               weight if isinstance(weight, Tensor) else None)
         ctx.weight = None if isinstance(weight, Tensor) else weight
         ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, shape
@@ -107,27 +166,26 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, lora_a, lora_b, s_lora, mask, weight = ctx.saved_tensors
+        x2, lora_a, lora_b, s_lora, drop, weight = ctx.saved_tensors   # s_lora holds s·S
         weight = ctx.weight if weight is None else weight
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad[:6]
         dy = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, N)
         grad_x = grad_w = grad_a = grad_b = grad_bias = None
         if need_b:
-            grad_b = torch.mm(dy.t(), s_lora).mul_(s)                   # (N, r)
+            grad_b = torch.mm(s_lora.t(), dy).t()                       # (s·Sᵀ·dY)ᵀ (N, r)
         if need_x or need_a:
-            keep = 1.0 / (1.0 - p)
-            d_s = torch.mm(dy, lora_b).mul_(s * keep if mask is not None else s)  # (M, r)
+            d_s = torch.mm(dy, lora_b).mul_(s if drop is None else s / (1.0 - p))  # (M, r)
             if need_a:
-                xd = x2 if mask is None else x2 * mask
+                xd = x2 if drop is None else _zero_dropped_(x2.clone(memory_format=torch.contiguous_format),
+                                                            drop)
                 grad_a = torch.mm(d_s.t(), xd)                          # (r, K)
+                del xd
             if need_x:
-                if mask is None:
-                    grad_x = torch.mm(dy, _dense(weight, dy.dtype))     # (M, K) dY·W0
-                    grad_x.addmm_(d_s, lora_a)                          # += dS·A, in place
-                else:
-                    grad_x = torch.mm(d_s, lora_a).mul_(mask)           # (M, K) (dS·A)⊙mask
-                    grad_x.addmm_(dy, _dense(weight, dy.dtype))         # += dY·W0, in place
+                grad_x = torch.mm(d_s, lora_a)                          # (M, K) dS·A
+                if drop is not None:
+                    _zero_dropped_(grad_x, drop)                        # ⊙ mask
+                grad_x.addmm_(dy, _dense(weight, dy.dtype))             # += dY·W0
                 grad_x = grad_x.view(ctx.shape)
         if need_w:
             grad_w = torch.mm(dy.t(), x2)                               # (N, K)
@@ -202,7 +260,7 @@ def lora_linear_grouped_reference(x: Tensor, weights: list[Tensor], lora_as: lis
     xd = x2
     if dropout_p > 0.0:
         keep = dropout_keep_mask(x2.shape, dropout_p, generator, x2.device)   # (M, K)
-        xd = x2 * keep / (1.0 - dropout_p)
+        xd = x2 * keep / (1.0 - dropout_p)                                    # autograd keeps it
     lora_a = torch.cat([a.to(x.dtype) for a in lora_as], dim=0)             # (Σr, K)
     s_cat = torch.mm(xd, lora_a.t())                                         # (M, Σr)
     outs, start = [], 0

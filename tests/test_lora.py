@@ -302,8 +302,10 @@ def test_lora_linear_dropout_gradcheck_and_weight_grad():
     torch.testing.assert_close(f(x, w, a, b, bias), expected)
 
 
-def test_lora_linear_saves_no_extra_activation():
-    """Saved for backward: x (shared with the caller), S (tokens x r), the bool mask - not a second x."""
+@pytest.mark.parametrize("p", [0.1, 0.7])
+def test_lora_linear_saves_no_extra_activation(p):
+    """Saved for backward: x (shared with the caller), S (tokens x r) and the dropped positions
+    (int64, one per dropped element; above p=0.5 a bool keep mask) - never a second x."""
     torch.manual_seed(0)
     x = torch.randn(64, 128, requires_grad=True)
     w = torch.randn(96, 128)
@@ -315,13 +317,17 @@ def test_lora_linear_saves_no_extra_activation():
         saved.append(t)
         return t
 
+    gen = torch.Generator().manual_seed(5)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        kernels.lora_linear(x, w, a, b, 2.0, dropout_p=0.1)
+        kernels.lora_linear(x, w, a, b, 2.0, dropout_p=p, generator=gen)
     new_bytes = sum(t.numel() * t.element_size() for t in saved
                     if t.untyped_storage().data_ptr() not in
                     {x.untyped_storage().data_ptr(), w.untyped_storage().data_ptr(),
                      a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()})
-    assert new_bytes == 64 * 4 * 4 + 64 * 128 * 1  # S in fp32 + bool mask
+    dropped = int((~dropout_keep_mask((64, 128), p, gen.manual_seed(5))).sum())
+    assert abs(dropped - p * 64 * 128) < 5 * (p * (1 - p) * 64 * 128) ** 0.5
+    drop_bytes = 8 * dropped if p <= 0.5 else 64 * 128
+    assert new_bytes == 64 * 4 * 4 + drop_bytes  # S in fp32 + the dropped positions or bool mask
 
 
 def test_lora_linear_bad_inputs():
@@ -387,13 +393,46 @@ def test_transformers_unaffected_by_our_kernels_package():
     assert out.shape == (1, 5, 96) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_dropout_keep_mask_rate_and_reproducibility(p):
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
+def test_dropout_keep_mask_rate_independence_and_reproducibility(p):
     gen = torch.Generator().manual_seed(0)
     mask = dropout_keep_mask((513, 257), p, gen)
     assert mask.dtype == torch.bool and mask.shape == (513, 257)
-    assert abs(mask.float().mean().item() - (1 - p)) < 0.01
-    for lane in range(4):  # each 16-bit lane of the 64-bit draws is uniform
-        assert abs(mask.view(-1)[: 513 * 256].view(-1, 4)[:, lane].float().mean().item() - (1 - p)) < 0.02
+    n = mask.numel()
+    drop = (~mask).view(-1).double()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(drop.mean().item() - p) < 5 * sd
+    # i.i.d.: neighbours (in a row and across rows) are dropped together with probability p²
+    for lag in (1, 2, 257):
+        both = (drop[:-lag] * drop[lag:]).mean().item()
+        assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / (n - lag)) ** 0.5, lag
+    # runs of kept elements are geometric: P(run >= 3 | run >= 1) = (1-p)^2
+    keep = mask.view(-1).double()
+    starts = keep[1:] * (1 - keep[:-1])
+    long_runs = (starts[:-2] * keep[2:-1] * keep[3:]).sum() / starts[:-2].sum()
+    assert abs(long_runs.item() - (1 - p) ** 2) < 0.05
     assert torch.equal(dropout_keep_mask((513, 257), p, gen.manual_seed(0)), mask)
     assert not torch.equal(dropout_keep_mask((513, 257), p, gen), mask)
+
+
+def test_dropout_positions_are_sorted_unique_and_in_range(monkeypatch):
+    from kernels import lora as kl
+
+    gen = torch.Generator().manual_seed(1)
+    pos = kl.dropout_positions(10_007, 0.2, gen)
+    assert pos.dtype == torch.int64 and bool((pos[1:] > pos[:-1]).all())
+    assert 0 <= int(pos[0]) and int(pos[-1]) < 10_007
+    assert kl.dropout_positions(0, 0.2).numel() == 0 and kl.bernoulli_positions(5, 0.0).numel() == 0
+    assert torch.equal(kl.bernoulli_positions(7, 1.0), torch.arange(7))
+    tiny = torch.cat([kl.bernoulli_positions(100_000, 1e-4, gen) for _ in range(50)])
+    assert abs(tiny.numel() - 500) < 5 * 500 ** 0.5  # float64 uniforms for long gaps
+    # too few gaps drawn in the first round: further rounds continue where the last one stopped
+    monkeypatch.setattr(kl, "_MARGIN_SIGMAS", -40.0)
+    short = kl.bernoulli_positions(50_000, 0.1, gen)
+    assert bool((short[1:] > short[:-1]).all()) and int(short[-1]) < 50_000
+    assert abs(short.numel() - 5000) < 5 * (5000 * 0.9) ** 0.5 and int(short[-1]) > 49_000
+    # above p=0.5 the kept positions are drawn and the result is a bool keep mask
+    keep = kl.dropout_positions(4000, 0.75, gen)
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.25) < 0.04
+
+

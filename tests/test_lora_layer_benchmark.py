@@ -1,0 +1,29 @@
+"""The layer benchmark (benchmarks/lora_layer.py) at a tiny size: rows, paired ratios, saved bytes."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import lora_layer
+
+
+def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    assert lora_layer.main(["--tokens", "64", "--features", "48", "--r", "4", "--repeats", "4",
+                            "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["dropout"], r["layer"].split()[0]) for r in rows] == [
+        (0.0, "frozen"), (0.0, "lightning-peft"), (0.0, "HF"),
+        (0.05, "frozen"), (0.05, "lightning-peft"), (0.05, "HF")]
+    for row in rows:
+        q1, q2, q3 = row["ratio_quartiles"]
+        assert row["median_ms"] > 0 and q1 <= q2 <= q3
+        if row["layer"].startswith("frozen"):
+            assert row["ratio_to_base"] == 1.0 and row["saved_activation_bytes"] == 0
+    ours = {r["dropout"]: r for r in rows if r["layer"].startswith("lightning-peft")}
+    peft = {r["dropout"]: r for r in rows if r["layer"].startswith("HF")}
+    # dropout: the bool mask (64x48 bytes) plus S, never the dropped copy of x that PEFT keeps
+    assert ours[0.05]["saved_activation_bytes"] < peft[0.05]["saved_activation_bytes"]
+    assert 64 * 48 <= ours[0.05]["saved_activation_bytes"] < 64 * 48 * 4
+    assert ours[0.0]["saved_activation_bytes"] <= peft[0.0]["saved_activation_bytes"]
+    assert "lightning-peft LoRALinear" in capsys.readouterr().out
