@@ -22,8 +22,9 @@ def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys):
             assert row["ratio_to_base"] == 1.0 and row["saved_activation_bytes"] == 0
     ours = {r["dropout"]: r for r in rows if r["layer"].startswith("lightning-peft")}
     peft = {r["dropout"]: r for r in rows if r["layer"].startswith("HF")}
-    # dropout: the bool mask (64x48 bytes) plus S, never the dropped copy of x that PEFT keeps
-    assert ours[0.05]["saved_activation_bytes"] < peft[0.05]["saved_activation_bytes"]
-    assert 64 * 48 <= ours[0.05]["saved_activation_bytes"] < 64 * 48 * 4
+    # dropout: S (64x4 fp32) plus the int64 positions of the ~5% dropped elements (drawn with a
+    # margin), less than even a bool mask of x (64x48 bytes); PEFT keeps the dropped copy of x
+    assert 64 * 4 * 4 < ours[0.05]["saved_activation_bytes"] < 64 * 4 * 4 + 64 * 48
+    assert peft[0.05]["saved_activation_bytes"] >= 64 * 48 * 4
     assert ours[0.0]["saved_activation_bytes"] <= peft[0.0]["saved_activation_bytes"]
     assert "lightning-peft LoRALinear" in capsys.readouterr().out
