@@ -248,30 +248,97 @@ def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
     return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)
 
 
+class _LoRALinearGrouped(torch.autograd.Function):
+    """``n`` LoRA linears on one ``x`` with the contract of :class:`_LoRALinear`: one dropout draw
+    and one pass over ``x`` for ``S_cat = dropout(x)·[A_1; ...; A_n]ᵀ`` (each block scaled by its
+    ``s_i``), each output written as ``b_i + S_i·B_iᵀ`` and then accumulated onto by its base GEMM;
+    backward reads ``x`` once for all ``dA_i`` and builds ``dX = (dS_cat·A_cat)⊙mask + Σ dY_i·W_i``
+    in one buffer. Saved: ``x``, ``S_cat``, ``A_cat`` and the dropped positions."""
+
+    @staticmethod
+    def forward(ctx, x, scalings, dropout_p, generator, *tensors):
+        n = len(scalings)
+        weights, lora_as, lora_bs, biases = (tensors[i * n:(i + 1) * n] for i in range(4))
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
+        drop = None
+        xd = x2
+        if dropout_p > 0.0:
+            drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device)
+            xd = _zero_dropped_(x2.clone(memory_format=torch.contiguous_format), drop)
+        a_cat = torch.cat(lora_as, dim=0)                               # (Σr, K)
+        s_cat = torch.mm(xd, a_cat.t())                                 # (M, Σr)
+        del xd
+        outs, start = [], 0
+        for w, b, bias, s, a in zip(weights, lora_bs, biases, scalings, lora_as):
+            s_i = s_cat[:, start:start + a.shape[0]].mul_(s / (1.0 - dropout_p))  # s_i·S_i, in place
+            start += a.shape[0]
+            y = torch.mm(s_i, b.t()) if bias is None else torch.addmm(bias, s_i, b.t())
+            y.addmm_(x2, _dense(w, x.dtype).t())                        # y_i += x·W_iᵀ
+            outs.append(y.view(*shape[:-1], y.shape[-1]))
+        ctx.save_for_backward(x2, a_cat, s_cat, drop, *lora_bs,
+                              *(w if isinstance(w, Tensor) else None for w in weights))
+        ctx.quantized = [None if isinstance(w, Tensor) else w for w in weights]
+        ctx.scalings, ctx.dropout_p, ctx.shape = scalings, dropout_p, shape
+        ctx.ranks = [a.shape[0] for a in lora_as]
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        x2, a_cat, s_cat, drop, *rest = ctx.saved_tensors
+        n, p = len(ctx.scalings), ctx.dropout_p
+        lora_bs = rest[:n]
+        weights = [q if w is None else w for w, q in zip(rest[n:], ctx.quantized)]
+        needs = ctx.needs_input_grad[4:]
+        need_w, need_a, need_b, need_bias = (needs[i * n:(i + 1) * n] for i in range(4))
+        dys = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grad_outs]
+        grads_w, grads_b, grads_bias = [None] * n, [None] * n, [None] * n
+        d_s = torch.zeros_like(s_cat)                                   # (M, Σr)
+        start = 0
+        for i, (dy, b, r, s) in enumerate(zip(dys, lora_bs, ctx.ranks, ctx.scalings)):
+            block = slice(start, start + r)
+            start += r
+            if dy is None:
+                continue
+            if need_b[i]:
+                grads_b[i] = torch.mm(s_cat[:, block].t(), dy).t()     # (s_i·S_iᵀ·dY_i)ᵀ
+            d_s[:, block] = torch.mm(dy, b).mul_(s / (1.0 - p))         # dS_i
+            if need_w[i]:
+                grads_w[i] = torch.mm(dy.t(), x2)
+            if need_bias[i]:
+                grads_bias[i] = dy.sum(0)
+        grads_a = [None] * n
+        if any(need_a):
+            xd = x2 if drop is None else _zero_dropped_(x2.clone(memory_format=torch.contiguous_format),
+                                                        drop)
+            grads_a = list(torch.mm(d_s.t(), xd).split(ctx.ranks, dim=0))  # (Σr, K) in one pass
+            del xd
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(d_s, a_cat)                               # (M, K) dS_cat·A_cat
+            if drop is not None:
+                _zero_dropped_(grad_x, drop)                            # ⊙ mask
+            for dy, w in zip(dys, weights):
+                if dy is not None:
+                    grad_x.addmm_(dy, _dense(w, dy.dtype))              # += dY_i·W_i
+            grad_x = grad_x.view(ctx.shape)
+        return (grad_x, None, None, None, *grads_w, *grads_a, *grads_b, *grads_bias)
+
+
 def lora_linear_grouped_reference(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
                                   lora_bs: list[Tensor], scalings: list[float],
                                   biases: list[Tensor | None] | None = None, dropout_p: float = 0.0,
                                   generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
-    """Pure-PyTorch grouped op: ``S_cat = dropout(x)·[A_1; ...; A_n]ᵀ`` in one pass over ``x``
-    (one dropout mask shared by the members), then each member's base GEMM accumulates
-    ``s_i·S_i·B_iᵀ`` in its output buffer; autograd by torch."""
+    """The pure-PyTorch grouped op (CPU fallback and specification): ``S_cat = dropout(x)·[A_1;
+    ...; A_n]ᵀ`` in one pass over ``x`` (one dropout draw shared by the members), then each
+    member's base GEMM accumulates onto its ``b_i + s_i·S_i·B_iᵀ``; see :class:`_LoRALinearGrouped`."""
     biases = [None] * len(weights) if biases is None else list(biases)
-    x2 = x.reshape(-1, x.shape[-1])                                          # (M, K)
-    xd = x2
-    if dropout_p > 0.0:
-        keep = dropout_keep_mask(x2.shape, dropout_p, generator, x2.device)   # (M, K)
-        xd = x2 * keep / (1.0 - dropout_p)                                    # autograd keeps it
-    lora_a = torch.cat([a.to(x.dtype) for a in lora_as], dim=0)             # (Σr, K)
-    s_cat = torch.mm(xd, lora_a.t())                                         # (M, Σr)
-    outs, start = [], 0
-    for w, a, b, s, bias in zip(weights, lora_as, lora_bs, scalings, biases):
-        s_i = s_cat[:, start:start + a.shape[0]]                             # (M, r_i)
-        start += a.shape[0]
-        w = _dense(w, x.dtype)
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
-        y = torch.addmm(y, s_i, b.to(x.dtype).t(), alpha=float(s))          # (M, N_i)
-        outs.append(y.view(*x.shape[:-1], w.shape[0]))
-    return tuple(outs)
+    dtype = x.dtype
+    return _LoRALinearGrouped.apply(
+        x, [float(s) for s in scalings], float(dropout_p), generator, *weights,
+        *(a.to(dtype) for a in lora_as), *(b.to(dtype) for b in lora_bs),
+        *(None if b is None else b.to(dtype) for b in biases))
 
 
 def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor], lora_bs: list[Tensor],

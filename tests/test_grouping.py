@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.lora import dropout_keep_mask
 from lightning_peft import apply_lora
 from lightning_peft.lora import lora_layers
 from tests import _tiny
@@ -131,3 +132,58 @@ def test_non_reentrant_gradient_checkpointing(count_grouped):
             if p.requires_grad:
                 torch.testing.assert_close(ours[name].grad, p.grad, rtol=1e-4, atol=1e-6)
     assert count_grouped  # fused from the second step on
+
+
+def _grouped_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 50, generator=g, dtype=dtype).requires_grad_()
+    outs, ranks = (23, 9, 40), (8, 4, 16)
+    ws = [(torch.randn(n, 50, generator=g, dtype=dtype) / 7).requires_grad_() for n in outs]
+    a_s = [(torch.randn(r, 50, generator=g, dtype=dtype) / 7).requires_grad_() for r in ranks]
+    b_s = [torch.randn(n, r, generator=g, dtype=dtype).requires_grad_() for n, r in zip(outs, ranks)]
+    biases = [torch.randn(23, generator=g, dtype=dtype).requires_grad_(), None,
+              torch.randn(40, generator=g, dtype=dtype).requires_grad_()]
+    return x, ws, a_s, b_s, [2.0, 0.5, 0.25], biases
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.7])
+def test_grouped_torch_op_matches_float64_formula_with_one_shared_mask(p):
+    """The CPU grouped op against y_i = x·W_iᵀ + s_i·(x⊙m/(1-p))·A_iᵀ·B_iᵀ + b_i with the one
+    mask m that the same generator state gives, values and every gradient."""
+    x, ws, a_s, b_s, ss, biases = _grouped_inputs()
+    gen = torch.Generator().manual_seed(9)
+    ys = kernels.lora_linear_grouped(x, ws, a_s, b_s, ss, biases, dropout_p=p, generator=gen)
+    keep = dropout_keep_mask((21, 50), p, gen.manual_seed(9)).view(3, 7, 50) if p else 1.0
+    xd = x * keep / (1.0 - p)
+    want = [x @ w.t() + s * (xd @ a.t()) @ b.t() + (0 if bb is None else bb)
+            for w, a, b, s, bb in zip(ws, a_s, b_s, ss, biases)]
+    leaves = [x, *ws, *a_s, *b_s, biases[0], biases[2]]
+    gos = [torch.randn(y.shape, dtype=torch.float64) for y in want]
+    for y, w in zip(ys, want):
+        torch.testing.assert_close(y, w)
+    for got, exp in zip(torch.autograd.grad(ys, leaves, gos), torch.autograd.grad(want, leaves, gos)):
+        torch.testing.assert_close(got, exp)
+
+
+def test_grouped_torch_op_partial_outputs_and_saved_tensors():
+    x, ws, a_s, b_s, ss, biases = _grouped_inputs(torch.float32)
+    ws = [w.detach() for w in ws]
+    ys = kernels.lora_linear_grouped(x, ws, a_s, b_s, ss, biases)
+    # only the middle output is used: the others' adapters get no (or a zero) gradient
+    got = torch.autograd.grad(ys[1].sum(), [x, *a_s, *b_s], allow_unused=True)
+    singles = kernels.lora_linear(x, ws[1], a_s[1], b_s[1], ss[1])
+    want = torch.autograd.grad(singles.sum(), [x, a_s[1], b_s[1]])
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[2], want[1])
+    torch.testing.assert_close(got[5], want[2])
+    for unused in (got[1], got[3], got[4], got[6]):
+        assert unused is None or not unused.any()
+    # saved: S_cat (21 x 28), A_cat (28 x 50), the B_i and the 6% positions - never a copy of x
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.lora_linear_grouped(x, ws, a_s, b_s, ss, biases, dropout_p=0.06)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, *ws, *a_s, *b_s)}
+    new = [t for t in saved if t.untyped_storage().data_ptr() not in inputs]
+    assert sorted(tuple(t.shape) for t in new if t.dtype == torch.float32) == [(21, 28), (28, 50)]
+    (positions,) = [t for t in new if t.dtype == torch.int64]
+    assert positions.dim() == 1 and positions.numel() < 0.2 * x.numel()
