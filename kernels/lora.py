@@ -253,7 +253,7 @@ class _LoRALinearGrouped(torch.autograd.Function):
     and one pass over ``x`` for ``S_cat = dropout(x)·[A_1; ...; A_n]ᵀ`` (each block scaled by its
     ``s_i``), each output written as ``b_i + S_i·B_iᵀ`` and then accumulated onto by its base GEMM;
     backward reads ``x`` once for all ``dA_i`` and builds ``dX = (dS_cat·A_cat)⊙mask + Σ dY_i·W_i``
-    in one buffer. Saved: ``x``, ``S_cat``, ``A_cat`` and the dropped positions."""
+    in one buffer. Saved: ``x``, ``S_cat`` and the dropped positions (besides the parameters)."""
 
     @staticmethod
     def forward(ctx, x, scalings, dropout_p, generator, *tensors):
@@ -276,7 +276,8 @@ class _LoRALinearGrouped(torch.autograd.Function):
             y = torch.mm(s_i, b.t()) if bias is None else torch.addmm(bias, s_i, b.t())
             y.addmm_(x2, _dense(w, x.dtype).t())                        # y_i += x·W_iᵀ
             outs.append(y.view(*shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, a_cat, s_cat, drop, *lora_bs,
+        del a_cat  # backward concatenates the A_i again rather than keeping a copy alive
+        ctx.save_for_backward(x2, s_cat, drop, *lora_as, *lora_bs,
                               *(w if isinstance(w, Tensor) else None for w in weights))
         ctx.quantized = [None if isinstance(w, Tensor) else w for w in weights]
         ctx.scalings, ctx.dropout_p, ctx.shape = scalings, dropout_p, shape
@@ -286,10 +287,10 @@ class _LoRALinearGrouped(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        x2, a_cat, s_cat, drop, *rest = ctx.saved_tensors
+        x2, s_cat, drop, *rest = ctx.saved_tensors
         n, p = len(ctx.scalings), ctx.dropout_p
-        lora_bs = rest[:n]
-        weights = [q if w is None else w for w, q in zip(rest[n:], ctx.quantized)]
+        lora_as, lora_bs = rest[:n], rest[n:2 * n]
+        weights = [q if w is None else w for w, q in zip(rest[2 * n:], ctx.quantized)]
         needs = ctx.needs_input_grad[4:]
         need_w, need_a, need_b, need_bias = (needs[i * n:(i + 1) * n] for i in range(4))
         dys = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grad_outs]
@@ -316,7 +317,7 @@ class _LoRALinearGrouped(torch.autograd.Function):
             del xd
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(d_s, a_cat)                               # (M, K) dS_cat·A_cat
+            grad_x = torch.mm(d_s, torch.cat(lora_as, dim=0))           # (M, K) dS_cat·A_cat
             if drop is not None:
                 _zero_dropped_(grad_x, drop)                            # ⊙ mask
             for dy, w in zip(dys, weights):

@@ -178,12 +178,12 @@ def test_grouped_torch_op_partial_outputs_and_saved_tensors():
     torch.testing.assert_close(got[5], want[2])
     for unused in (got[1], got[3], got[4], got[6]):
         assert unused is None or not unused.any()
-    # saved: S_cat (21 x 28), A_cat (28 x 50), the B_i and the 6% positions - never a copy of x
+    # saved beyond the inputs: S_cat (21 x 28) and the ~6% dropped positions - never a copy of x
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         kernels.lora_linear_grouped(x, ws, a_s, b_s, ss, biases, dropout_p=0.06)
     inputs = {t.untyped_storage().data_ptr() for t in (x, *ws, *a_s, *b_s)}
     new = [t for t in saved if t.untyped_storage().data_ptr() not in inputs]
-    assert sorted(tuple(t.shape) for t in new if t.dtype == torch.float32) == [(21, 28), (28, 50)]
+    assert [tuple(t.shape) for t in new if t.dtype == torch.float32] == [(21, 28)]
     (positions,) = [t for t in new if t.dtype == torch.int64]
     assert positions.dim() == 1 and positions.numel() < 0.2 * x.numel()

@@ -1,8 +1,11 @@
-"""The layer benchmark (benchmarks/lora_layer.py) at a tiny size: rows, paired ratios, saved bytes."""
+"""The layer and q/k/v block benchmarks (benchmarks/lora_layer.py, lora_block.py) at tiny sizes:
+rows, paired ratios, saved bytes, the fusion actually running."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from benchmarks import lora_layer
 
@@ -28,3 +31,34 @@ def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys):
     assert peft[0.05]["saved_activation_bytes"] >= 64 * 48 * 4
     assert ours[0.0]["saved_activation_bytes"] <= peft[0.0]["saved_activation_bytes"]
     assert "lightning-peft LoRALinear" in capsys.readouterr().out
+
+
+def test_block_benchmark_fuses_qkv_and_saves_less(tmp_path, monkeypatch):
+    import kernels
+    from benchmarks import lora_block
+
+    calls = []
+    original = kernels.lora_linear_grouped
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[1]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lora_linear_grouped", spy)
+    out = tmp_path / "block.json"
+    assert lora_block.main(["--tokens", "64", "--features", "48", "--r", "4", "--repeats", "3",
+                            "--threads", "1", "--json", str(out)]) == 0
+    rows = {(r["dropout"], r["block"]): r for r in json.loads(out.read_text())}
+    assert len(rows) == 8 and calls and set(calls) == {3}  # the fused block runs one grouped call
+    fused = rows[(0.05, "lightning-peft (fused q/k/v)")]["saved_activation_bytes"]
+    unfused = rows[(0.05, "lightning-peft (unfused)")]["saved_activation_bytes"]
+    peft = rows[(0.05, "HF PEFT lora.Linear")]["saved_activation_bytes"]
+    assert fused < unfused < peft  # one set of dropped positions instead of three; PEFT: copies of x
+    assert rows[(0.0, "frozen base q/k/v")]["ratio_to_base"] == 1.0
+
+
+def test_block_benchmark_refuses_bad_sizes():
+    from benchmarks import lora_block
+
+    with pytest.raises(SystemExit):
+        lora_block.main(["--features", "50"])
