@@ -13,16 +13,10 @@ and the parameters.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from benchmarks.lora_layer import _peft_layer, _saved_bytes
+from benchmarks.lora_layer import _peft_layer, init_lora_b, paired_rows, parser, report
 from lightning_peft import apply_lora
 from lightning_peft.lora import lora_layers
 
@@ -51,16 +45,6 @@ class _Summed(nn.Module):
         return torch.cat([y.flatten() for y in self.block(x)])
 
 
-def _step(block: nn.Module, x: torch.Tensor, grads: list[torch.Tensor]) -> float:
-    start = time.perf_counter()
-    torch.autograd.backward(block(x), grads)
-    elapsed = time.perf_counter() - start
-    x.grad = None
-    for p in block.parameters():
-        p.grad = None
-    return elapsed
-
-
 def _blocks(bases: list[nn.Linear], r: int, dropout: float) -> dict[str, nn.Module]:
     ours = apply_lora(QKV(*bases), r=r, alpha=2 * r, dropout=dropout, target_modules=list(_NAMES))
     unfused = apply_lora(QKV(*bases), r=r, alpha=2 * r, dropout=dropout, target_modules=list(_NAMES))
@@ -69,11 +53,7 @@ def _blocks(bases: list[nn.Linear], r: int, dropout: float) -> dict[str, nn.Modu
     peft = QKV(*(_peft_layer(b, r, 2 * r, dropout) for b in bases))
     blocks = {"frozen base q/k/v": QKV(*bases), "lightning-peft (fused q/k/v)": ours,
               "lightning-peft (unfused)": unfused, "HF PEFT lora.Linear": peft}
-    for block in blocks.values():
-        block.train()
-        for name, param in block.named_parameters():
-            if "lora_B" in name:
-                nn.init.normal_(param, std=0.01)
+    init_lora_b(blocks.values())
     return blocks
 
 
@@ -85,52 +65,23 @@ def run(tokens: int = 1024, features: int = 4096, r: int = 16, repeats: int = 21
     x = torch.randn(max(1, tokens // 128), min(tokens, 128), features, requires_grad=True)
     grads = [torch.randn(*x.shape[:-1], b.out_features) for b in bases]
     rows = []
-    for p in dropouts:
-        blocks = _blocks(bases, r, p)
-        times: dict[str, list[float]] = {k: [] for k in blocks}
-        for i in range(repeats + 3):  # the first rounds warm up (and teach the fusion its group)
-            order = list(blocks.items()) if i % 2 == 0 else list(blocks.items())[::-1]
-            for name, block in order:
-                t = _step(block, x, grads)
-                if i >= 3:
-                    times[name].append(t)
-        base_times = times["frozen base q/k/v"]
-        for name, block in blocks.items():
-            ratios = [t / b for t, b in zip(times[name], base_times)]
-            rows.append({"dropout": p, "block": name,
-                         "median_ms": round(statistics.median(times[name]) * 1e3, 3),
-                         "ratio_to_base": round(statistics.median(ratios), 4),
-                         "ratio_quartiles": [round(q, 4) for q in statistics.quantiles(ratios, n=4)],
-                         "saved_activation_bytes": _saved_bytes(_Summed(block), x)})
+    for p in dropouts:  # the warm-up rounds also teach the fusion its group
+        rows += paired_rows(_blocks(bases, r, p), x, grads, repeats, "block", saved_of=_Summed,
+                            dropout=p)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args(argv)
+    p = parser(__doc__, repeats=21)
+    args = p.parse_args(argv)
     if args.features % 4 or min(args.tokens, args.features, args.r, args.repeats) < 1:
-        parser.error("--tokens, --r, --repeats must be positive and --features a positive multiple of 4")
+        p.error("--tokens, --r, --repeats must be positive and --features a positive multiple of 4")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.tokens, args.features, args.r, args.repeats)
-    print(f"CPU fp32, {args.tokens} tokens, q {args.features}->{args.features}, k/v "
-          f"{args.features}->{args.features // 4}, r={args.r}, {torch.get_num_threads()} threads, "
-          f"forward+backward, median of {args.repeats} rounds")
-    print(f"{'dropout':>7}  {'block':<30} {'ms':>9} {'x base':>7} {'quartiles':>13} {'saved MiB':>10}")
-    for row in rows:
-        q1, _, q3 = row["ratio_quartiles"]
-        print(f"{row['dropout']:>7}  {row['block']:<30} {row['median_ms']:>9.2f} "
-              f"{row['ratio_to_base']:>7.3f} {q1:>6.3f}-{q3:<6.3f} "
-              f"{row['saved_activation_bytes'] / 2**20:>10.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+    report(rows, "block", f"CPU fp32, {args.tokens} tokens, q {args.features}->{args.features}, "
+           f"k/v {args.features}->{args.features // 4}, r={args.r}, {torch.get_num_threads()} "
+           f"threads, forward+backward, median of {args.repeats} rounds", args.json)
     return 0
 
 

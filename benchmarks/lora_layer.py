@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -53,73 +54,103 @@ def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def _step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def _step(module: nn.Module, x: torch.Tensor, grads: torch.Tensor | list[torch.Tensor]) -> float:
+    """Seconds of one forward+backward (``module`` may return one tensor or several)."""
     start = time.perf_counter()
-    layer(x).backward(grad)
+    torch.autograd.backward(module(x), grads)
     elapsed = time.perf_counter() - start
     x.grad = None
-    for p in layer.parameters():
+    for p in module.parameters():
         p.grad = None
     return elapsed
+
+
+def paired_rows(modules: dict[str, nn.Module], x: torch.Tensor,
+                grads: torch.Tensor | list[torch.Tensor], repeats: int, key: str,
+                saved_of: Callable[[nn.Module], nn.Module] = lambda m: m, **fields: object) -> list[dict]:
+    """Time ``modules`` (the first is the baseline) in ``repeats`` rounds after 3 warm-up rounds,
+    all back to back within a round in alternating order; one row per module with its median ms,
+    the median and quartiles of its per-round ratio to the baseline, and the bytes
+    ``saved_of(module)`` saves for backward. ``fields`` are added to every row."""
+    times: dict[str, list[float]] = {k: [] for k in modules}
+    for i in range(repeats + 3):
+        order = list(modules.items()) if i % 2 == 0 else list(modules.items())[::-1]
+        for name, module in order:
+            t = _step(module, x, grads)
+            if i >= 3:
+                times[name].append(t)
+    base_times = next(iter(times.values()))
+    rows = []
+    for name, module in modules.items():
+        ratios = [t / b for t, b in zip(times[name], base_times)]
+        rows.append({**fields, key: name,
+                     "median_ms": round(statistics.median(times[name]) * 1e3, 3),
+                     "ratio_to_base": round(statistics.median(ratios), 4),
+                     "ratio_quartiles": [round(q, 4) for q in statistics.quantiles(ratios, n=4)],
+                     "saved_activation_bytes": _saved_bytes(saved_of(module), x)})
+    return rows
+
+
+def init_lora_b(modules: Iterable[nn.Module]) -> None:
+    """Train mode and a nonzero ``lora_B`` (zero would let a backend skip work)."""
+    for module in modules:
+        module.train()
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.01)
 
 
 def run(tokens: int = 1024, features: int = 4096, r: int = 16, repeats: int = 30,
         dropouts: tuple[float, ...] = (0.0, 0.05), seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     base = nn.Linear(features, features, bias=False).requires_grad_(False)
-    x = torch.randn(tokens // 128 if tokens >= 128 else 1, min(tokens, 128), features,
-                    requires_grad=True)
+    x = torch.randn(max(1, tokens // 128), min(tokens, 128), features, requires_grad=True)
     grad = torch.randn(*x.shape[:-1], features)
     rows = []
     for p in dropouts:
         layers = {"frozen base nn.Linear": base,
-                  "lightning-peft LoRALinear": LoRALinear(base, r=r, alpha=2 * r, dropout=p).train(),
-                  "HF PEFT lora.Linear": _peft_layer(base, r, 2 * r, p).train()}
-        for layer in layers.values():
-            for name, param in layer.named_parameters():
-                if "lora_B" in name:
-                    nn.init.normal_(param, std=0.01)
-        times: dict[str, list[float]] = {k: [] for k in layers}
-        for i in range(repeats + 3):
-            order = list(layers.items()) if i % 2 == 0 else list(layers.items())[::-1]
-            for name, layer in order:
-                t = _step(layer, x, grad)
-                if i >= 3:
-                    times[name].append(t)
-        base_times = times["frozen base nn.Linear"]
-        for name, layer in layers.items():
-            ratios = [t / b for t, b in zip(times[name], base_times)]
-            rows.append({"dropout": p, "layer": name,
-                         "median_ms": round(statistics.median(times[name]) * 1e3, 3),
-                         "ratio_to_base": round(statistics.median(ratios), 4),
-                         "ratio_quartiles": [round(q, 4) for q in statistics.quantiles(ratios, n=4)],
-                         "saved_activation_bytes": _saved_bytes(layer, x)})
+                  "lightning-peft LoRALinear": LoRALinear(base, r=r, alpha=2 * r, dropout=p),
+                  "HF PEFT lora.Linear": _peft_layer(base, r, 2 * r, p)}
+        init_lora_b(layers.values())
+        rows += paired_rows(layers, x, grad, repeats, "layer", dropout=p)
     return rows
 
 
+def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options both layer benchmarks take."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--features", type=int, default=4096)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    return p
+
+
+def report(rows: list[dict], key: str, title: str, json_path: Path | None) -> None:
+    """Print the rows as a table under ``title`` and write them to ``json_path`` if given."""
+    width = max(len(r[key]) for r in rows) + 2
+    print(title)
+    print(f"{'dropout':>7}  {key:<{width}} {'ms':>9} {'x base':>7} {'quartiles':>13} {'saved MiB':>10}")
+    for row in rows:
+        q1, _, q3 = row["ratio_quartiles"]
+        print(f"{row['dropout']:>7}  {row[key]:<{width}} {row['median_ms']:>9.2f} "
+              f"{row['ratio_to_base']:>7.3f} {q1:>6.3f}-{q3:<6.3f} "
+              f"{row['saved_activation_bytes'] / 2**20:>10.2f}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args(argv)
+    args = parser(__doc__, repeats=30).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.tokens, args.features, args.r, args.repeats)
-    print(f"CPU fp32, {args.tokens} tokens, {args.features}x{args.features}, r={args.r}, "
-          f"{torch.get_num_threads()} threads, forward+backward, median of {args.repeats}")
-    print(f"{'dropout':>7}  {'layer':<28} {'ms':>9} {'x base':>7} {'quartiles':>13} {'saved MiB':>10}")
-    for row in rows:
-        q1, _, q3 = row["ratio_quartiles"]
-        print(f"{row['dropout']:>7}  {row['layer']:<28} {row['median_ms']:>9.2f} "
-              f"{row['ratio_to_base']:>7.3f} {q1:>6.3f}-{q3:<6.3f} "
-              f"{row['saved_activation_bytes'] / 2**20:>10.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+    report(rows, "layer", f"CPU fp32, {args.tokens} tokens, {args.features}x{args.features}, "
+           f"r={args.r}, {torch.get_num_threads()} threads, forward+backward, median of "
+           f"{args.repeats} rounds", args.json)
     return 0
 
 

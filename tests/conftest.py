@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def count_grouped(monkeypatch):
+    """The member counts of every ``kernels.lora_linear_grouped`` call made during the test."""
+    import kernels
+
+    calls = []
+    original = kernels.lora_linear_grouped
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[1]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lora_linear_grouped", spy)
+    return calls

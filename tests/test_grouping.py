@@ -12,19 +12,6 @@ from lightning_peft.lora import lora_layers
 from tests import _tiny
 
 
-@pytest.fixture
-def count_grouped(monkeypatch):
-    calls = []
-    original = kernels.lora_linear_grouped
-
-    def spy(*args, **kwargs):
-        calls.append(len(args[1]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "lora_linear_grouped", spy)
-    return calls
-
-
 def _fused_and_unfused_llama():
     """A LoRA Llama on all linear layers and the same model with its shared-input groups removed."""
     model = apply_lora(_tiny.llama(), r=4, target_modules="all-linear")

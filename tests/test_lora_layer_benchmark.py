@@ -33,23 +33,14 @@ def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys):
     assert "lightning-peft LoRALinear" in capsys.readouterr().out
 
 
-def test_block_benchmark_fuses_qkv_and_saves_less(tmp_path, monkeypatch):
-    import kernels
+def test_block_benchmark_fuses_qkv_and_saves_less(tmp_path, count_grouped):
     from benchmarks import lora_block
 
-    calls = []
-    original = kernels.lora_linear_grouped
-
-    def spy(*args, **kwargs):
-        calls.append(len(args[1]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "lora_linear_grouped", spy)
     out = tmp_path / "block.json"
     assert lora_block.main(["--tokens", "64", "--features", "48", "--r", "4", "--repeats", "3",
                             "--threads", "1", "--json", str(out)]) == 0
     rows = {(r["dropout"], r["block"]): r for r in json.loads(out.read_text())}
-    assert len(rows) == 8 and calls and set(calls) == {3}  # the fused block runs one grouped call
+    assert len(rows) == 8 and count_grouped and set(count_grouped) == {3}  # one call for q, k, v
     fused = rows[(0.05, "lightning-peft (fused q/k/v)")]["saved_activation_bytes"]
     unfused = rows[(0.05, "lightning-peft (unfused)")]["saved_activation_bytes"]
     peft = rows[(0.05, "HF PEFT lora.Linear")]["saved_activation_bytes"]
