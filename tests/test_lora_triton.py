@@ -12,6 +12,7 @@ import torch
 import kernels
 from kernels import _lora_triton as T
 from kernels.lora import lora_linear_reference
+from tests._aot import compile_ahead
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # x max|ref|
@@ -274,22 +275,27 @@ def test_int64_offsets_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def _twice_deterministic(run):
+    """Two calls of ``run()`` under ``torch.use_deterministic_algorithms(True)``."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        return [run(), run()]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_deterministic_mode_is_bitwise_reproducible():
     t = _make((37, 50), 23, 16, torch.float32)
     args = (t["x"], t["w"], t["a"], t["b"], 0.5, t["bias"])
-    previous = torch.are_deterministic_algorithms_enabled()
-    results = []
-    try:
-        torch.use_deterministic_algorithms(True)
-        for _ in range(2):
-            torch.manual_seed(4)
-            y = kernels.lora_linear(*args, dropout_p=0.2)
-            results.append([y, *torch.autograd.grad(y.square().sum(), [t["x"], t["a"], t["b"]])])
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    torch.manual_seed(4)
-    y = kernels.lora_linear(*args, dropout_p=0.2)
-    atomic = [y, *torch.autograd.grad(y.square().sum(), [t["x"], t["a"], t["b"]])]
+
+    def run():
+        torch.manual_seed(4)
+        y = kernels.lora_linear(*args, dropout_p=0.2)
+        return [y, *torch.autograd.grad(y.square().sum(), [t["x"], t["a"], t["b"]])]
+
+    results = _twice_deterministic(run)
+    atomic = run()
     for a, b, c in zip(*results, atomic):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
@@ -498,17 +504,7 @@ def test_kernels_compile_for_hopper():
     """Ahead-of-time compile (ptxas, no GPU needed) of every launch of a bf16 forward+backward
     with dropout for sm_90: the GEMMs' main loops are pipelined (async copies) and use wgmma,
     and each kernel fits in shared memory."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-W", "ignore", "-c", _HOPPER_COMPILE], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=root)
-    assert run.returncode == 0, run.stderr[-3000:]
-    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    compiled = compile_ahead(_HOPPER_COMPILE)
     kinds = [c["kernel"] for c in compiled]
     assert kinds == ["_lora_down_kernel", "_lora_gemm_kernel", "_lora_gemm_kernel",
                      "_lora_dy_kernel", "_lora_gemm_kernel", "_lora_gemm_kernel"], kinds
@@ -607,16 +603,12 @@ def test_gpu_autocast():
 def test_gpu_determinism():
     t = _make((4096, 1024), 1024, 16, torch.bfloat16)
     args = (t["x"], t["w"], t["a"], t["b"], 0.5, t["bias"])
-    previous = torch.are_deterministic_algorithms_enabled()
-    runs = []
-    try:
-        torch.use_deterministic_algorithms(True)
-        for _ in range(2):
-            torch.manual_seed(0)
-            y = kernels.lora_linear(*args, dropout_p=0.1)
-            runs.append([y, *torch.autograd.grad(y.float().square().sum(),
-                                                 [t["x"], t["a"], t["b"]])])
-    finally:
-        torch.use_deterministic_algorithms(previous)
+
+    def run():
+        torch.manual_seed(0)
+        y = kernels.lora_linear(*args, dropout_p=0.1)
+        return [y, *torch.autograd.grad(y.float().square().sum(), [t["x"], t["a"], t["b"]])]
+
+    runs = _twice_deterministic(run)
     for a, b in zip(*runs):
         assert torch.equal(a, b)

@@ -29,6 +29,7 @@ from kernels.nf4 import (
     nf4_linear_reference,
     quantize_nf4,
 )
+from tests._aot import compile_ahead
 
 F = bnb.functional
 
@@ -522,18 +523,7 @@ print(json.dumps(compiled))
 def test_kernels_compile_for_hopper():
     """Ahead-of-time compile (ptxas, no GPU needed) of every NF4 kernel for sm_90 in bf16: no
     register spills, dequantize stores 16-byte vectors, the M = 16 matmul runs on tensor cores."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-W", "ignore", "-c", _HOPPER_COMPILE], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=root)
-    assert run.returncode == 0, run.stderr[-3000:]
-    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    compiled = compile_ahead(_HOPPER_COMPILE, TRITON_DEFAULT_FP_FUSION="1")
     kinds = [c["kernel"] for c in compiled]
     assert kinds == ["_quantize_kernel", "_quantize_absmax_kernel", "_dequantize_kernel",
                      "_matmul_kernel", "_matmul_kernel"], kinds
