@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 TRAIN_BIAS_ATTR = "_lightning_peft_train_bias"
 
@@ -18,8 +19,17 @@ class AdapterLayer(nn.Module):
     name relative to the layer (e.g. ``{"lora_A": ..., "lora_B": ...}``).
     """
 
+    adapter_dtype: torch.dtype | None = None
+    """The dtype the layer's adapter tensors are meant to keep whatever the base is cast to
+    (fp32 on a half-precision base); ``None``: they follow the model's casts."""
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         raise TypeError(f"{type(self).__name__} must define adapter_parameters()")
+
+    def adapter_buffers(self) -> dict[str, Tensor]:
+        """Buffers that belong to the adapter (e.g. BatchNorm statistics of a module trained in
+        full), keyed by their name relative to the layer."""
+        return {}
 
 
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -37,6 +47,36 @@ def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
             if id(param) not in seen:
                 seen.add(id(param))
                 yield dot + name, param
+
+
+def adapter_named_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(name, buffer)`` of every adapter buffer in ``model`` (names as in ``state_dict()``)."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        if not isinstance(module, AdapterLayer):
+            continue
+        dot = f"{prefix}." if prefix else ""
+        for name, buf in module.adapter_buffers().items():
+            if buf is not None and id(buf) not in seen:
+                seen.add(id(buf))
+                yield dot + name, buf
+
+
+def restore_adapter_dtypes(model: nn.Module) -> int:
+    """Cast the adapter parameters of every layer with an ``adapter_dtype`` back to it, in place
+    (the ``Parameter`` objects are kept, so an optimizer built on them stays valid). Needed after
+    a whole-model cast such as Lightning's "bf16-true" ``module.to(bfloat16)``. Returns how many
+    tensors were cast."""
+    count = 0
+    for module in model.modules():
+        dtype = getattr(module, "adapter_dtype", None) if isinstance(module, AdapterLayer) else None
+        if dtype is None:
+            continue
+        for param in module.adapter_parameters().values():
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                count += 1
+    return count
 
 
 def has_adapters(model: nn.Module) -> bool:
