@@ -67,25 +67,39 @@ class LoRAConfig:
     """Which biases train: ``"none"``, ``"all"`` (every bias of the model) or ``"lora_only"``
     (the biases of adapted layers)."""
 
+    autocast_adapter_dtype: bool = True
+    """Keep ``A`` and ``B`` in float32 when the base weight is half precision (fp16/bf16), and
+    after Lightning's "bf16-true"/"16-true" cast of the whole model, as HF PEFT's
+    ``autocast_adapter_dtype``: small updates to bf16 adapters round away. The LoRA branch then
+    computes in float32 and its result is added in the base's dtype. A 4-bit (NF4) base keeps
+    its adapters in its ``compute_dtype``. ``False``: adapters take the base weight's dtype."""
+
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
-                or not self.alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+                or not math.isfinite(self.alpha) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a finite positive number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        for flag in ("use_rslora", "autocast_adapter_dtype"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool (True or False), got {getattr(self, flag)!r}")
+        if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.bias not in BIAS_MODES:
+        if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        self.target_modules = check_module_spec(self.target_modules, "target_modules")
+        self.exclude_modules = check_module_spec(self.exclude_modules, "exclude_modules")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, tuple):
-            self.exclude_modules = list(self.exclude_modules)
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                    isinstance(e, str) and e for e in self.modules_to_save):
+                raise ValueError(f"modules_to_save must be a list of module names, got "
+                                 f"{self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save) or None
 
     @property
     def scaling(self) -> float:
@@ -93,6 +107,21 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_module_spec(spec: object, arg: str) -> str | list[str] | None:
+    """``spec`` as a ``target_modules``-style value (None, a non-empty string, or a list of
+    non-empty strings; a tuple becomes a list), or a ``ValueError`` naming ``arg``."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if not spec:
+            raise ValueError(f"{arg} must not be an empty string")
+        return spec
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(e, str) and e for e in spec):
+        return list(spec)
+    raise ValueError(f"{arg} must be a list of module names, a regex string, 'all-linear' or None, "
+                     f"got {spec!r}")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -140,7 +169,8 @@ class LoRALinear(AdapterLayer):
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming") -> None:
+                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         weight = getattr(base_layer, "weight", None)
         if not is_linear_like(base_layer) and not isinstance(weight, kernels.NF4Tensor):
@@ -150,7 +180,8 @@ class LoRALinear(AdapterLayer):
         conv1d = conv1d_class()
         self.fan_in_fan_out = conv1d is not None and isinstance(base_layer, conv1d)
         dtype = weight.dtype
-        if isinstance(weight, kernels.NF4Tensor) or getattr(weight, "quant_state", None) is not None:
+        quantized = isinstance(weight, kernels.NF4Tensor) or getattr(weight, "quant_state", None) is not None
+        if quantized:
             self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
             dtype = getattr(base_layer, "compute_dtype", None) or torch.float32
         elif self.fan_in_fan_out:
@@ -160,6 +191,11 @@ class LoRALinear(AdapterLayer):
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.use_rslora, self.init = use_rslora, init
         self.scaling = lora_scaling(r, alpha, use_rslora)
+        # fp32 adapters on a dense base of at most 32 bits (HF PEFT's autocast_adapter_dtype)
+        self._adapter_dtype = torch.float32 if autocast_adapter_dtype and dtype in (
+            torch.float16, torch.bfloat16, torch.float32) and not quantized else None
+        if self._adapter_dtype is not None:
+            dtype = self._adapter_dtype
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))   # (r, in)
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
@@ -180,6 +216,27 @@ class LoRALinear(AdapterLayer):
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    @property
+    def adapter_dtype(self) -> torch.dtype | None:
+        """float32 for fp32 adapters kept over a dense base (``autocast_adapter_dtype``); None
+        over a 4-bit base, whose adapters follow its ``compute_dtype``."""
+        return None if _quantized_base_weight(self.base_layer) is not None else self._adapter_dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        """A cast or move (``.half()``, ``.to(...)``) of a merged layer is done unmerged: the
+        update is taken out exactly first and merged again afterwards, so :meth:`unmerge` later
+        restores ``W0`` exactly in the new dtype / on the new device."""
+        if not self.merged:
+            return super()._apply(fn, recurse)
+        self.unmerge()
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a 4-bit base re-quantizes: warned at merge()
+                self.merge()
+        return result
 
     @property
     def weight(self) -> Tensor:
@@ -260,10 +317,13 @@ class LoRALinear(AdapterLayer):
             self._restore, self.merged = None, False
             return
         weight = self.base_layer.weight
-        weight.sub_(self.delta_weight())
+        # computed aside and written in one copy, so a failure leaves the weight and the flag as
+        # they were; the remembered elements are cast in case the weight was cast behind our back
+        restored = weight - self.delta_weight()
         if self._restore is not None:
             index, values = self._restore
-            weight.view(-1)[index] = values
+            restored.view(-1)[index.to(restored.device)] = values.to(restored.device, restored.dtype)
+        weight.copy_(restored)
         self._restore = None
         self.merged = False
 
@@ -284,6 +344,10 @@ class ModulesToSave(AdapterLayer):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {f"modules_to_save.{n}": p for n, p in self.modules_to_save.named_parameters()}
 
+    def adapter_buffers(self) -> dict[str, Tensor]:
+        """The trainable copy's buffers (BatchNorm running statistics): saved with the adapter."""
+        return {f"modules_to_save.{n}": b for n, b in self.modules_to_save.named_buffers()}
+
     def forward(self, *args, **kwargs):
         return self.modules_to_save(*args, **kwargs)
 
@@ -302,32 +366,45 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
                modules_to_save: Sequence[str] | None = None, use_rslora: bool = False,
-               init: str = "kaiming", bias: str = "none",
+               init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
                config: LoRAConfig | None = None) -> nn.Module:
     """Inject LoRA into ``model`` in place, freeze everything else, and return ``model``.
 
     Arguments are the fields of :class:`LoRAConfig` (or pass ``config=``). Layers that already
     carry LoRA are left as they are, so applying twice is harmless. The base modules and their
-    ``Parameter`` objects are kept, not copied.
+    ``Parameter`` objects are kept, not copied. As in HF PEFT, a module listed in
+    ``modules_to_save`` is trained in full and gets no LoRA inside it: ``"all-linear"`` (or the
+    default targets) skip it and everything under it (a one-Linear classification head, or
+    RoBERTa's two-layer ``classifier``); naming it in ``target_modules`` as well is an error.
+    Everything is checked before the model is changed.
     """
     if config is None:
         config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             exclude_modules=exclude_modules,
-                            modules_to_save=list(modules_to_save) if modules_to_save else None,
-                            use_rslora=use_rslora, init=init, bias=bias)
+                            modules_to_save=modules_to_save, use_rslora=use_rslora, init=init,
+                            bias=bias, autocast_adapter_dtype=autocast_adapter_dtype)
+    elif not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     saved = find_modules(model, config.modules_to_save, "modules_to_save") \
         if config.modules_to_save else []
-    clash = sorted(set(targets) & set(saved))
+    explicit = config.target_modules is not None and config.target_modules != "all-linear"
+    clash = sorted(set(targets) & set(saved)) if explicit else []
     if clash:
-        raise ValueError(f"modules_to_save and target_modules both select {clash}")
+        raise ValueError(f"modules_to_save and target_modules both select {clash}; a module trained "
+                         f"in full gets no LoRA")
+    targets = [t for t in targets if not any(t == s or t.startswith(s + ".") for s in saved)]
+    if not targets:
+        raise ValueError(f"every module target_modules={config.target_modules!r} selects is in "
+                         f"modules_to_save={config.modules_to_save!r}, so nothing is left to adapt")
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer):
             continue
         parent, child = get_parent(model, name)
         layer = LoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                           use_rslora=config.use_rslora, init=config.init)
+                           use_rslora=config.use_rslora, init=config.init,
+                           autocast_adapter_dtype=config.autocast_adapter_dtype)
         setattr(parent, child, layer)
     for name in saved:
         module = model.get_submodule(name)

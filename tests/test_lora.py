@@ -181,6 +181,13 @@ def test_trainable_parameters_summary():
 @pytest.mark.parametrize("kwargs, arg", [
     ({"r": 0}, "r"), ({"r": -2}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"),
     ({"dropout": -0.1}, "dropout"), ({"init": "xavier"}, "init"), ({"bias": "some"}, "bias"),
+    ({"alpha": float("nan")}, "alpha"), ({"alpha": float("inf")}, "alpha"), ({"r": 2.0}, "r"),
+    ({"dropout": float("nan")}, "dropout"), ({"use_rslora": "no"}, "use_rslora"),
+    ({"use_rslora": "false"}, "use_rslora"), ({"use_rslora": 1}, "use_rslora"),
+    ({"autocast_adapter_dtype": "yes"}, "autocast_adapter_dtype"), ({"target_modules": 5}, "target_modules"),
+    ({"target_modules": ["q_proj", 3]}, "target_modules"), ({"target_modules": []}, "target_modules"),
+    ({"exclude_modules": 5}, "exclude_modules"), ({"modules_to_save": 5}, "modules_to_save"),
+    ({"init": ["kaiming"]}, "init"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=rf"^{arg} "):
@@ -436,3 +443,136 @@ def test_dropout_positions_are_sorted_unique_and_in_range(monkeypatch):
     assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.25) < 0.04
 
 
+
+
+# ---------------------------------------------------------------- casts, precision, modules_to_save
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_unmerge_after_a_cast_restores_w0_in_the_new_dtype(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+    original = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    apply_lora(model, r=4, target_modules=["0", "2"])
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.5)
+    merge_adapters(model)
+    model.to(dtype)
+    assert all(layer.merged for _, layer in lora_layers(model))
+    assert model[0].base_layer.weight.dtype == dtype
+    unmerge_adapters(model)
+    for (_, layer), w0 in zip(lora_layers(model), original):
+        assert not layer.merged
+        assert torch.equal(layer.base_layer.weight, w0.to(dtype))  # W0 exactly, in the new dtype
+    with pytest.warns(UserWarning, match="not merged"):
+        lora_layers(model)[0][1].unmerge()  # a retry changes nothing
+    assert torch.equal(model[0].base_layer.weight, original[0].to(dtype))
+
+
+def test_unmerge_after_weight_replaced_behind_our_back_leaves_a_true_flag():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(33, 17), r=4)
+    nn.init.normal_(layer.lora_B, std=0.5)
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    layer.base_layer.weight.data = layer.base_layer.weight.data.half()  # not through Module._apply
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight.float(), w0, atol=2e-3, rtol=2e-3)
+
+
+def test_adapters_stay_fp32_on_a_half_precision_base():
+    from lightning_peft._base import restore_adapter_dtypes
+
+    for dtype in (torch.bfloat16, torch.float16):
+        model = _tiny.llama().to(dtype)
+        apply_lora(model, r=4, target_modules=["q_proj", "v_proj"])
+        for _, layer in lora_layers(model):
+            assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+            assert layer.base_layer.weight.dtype == dtype and layer.adapter_dtype == torch.float32
+        _tiny.randomize_lora(model)
+        ids = torch.randint(0, 96, (2, 9))
+        logits = model(ids).logits
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+        # a whole-model cast (Lightning's "bf16-true") is undone for the adapters, Parameters kept
+        params = [layer.lora_A for _, layer in lora_layers(model)]
+        model.to(dtype)
+        assert lora_layers(model)[0][1].lora_A.dtype == dtype
+        assert restore_adapter_dtypes(model) == 2 * len(params)
+        assert all(p.dtype == torch.float32 and p is layer.lora_A
+                   for p, (_, layer) in zip(params, lora_layers(model)))
+    model = _tiny.llama().to(torch.bfloat16)
+    apply_lora(model, r=4, autocast_adapter_dtype=False)
+    assert all(layer.lora_A.dtype == torch.bfloat16 and layer.adapter_dtype is None
+               for _, layer in lora_layers(model))
+    model = _tiny.llama()  # fp32 base: fp32 adapters, kept fp32 through a later bf16 cast
+    apply_lora(model, r=4)
+    assert all(layer.adapter_dtype == torch.float32 for _, layer in lora_layers(model))
+
+
+def _train_bf16_llama(autocast: bool, steps: int = 25) -> tuple[float, float, float]:
+    """(loss before, loss after, fraction of lora_A elements that moved) for a bf16 tiny Llama."""
+    torch.manual_seed(0)
+    model = _tiny.llama(seed=3).to(torch.bfloat16)
+    apply_lora(model, r=8, alpha=16, target_modules="all-linear", autocast_adapter_dtype=autocast)
+    a0 = [layer.lora_A.detach().clone() for _, layer in lora_layers(model)]
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+    with torch.no_grad():
+        first = model(ids, labels=ids).loss.float().item()
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = sum((layer.lora_A != a).sum().item() for (_, layer), a in zip(lora_layers(model), a0))
+    with torch.no_grad():
+        return first, model(ids, labels=ids).loss.float().item(), moved / sum(a.numel() for a in a0)
+
+
+def test_fp32_adapters_train_at_least_as_well_as_bf16_adapters():
+    start32, end32, moved32 = _train_bf16_llama(autocast=True)
+    start16, end16, moved16 = _train_bf16_llama(autocast=False)
+    assert start32 == start16  # both start from the base model
+    assert end32 < start32
+    assert end32 <= end16, (end32, end16)
+    assert moved32 == 1.0 and moved16 < 0.5  # most bf16 updates of A (lr 1e-4) round away
+
+
+def test_modules_to_save_buffers_are_adapter_buffers():
+    from lightning_peft._base import adapter_named_buffers
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    apply_lora(model, r=2, target_modules=["0", "2"], modules_to_save=["1"])
+    names = dict(adapter_named_buffers(model))
+    assert sorted(names) == ["1.modules_to_save.num_batches_tracked", "1.modules_to_save.running_mean",
+                             "1.modules_to_save.running_var"]
+    model.train()(torch.randn(16, 6))
+    assert names["1.modules_to_save.num_batches_tracked"].item() == 1
+    assert model[1].original_module.num_batches_tracked.item() == 0  # the base module is untouched
+
+
+def test_all_linear_skips_a_one_linear_head_in_modules_to_save():
+    model = _tiny.bert()
+    apply_lora(model, r=2, target_modules="all-linear", modules_to_save=["classifier"])
+    assert isinstance(model.classifier, ModulesToSave)
+    assert not isinstance(model.classifier.modules_to_save, LoRALinear)
+    assert "bert.encoder.layer.0.attention.self.query" in _lora_names(model)
+    with pytest.raises(ValueError, match="modules_to_save and target_modules both select"):
+        apply_lora(_tiny.bert(), target_modules=["classifier", "query"], modules_to_save=["classifier"])
+
+
+def test_no_lora_inside_a_modules_to_save_module():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=60, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=40, num_labels=3)
+    model = transformers.RobertaForSequenceClassification(cfg).eval()
+    apply_lora(model, r=2, target_modules="all-linear", modules_to_save=["classifier"])
+    head = model.classifier
+    assert isinstance(head, ModulesToSave)
+    assert not any(isinstance(m, LoRALinear) for m in head.modules())
+    assert not any(p.requires_grad for p in head.original_module.parameters())
+    assert all(p.requires_grad for p in head.modules_to_save.parameters())
+    assert "roberta.encoder.layer.0.output.dense" in _lora_names(model)
