@@ -566,8 +566,9 @@ def test_no_lora_inside_a_modules_to_save_module():
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.RobertaConfig(vocab_size=60, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=40, num_labels=3)
+    cfg = transformers.RobertaConfig(vocab_size=60, hidden_size=24, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=40, num_labels=3)
     model = transformers.RobertaForSequenceClassification(cfg).eval()
     apply_lora(model, r=2, target_modules="all-linear", modules_to_save=["classifier"])
     head = model.classifier
