@@ -5,7 +5,8 @@
   ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
 - a string: a regular expression that must match the full dotted name (``re.fullmatch``);
 - ``"all-linear"``: every ``nn.Linear`` and transformers ``Conv1D`` except the output head;
-- ``None``: the per-architecture default of :data:`DEFAULT_TARGETS`.
+- ``None``: the per-architecture default of :data:`DEFAULT_TARGETS` (HF PEFT's table); error
+  messages then say that the ``target_modules`` they name was the default.
 ``exclude_modules`` takes the same list/regex forms and removes matches.
 """
 
@@ -16,21 +17,61 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+import kernels
 from lightning_peft._base import AdapterLayer
 
 TargetSpec = str | Sequence[str] | None
 
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-        "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite", "smollm3", "opt")},
-    "gpt2": ["c_attn"],
-    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta")},
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    # HF PEFT 0.21.2's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, entry for entry
     "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],  # DeBERTa v1 fuses q/k/v into one in_proj
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",  # a regex, as in PEFT
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    # beyond PEFT's table: architectures with the Llama layout, and Phi-3, whose attention has one
+    # fused qkv_proj (PEFT has no phi3 entry; q_proj/v_proj would match nothing there)
+    **{t: ["q_proj", "v_proj"] for t in ("qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite", "smollm3")},
+    "phi3": ["qkv_proj"],
 }
+"""Default ``target_modules`` per transformers ``model_type``: HF PEFT's table (the same modules for
+every model type PEFT knows) plus the Llama-like architectures above and Phi-3's fused
+``qkv_proj``. Entries are name lists, or a regex string (``gemma4``)."""
 
 
 def conv1d_class() -> type | None:
@@ -43,12 +84,15 @@ def conv1d_class() -> type | None:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` (bitsandbytes' 4-bit ``Linear4bit`` included), transformers ``Conv1D`` or our
-    4-bit :class:`~lightning_peft.qlora.NF4Linear`: the layer types LoRA-style methods wrap."""
-    from lightning_peft.qlora import NF4Linear  # qlora builds on this module: imported when called
-
+    """``nn.Linear`` (bitsandbytes' 4-bit ``Linear4bit`` included), transformers ``Conv1D``, or a
+    4-bit layer whose ``weight`` is a :class:`kernels.NF4Tensor` (our ``NF4Linear``): the layer
+    types LoRA-style methods wrap. A quantized base is recognised by its weight, not its class, so
+    this module imports no method. Adapter layers themselves are not linear-like."""
+    if isinstance(module, AdapterLayer):
+        return False
     conv1d = conv1d_class()
-    return (isinstance(module, (nn.Linear, NF4Linear))
+    return (isinstance(module, nn.Linear)
+            or isinstance(getattr(module, "weight", None), kernels.NF4Tensor)
             or (conv1d is not None and isinstance(module, conv1d)))
 
 
@@ -117,6 +161,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
     Linear/Conv1D modules that exist, and when a matched module is not a Linear/Conv1D.
     """
     adapters = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    spec = f"target_modules={target_modules!r}"  # how error messages name what selected modules
     if target_modules is None:
         kind = model_type(model)
         if kind not in DEFAULT_TARGETS:
@@ -125,6 +170,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
                 f"(defaults exist for {sorted(DEFAULT_TARGETS)}); name the layers to adapt, e.g. "
                 f"target_modules=['q_proj', 'v_proj'] or 'all-linear'. {describe_linear_modules(model)}")
         target_modules = DEFAULT_TARGETS[kind]
+        spec = (f"target_modules was not given; the default target_modules of model type {kind!r} "
+                f"({target_modules!r})")
     all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
     heads = _output_head_names(model) if all_linear else set()
     match = (lambda name: True) if all_linear else _matcher(target_modules, "target_modules")
@@ -142,14 +189,15 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
                 chosen.append(name)
         elif not all_linear:
             raise ValueError(
-                f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
-                f"only nn.Linear and transformers Conv1D layers can be adapted. "
+                f"{spec} matched {name!r}, a {type(module).__name__}; only nn.Linear, "
+                f"transformers Conv1D and 4-bit NF4 layers can be adapted. "
                 f"{describe_linear_modules(model)}")
     if not chosen:
         raise ValueError(
-            f"target_modules={target_modules!r}"
+            f"{spec}"
             + (f" (exclude_modules={exclude_modules!r})" if exclude_modules is not None else "")
-            + f" matched no module of {type(model).__name__}. {describe_linear_modules(model)}")
+            + f" matched no module of {type(model).__name__}; pass target_modules (names, a regex or "
+              f"'all-linear'). {describe_linear_modules(model)}")
     return chosen
 
 

@@ -1,0 +1,102 @@
+"""Which modules LoRA targets: HF PEFT's per-architecture defaults (checked against peft's own table
+and against tiny models of those architectures, built offline), and error messages that say when
+a ``target_modules`` was the default rather than the user's."""
+
+import types
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import kernels
+from lightning_peft import apply_lora
+from lightning_peft.lora import lora_layers
+from lightning_peft.targeting import DEFAULT_TARGETS, find_targets, is_linear_like
+
+# Where our table departs from (or adds to) HF PEFT's, and why (documented in targeting.py).
+_CORRECTIONS = {"phi3": ["qkv_proj"]}  # PEFT has no entry; Phi-3 fuses q/k/v into qkv_proj
+
+
+def test_default_table_is_peft_for_every_model_type():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
+
+    missing = sorted(set(peft_map) - set(DEFAULT_TARGETS))
+    assert not missing, f"model types PEFT defaults and we do not: {missing}"
+    for kind, targets in peft_map.items():
+        assert DEFAULT_TARGETS[kind] == _CORRECTIONS.get(kind, targets), kind
+    for kind, targets in _CORRECTIONS.items():
+        assert DEFAULT_TARGETS[kind] == targets
+
+
+def _small(**extra):
+    return dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                vocab_size=64, **extra)
+
+
+_TINY = {  # model_type -> (config class, model class, config kwargs)
+    "phi": ("PhiConfig", "PhiForCausalLM", _small()),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", _small(num_key_value_heads=2, pad_token_id=0,
+                                                        bos_token_id=1, eos_token_id=2)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                                   rotary_dim=8, bos_token_id=0, eos_token_id=0)),
+    "bart": ("BartConfig", "BartForConditionalGeneration",
+             dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64)),
+    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", _small()),
+    "deberta": ("DebertaConfig", "DebertaForSequenceClassification", _small()),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=32, n_layers=1, n_heads=2, vocab_size=64)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", _small(num_key_value_heads=2)),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_TINY))
+def test_default_targets_exist_in_tiny_models(kind):
+    config_cls, model_cls, kwargs = _TINY[kind]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    assert model.config.model_type == kind
+    ids = torch.randint(0, 64, (1, 5))
+    before = model(ids).logits
+    apply_lora(model, r=2)
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)}
+    assert leaves == set(DEFAULT_TARGETS[kind])  # every default entry names modules that exist
+    torch.testing.assert_close(model(ids).logits, before)  # B = 0: the base model's output
+
+
+class _Typed(nn.Module):
+    """A model that says it is a ``kind`` but has none of that architecture's default modules."""
+
+    def __init__(self, kind: str, child: nn.Module) -> None:
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type=kind)
+        self.fc = child
+
+
+def test_errors_say_when_target_modules_was_the_default():
+    with pytest.raises(ValueError, match=r"default target_modules of model type 'llama' "
+                                         r"\(\['q_proj', 'v_proj'\]\)") as err:
+        find_targets(_Typed("llama", nn.Linear(4, 4)))
+    assert "matched no module" in str(err.value) and "fc" in str(err.value)
+    with pytest.raises(ValueError, match=r"default target_modules of model type 't5'"):
+        find_targets(nn.Sequential(_Typed("t5", nn.Linear(4, 4)), nn.ModuleDict({"q": nn.ReLU()})))
+    with pytest.raises(ValueError, match=r"^target_modules was not given and there is no default "
+                                         r"for model type 'unknown-arch'"):
+        find_targets(_Typed("unknown-arch", nn.Linear(4, 4)))
+    # a target_modules the user passed is named as theirs
+    with pytest.raises(ValueError, match=r"^target_modules=\['nope'\] matched no module"):
+        find_targets(_Typed("llama", nn.Linear(4, 4)), ["nope"])
+
+
+def test_nf4_base_is_recognised_by_its_weight():
+    class FourBit(nn.Module):  # not lightning_peft.qlora.NF4Linear: only the weight says 4-bit
+        def __init__(self):
+            super().__init__()
+            self.weight = kernels.quantize_nf4(torch.randn(8, 64))
+
+    assert is_linear_like(FourBit())
+    assert not is_linear_like(nn.Conv2d(2, 2, 1))
+    model = nn.Sequential(FourBit(), nn.ReLU())
+    assert find_targets(model, "all-linear") == ["0"]
