@@ -3,7 +3,8 @@ structure, freezing, and parameter counts. Plain PyTorch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,47 @@ class AdapterLayer(nn.Module):
         """Buffers that belong to the adapter (e.g. BatchNorm statistics of a module trained in
         full), keyed by their name relative to the layer."""
         return {}
+
+
+class ModulesToSave(AdapterLayer):
+    """A module trained in full: a trainable copy (``modules_to_save``) runs, the frozen
+    ``original_module`` is kept so the base model can be restored."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = copy.deepcopy(module)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"modules_to_save.{n}": p for n, p in self.modules_to_save.named_parameters()}
+
+    def adapter_buffers(self) -> dict[str, Tensor]:
+        """The trainable copy's buffers (BatchNorm running statistics): saved with the adapter."""
+        return {f"modules_to_save.{n}": b for n, b in self.modules_to_save.named_buffers()}
+
+    def forward(self, *args, **kwargs):
+        return self.modules_to_save(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # expose e.g. .weight as the wrapped module does
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.modules_to_save, name)
+
+
+def inside_any(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or lies under one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def wrap_modules_to_save(model: nn.Module, names: Iterable[str]) -> None:
+    """Replace each named module of ``model`` by a :class:`ModulesToSave` (once)."""
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, ModulesToSave(module))
 
 
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

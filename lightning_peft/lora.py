@@ -13,7 +13,6 @@ keeps the update's scale stable as r grows. Merging writes ``W0 + s·B·A`` into
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -27,7 +26,10 @@ from lightning_peft import _grouping
 from lightning_peft._base import (
     TRAIN_BIAS_ATTR,
     AdapterLayer,
+    ModulesToSave,
     freeze_all_but_adapters,
+    inside_any,
+    wrap_modules_to_save,
 )
 from lightning_peft.targeting import (
     TargetSpec,
@@ -332,32 +334,6 @@ class LoRALinear(AdapterLayer):
                 f"scaling={self.scaling:.4g}, dropout={self.dropout}, rslora={self.use_rslora}")
 
 
-class ModulesToSave(AdapterLayer):
-    """A module trained in full: a trainable copy (``modules_to_save``) runs, the frozen
-    ``original_module`` is kept so the base model can be restored."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = copy.deepcopy(module)
-
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {f"modules_to_save.{n}": p for n, p in self.modules_to_save.named_parameters()}
-
-    def adapter_buffers(self) -> dict[str, Tensor]:
-        """The trainable copy's buffers (BatchNorm running statistics): saved with the adapter."""
-        return {f"modules_to_save.{n}": b for n, b in self.modules_to_save.named_buffers()}
-
-    def forward(self, *args, **kwargs):
-        return self.modules_to_save(*args, **kwargs)
-
-    def __getattr__(self, name: str):  # expose e.g. .weight as the wrapped module does
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.modules_to_save, name)
-
-
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """``(name, layer)`` of every LoRA layer in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -393,7 +369,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     if clash:
         raise ValueError(f"modules_to_save and target_modules both select {clash}; a module trained "
                          f"in full gets no LoRA")
-    targets = [t for t in targets if not any(t == s or t.startswith(s + ".") for s in saved)]
+    targets = [t for t in targets if not inside_any(t, saved)]
     if not targets:
         raise ValueError(f"every module target_modules={config.target_modules!r} selects is in "
                          f"modules_to_save={config.modules_to_save!r}, so nothing is left to adapt")
@@ -406,11 +382,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                            use_rslora=config.use_rslora, init=config.init,
                            autocast_adapter_dtype=config.autocast_adapter_dtype)
         setattr(parent, child, layer)
-    for name in saved:
-        module = model.get_submodule(name)
-        if not isinstance(module, ModulesToSave):
-            parent, child = get_parent(model, name)
-            setattr(parent, child, ModulesToSave(module))
+    wrap_modules_to_save(model, saved)
     if config.bias == "all":
         inside_saved = {id(m) for w in model.modules() if isinstance(w, ModulesToSave)
                         for m in w.modules()}

@@ -1,0 +1,134 @@
+"""The method registry: one :class:`Method` entry per PEFT method, so that adapter files
+(:mod:`lightning_peft.io`), adapter-only checkpoints, ``trainable_parameters``, merging and the
+methods tables serve every method without knowing any of them by name.
+
+Every method lives in one file of this package with the same four parts in the same order:
+
+1. a typed config dataclass (``<Method>Config``, a docstring under each field, ``__post_init__``
+   checks that name the argument),
+2. the module(s) it injects (subclasses of :class:`lightning_peft._base.AdapterLayer`),
+3. ``apply_<method>(model, ..., config=None)``, which injects and freezes in place and returns
+   the model,
+4. its registry entry, ``METHOD = Method(...)``, registered here.
+
+An adapter directory always holds ``adapter_config.json`` (with ``peft_type``) and
+``adapter_model.safetensors``, for methods HF PEFT has in PEFT's own layout and key names, and for
+the others in the same layout with our own upper-case ``peft_type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Method:
+    """One PEFT method as the rest of the package sees it."""
+
+    name: str
+    """Registry key and command-line name, lower case: ``"lora"``, ``"ia3"``, ``"bitfit"``."""
+    config_class: type
+    """The method's config dataclass; ``apply(model, config=config_class(...))`` injects it."""
+    peft_type: str
+    """``adapter_config.json``'s ``peft_type``: HF PEFT's where PEFT has the method (``"LORA"``,
+    ``"IA3"``), our own upper-case name otherwise (``"BITFIT"``)."""
+    apply: Callable[..., nn.Module]
+    """``apply_<method>(model, config=...)``: inject and freeze in place, return the model."""
+    detect: Callable[[nn.Module], bool]
+    """Whether a model carries this method's adapter (its layers, or its marks on the model)."""
+    to_json: Callable[[nn.Module], dict[str, Any]]
+    """The ``adapter_config.json`` fields that describe the adapter of a model (the model is
+    self-describing); ``peft_type`` and ``base_model_name_or_path`` are added by the caller."""
+    from_json: Callable[[nn.Module, dict[str, Any], str], Callable[[nn.Module], None]]
+    """``from_json(model, config_json, where)`` checks every field (a ``ValueError`` that names
+    the field and ``where``) and plans the injection against ``model``, changing nothing; it
+    returns ``inject(model)``, which is first run on a meta-device copy of the model to learn the
+    expected tensors, then on the model itself."""
+    update_from_json: Callable[[nn.Module, dict[str, Any], str], Callable[[], None]] | None = None
+    """For loading into a model that already carries the method: check the fields and return the
+    function that sets the non-tensor state (e.g. LoRA's alpha) once the tensors have been
+    checked too. ``None``: nothing but tensors to load."""
+    file_prefix: str = "base_model.model."
+    """Prefix of every tensor name in ``adapter_model.safetensors``."""
+    aliases: tuple[str, ...] = field(default=())
+    """Other names that find the method (e.g. ``"rslora"``)."""
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its name and peft_type must be new) and return it."""
+    for key in (method.name, *method.aliases):
+        if key in _REGISTRY and _REGISTRY[key] is not method:
+            raise ValueError(f"a method named {key!r} is already registered")
+    if any(m.peft_type == method.peft_type and m.name != method.name for m in _REGISTRY.values()):
+        raise ValueError(f"peft_type {method.peft_type!r} is already registered")
+    for key in (method.name, *method.aliases):
+        _REGISTRY[key] = method
+    return method
+
+
+def methods() -> list[Method]:
+    """Every registered method, each once, in registration order."""
+    _load_builtin()
+    return list(dict.fromkeys(_REGISTRY.values()))
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name`` (or an alias); a ``ValueError`` lists the known names."""
+    _load_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    raise ValueError(f"unknown PEFT method {name!r}; known methods: {sorted(m.name for m in methods())}")
+
+
+def method_for_peft_type(peft_type: Any, where: str = "adapter_config.json") -> Method:
+    """The method whose files carry ``peft_type``; a ``ValueError`` lists the known types."""
+    for method in methods():
+        if method.peft_type == peft_type:
+            return method
+    known = sorted(m.peft_type for m in methods())
+    raise ValueError(f"{where}: peft_type is {peft_type!r}; this package loads {known}")
+
+
+def method_for_config(config: Any) -> Method:
+    """The method whose config class ``config`` is an instance of (the most derived match)."""
+    matches = [m for m in methods() if isinstance(config, m.config_class)]
+    if not matches:
+        raise TypeError(f"config must be one of {[m.config_class.__name__ for m in methods()]}, "
+                        f"got {type(config).__name__}")
+    return max(matches, key=lambda m: len(type(config).__mro__) - type(config).__mro__.index(m.config_class))
+
+
+def methods_in(model: nn.Module) -> list[Method]:
+    """The registered methods whose adapter ``model`` carries."""
+    return [m for m in methods() if m.detect(model)]
+
+
+def apply_peft(model: nn.Module, config: Any) -> nn.Module:
+    """Inject any registered method's adapter into ``model`` from its config object (e.g.
+    ``LoRAConfig(r=8)``, ``IA3Config()``, ``BitFitConfig()``), freeze the rest, return ``model``."""
+    return method_for_config(config).apply(model, config=config)
+
+
+_BUILTIN = ("lora", "qlora", "ia3", "bitfit")
+
+
+def _load_builtin() -> None:
+    """Import the built-in method files (each registers its ``METHOD``) on first use."""
+    import importlib
+    import importlib.util
+
+    for name in _BUILTIN:
+        module = f"{__name__}.{name}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+__all__ = ["Method", "apply_peft", "get_method", "method_for_config", "method_for_peft_type", "methods",
+           "methods_in", "register"]
