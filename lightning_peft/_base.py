@@ -32,6 +32,13 @@ class AdapterLayer(nn.Module):
         full), keyed by their name relative to the layer."""
         return {}
 
+    def file_key(self, name: str) -> str:
+        """The name, relative to the layer's path, under which the adapter tensor ``name`` (a key
+        of :meth:`adapter_parameters` or :meth:`adapter_buffers`) is stored in
+        ``adapter_model.safetensors``: HF PEFT's key where PEFT has the method (LoRA's ``lora_A``
+        is ``lora_A.weight``, IA3's ``ia3_l`` is ``ia3_l``). Default: ``name`` itself."""
+        return name
+
 
 class ModulesToSave(AdapterLayer):
     """A module trained in full: a trainable copy (``modules_to_save``) runs, the frozen
@@ -48,6 +55,10 @@ class ModulesToSave(AdapterLayer):
     def adapter_buffers(self) -> dict[str, Tensor]:
         """The trainable copy's buffers (BatchNorm running statistics): saved with the adapter."""
         return {f"modules_to_save.{n}": b for n, b in self.modules_to_save.named_buffers()}
+
+    def file_key(self, name: str) -> str:
+        """HF PEFT stores a module trained in full under the module's own path."""
+        return name.removeprefix("modules_to_save.")
 
     def forward(self, *args, **kwargs):
         return self.modules_to_save(*args, **kwargs)

@@ -219,6 +219,9 @@ class LoRALinear(AdapterLayer):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
+    def file_key(self, name: str) -> str:
+        return f"{name}.weight"  # HF PEFT's lora_A.weight / lora_B.weight
+
     @property
     def adapter_dtype(self) -> torch.dtype | None:
         """float32 for fp32 adapters kept over a dense base (``autocast_adapter_dtype``); None
