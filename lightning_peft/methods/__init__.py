@@ -14,6 +14,34 @@ Every method lives in one file of this package with the same four parts in the s
 An adapter directory always holds ``adapter_config.json`` (with ``peft_type``) and
 ``adapter_model.safetensors``, for methods HF PEFT has in PEFT's own layout and key names, and for
 the others in the same layout with our own upper-case ``peft_type``.
+
+What the rest of the package does with an entry (no method-specific branch anywhere else):
+
+- The config dataclass: a docstring under each field; ``__post_init__`` raises a ``ValueError``
+  whose message starts with the field name and says what is valid (alpha finite, booleans real
+  bools, module specs through :func:`lightning_peft.lora.check_module_spec`).
+- The layers subclass :class:`lightning_peft._base.AdapterLayer`: ``adapter_parameters()``,
+  ``adapter_buffers()``, ``file_key(name)`` (the tensor's key in the file, relative to the layer's
+  path: HF PEFT's where PEFT has the method), ``reset_parameters()`` (skipped on meta tensors);
+  a method that can merge gives its layers ``merge()``, ``unmerge()`` (restoring ``W0`` bit for
+  bit) and a ``merged`` flag that never lies. ``merge_adapters``/``unmerge_adapters`` call them on
+  every layer that has them.
+- ``apply_<method>(model, ..., config=None)`` checks everything before changing anything (targets
+  through :func:`lightning_peft.targeting.find_targets`; ``modules_to_save`` through
+  ``find_modules`` + :func:`lightning_peft._base.wrap_modules_to_save`, with no target inside a
+  saved module), injects in place, is idempotent and ends with ``freeze_all_but_adapters``.
+- ``save_adapter`` writes ``{"peft_type": ..., "base_model_name_or_path": ..., **to_json(root)}``
+  and, for every adapter layer, its parameters and buffers as ``file_prefix + <layer path> + "." +
+  layer.file_key(name)``, plus the biases marked trainable (``_base.TRAIN_BIAS_ATTR``) as
+  ``<module path>.bias``. ``to_json`` reads the model (its layers and marks), not a stored config.
+- ``load_adapter`` finds the method by ``peft_type``; on a model without the adapter it calls
+  ``from_json(model, config_json, where)`` (every field checked, a ``ValueError`` naming the field;
+  the model only read) and runs the returned ``inject`` on a meta-device copy to learn the expected
+  tensors, checks names, shapes, dtypes and finiteness, then injects into the model and copies.
+  On a model that already carries the method, ``update_from_json`` (if any) checks the fields and
+  returns the setter of the non-tensor state, run only after every check has passed.
+- Callbacks: one short class per method over ``PEFTCallback`` with a flat typed ``__init__``
+  (LightningCLI builds it) that builds the config; ``apply`` calls ``apply_<method>``.
 """
 
 from __future__ import annotations
