@@ -30,34 +30,51 @@ import torch
 from lightning_peft import InstructionDataModule, LoRACallback, trainable_parameters
 from lightning_peft.data import load_records
 from lightning_peft.evaluation import exact_match, generate_answers
-from lightning_peft.tasks import CausalLMModule, add_run_arguments, check_run_arguments, load_causal_lm
+from lightning_peft.tasks import (
+    CausalLMModule,
+    DefaultsHelpFormatter,
+    StepProgressBar,
+    add_run_arguments,
+    check_run_arguments,
+    check_targets,
+    load_causal_lm,
+    module_names,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; a bad value exits with a message naming the option."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option's ``type`` rejects a bad value while parsing."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_run_arguments(p, DATA)
-    p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha/r)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument("--targets", default="all-linear",
+    p.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (scaling alpha/r)")
+    p.add_argument("--dropout", type=probability, default=0.0, help="LoRA dropout, in [0, 1)")
+    p.add_argument("--targets", type=module_names, default="all-linear",
                    help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="training batch size")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=4, help="warmup steps (then cosine decay)")
-    p.add_argument("--val-every", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=80, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="training batch size")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=4, help="warmup steps (then cosine decay)")
+    p.add_argument("--val-every", type=positive_int, default=None,
                    help="held-out loss every N steps (default: once, at the end)")
-    p.add_argument("--out", default="out/finetune_lora", help="output directory")
+    p.add_argument("--out", type=output_dir, default="out/finetune_lora", help="output directory")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options, all checked before any model loads; a bad value exits with a message
+    naming the option (``--targets`` is checked against the model in :func:`main`)."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.val_every = args.steps if args.val_every is None else args.val_every
-    check_run_arguments(p, args, positive=("r", "steps", "batch_size", "val_every"))
-    if not args.lr > 0 or not args.alpha > 0:
-        p.error("--lr and --alpha must be positive")
-    args.targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    check_run_arguments(p, args)
     return args
 
 
@@ -105,26 +122,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tokenizer = load_causal_lm(args.model)
     load_s = time.perf_counter() - t0
+    check_targets(build_parser(), model, args.targets)  # before the minutes of scoring and training
     held_out = load_records(args.eval)[: args.eval_limit]
+    data = InstructionDataModule(tokenizer, train=args.train, val=held_out,
+                                 batch_size=args.batch_size, max_length=512, seed=args.seed)
+    data.setup()  # tokenize now: an over-long record fails here, not after scoring
     print(f"Loaded {type(model).__name__} in {load_s:.0f} s; scoring {len(held_out)} held-out records")
     before, answers_before, eval_before_s = _score(model, tokenizer, held_out, args.max_new_tokens)
     print(f"Exact match before fine-tuning: {before:.1%} ({eval_before_s:.0f} s)")
 
-    data = InstructionDataModule(tokenizer, train=args.train, val=held_out,
-                                 batch_size=args.batch_size, max_length=512, seed=args.seed)
     module = CausalLMModule(model, lr=args.lr, warmup_steps=min(args.warmup, args.steps - 1))
     # When fit ends: write the adapter (HF PEFT format), then merge it into the weights for fast generation.
     lora = LoRACallback(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=args.targets,
                         adapter_dir=str(out / "adapter"), merge_on_fit_end=True)
-    trainer = L.Trainer(max_steps=args.steps, callbacks=[lora], accelerator="cpu", devices=1,
-                        logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    # The callback prints the trainable parameter count (so no model summary); the bar counts steps.
+    trainer = L.Trainer(max_steps=args.steps, callbacks=[lora, StepProgressBar()], accelerator="cpu",
+                        devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        num_sanity_val_steps=0,
                         val_check_interval=min(args.val_every, args.steps),
                         check_val_every_n_epoch=None, default_root_dir=out)
     t1 = time.perf_counter()
-    trainer.fit(module, datamodule=data)  # the callback prints the trainable parameter count
+    trainer.fit(module, datamodule=data)
     train_s = time.perf_counter() - t1
     counts = trainable_parameters(model)
-    print(counts)
 
     after, answers_after, eval_after_s = _score(model, tokenizer, held_out, args.max_new_tokens)
     print(f"Exact match before: {before:.1%}  after: {after:.1%}  "

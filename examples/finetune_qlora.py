@@ -34,6 +34,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from kernels.nf4 import BLOCKSIZES
 from lightning_peft import (
     InstructionDataModule,
     LoRACallback,
@@ -45,42 +46,65 @@ from lightning_peft import (
 )
 from lightning_peft.data import load_records
 from lightning_peft.evaluation import exact_match, generate_answers
-from lightning_peft.tasks import CausalLMModule, add_run_arguments, check_run_arguments, load_causal_lm
+from lightning_peft.tasks import (
+    CausalLMModule,
+    DefaultsHelpFormatter,
+    StepProgressBar,
+    add_run_arguments,
+    check_run_arguments,
+    check_targets,
+    load_causal_lm,
+    module_names,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 DATA = Path(__file__).resolve().parent / "data"
 GiB = 1024**3
+METHODS = ("qlora", "lora")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (those of finetune_lora.py plus the QLoRA ones)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (that of finetune_lora.py plus the QLoRA options); every option's ``type``
+    rejects a bad value while parsing."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_run_arguments(p, DATA)
     p.add_argument("--methods", default="qlora,lora", help="comma-separated: qlora, lora")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha/r)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument("--targets", default="all-linear",
+    p.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (scaling alpha/r)")
+    p.add_argument("--dropout", type=probability, default=0.0, help="LoRA dropout, in [0, 1)")
+    p.add_argument("--targets", type=module_names, default="all-linear",
                    help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
     p.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="QLoRA compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--blocksize", type=int, default=64, help="NF4 block size")
+    p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="BLOCKSIZE",
+                   help=f"NF4 block size, one of {', '.join(map(str, BLOCKSIZES))}")
     p.add_argument("--no-double-quant", action="store_true", help="keep the absmax in fp32")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=6, help="warmup steps (then cosine decay)")
-    p.add_argument("--out", default="out/finetune_qlora", help="output directory")
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)     # a child: one method
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)   # where it writes its dict
+    p.add_argument("--steps", type=positive_int, default=60, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="training batch size")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=6, help="warmup steps (then cosine decay)")
+    p.add_argument("--out", type=output_dir, default="out/finetune_qlora", help="output directory")
+    p.add_argument("--only", default=None, choices=METHODS, help=argparse.SUPPRESS)  # a child: one method
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # where it writes its dict
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options, all checked before any model loads; a bad value exits with a message
+    naming the option (``--targets`` is checked against the model in :func:`run_one`)."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not args.method_list or any(m not in ("qlora", "lora") for m in args.method_list):
+    unknown = [m for m in args.method_list if m not in METHODS]
+    if unknown or not args.method_list:
         p.error(f"--methods must list qlora and/or lora, got {args.methods!r}")
-    check_run_arguments(p, args, positive=("r", "steps", "batch_size"))
-    if not args.lr > 0 or not args.alpha > 0:
-        p.error("--lr and --alpha must be positive")
-    args.target_list = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    if len(set(args.method_list)) < len(args.method_list):
+        p.error(f"--methods lists a method twice: {args.methods!r}")
+    check_run_arguments(p, args)
     return args
 
 
@@ -138,11 +162,13 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     L.seed_everything(args.seed, verbose=False)
     cuda = torch.cuda.is_available()
     model, tokenizer = load_causal_lm(args.model)
+    check_targets(build_parser(), model, args.targets)  # before the minutes of training
     held_out = load_records(args.eval)[: args.eval_limit]
     data = InstructionDataModule(tokenizer, train=args.train, val=held_out,
                                  batch_size=args.batch_size, max_length=512, seed=args.seed)
+    data.setup()  # tokenize now: an over-long record fails before training
     adapter_dir = str(Path(args.out) / method / "adapter")
-    common = dict(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=args.target_list,
+    common = dict(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=args.targets,
                   adapter_dir=adapter_dir)
     if method == "qlora":
         callback = QLoRACallback(**common, compute_dtype=args.compute_dtype or
@@ -152,9 +178,10 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
         callback = LoRACallback(**common)
     memory = PeakMemory()
     module = CausalLMModule(model, lr=args.lr, warmup_steps=min(args.warmup, args.steps - 1))
-    trainer = L.Trainer(max_steps=args.steps, callbacks=[callback, memory], accelerator="auto",
-                        devices=1, precision="bf16-true" if cuda else "32-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
+    # The callback prints the trainable parameter count (so no model summary); the bar counts steps.
+    trainer = L.Trainer(max_steps=args.steps, callbacks=[callback, memory, StepProgressBar()],
+                        accelerator="auto", devices=1, precision="bf16-true" if cuda else "32-true",
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=args.out)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -195,8 +222,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for method in args.method_list:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), *passthrough,
-                            "--only", method, "--result", str(out)], check=True, env=env)
+            child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *passthrough,
+                                    "--only", method, "--result", str(out)], check=False, env=env)
+            if child.returncode != 0:  # the child printed its error: exit with its status, no traceback
+                print(f"{Path(__file__).name}: the {method} run failed (exit status {child.returncode})",
+                      file=sys.stderr)
+                raise SystemExit(child.returncode)
             results.append(json.loads(out.read_text()))
     print(f"\n{'method':<6} {'peak RAM/GPU while training':>28} {'weights':>10} {'trainable':>10} "
           f"{'train loss first -> last':>25} {'exact match':>12}")

