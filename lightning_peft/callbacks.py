@@ -3,17 +3,28 @@
 Lightning 2.6 runs ``Callback.setup -> LightningModule.setup -> configure_model -> (restore
 ckpt_path weights) -> strategy.setup (precision, device move, DDP wrap, configure_optimizers) ->
 on_fit_start``. :class:`PEFTCallback` therefore injects in ``setup`` and, when the module builds
-layers in ``configure_model``, right after that hook (by wrapping the instance's method, undone
-in ``teardown``), so the optimizer and DDP see the adapters. Injection is idempotent, so repeated
-``fit``/``validate``/``test`` calls are safe.
+layers in ``configure_model``, right after that hook (by wrapping the instance's method), so the
+optimizer and DDP see the adapters. Injection is idempotent, so repeated ``fit``/``validate``/
+``test``/``predict`` calls are safe.
 
-Checkpoints hold only adapter tensors: the module's ``on_save_checkpoint`` is wrapped too (Lightning
-calls it even for ``ModelCheckpoint(save_weights_only=True)``, which skips callback hooks), and
-loading is non-strict with the adapter keys checked by us before any weight is touched.
+Checkpoints hold only adapter tensors (and adapter buffers, e.g. the BatchNorm statistics of a
+module trained in full): the module's ``on_save_checkpoint`` is wrapped too (Lightning calls it
+even for ``ModelCheckpoint(save_weights_only=True)``, which skips callback hooks). Loading is
+non-strict, so the wrapped ``on_load_checkpoint`` checks, before any weight is touched, that the
+checkpoint holds exactly the adapter of this run: every adapter tensor, nothing the model lacks,
+and (where the checkpoint carries the callback's state) the same config.
+
+The callback leaves no trace: every wrapped hook, ``strict_loading`` and the precision plugin's
+``convert_module`` are put back in ``teardown`` and ``on_exception`` (a failed setup included).
+A model whose adapters are merged is unmerged for the stage (``W0`` restored exactly, so a
+checkpoint loads into, and ``fit`` trains, the unmerged adapters) and merged again when it ends.
+Adapters that keep their own dtype (fp32 over a bf16 base, ``AdapterLayer.adapter_dtype``) keep
+their values through "bf16-true"'s cast of the whole module.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,13 +32,21 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_peft._base import adapter_named_parameters, trainable_parameters
+from lightning_peft._base import (
+    AdapterLayer,
+    adapter_named_buffers,
+    adapter_named_parameters,
+    restore_adapter_dtypes,
+    trainable_parameters,
+)
+from lightning_peft.io import _validate
 from lightning_peft.lora import LoRAConfig, apply_lora, merge_adapters
 
 _WRAPPED = "_lightning_peft_wrapped"
+"""Key, in the module's ``__dict__``, of what the active callback changed (to undo it)."""
 
 
 class PEFTCallback(Callback):
@@ -36,12 +55,20 @@ class PEFTCallback(Callback):
 
     config: Any
 
+    free_fields: tuple[str, ...] = ("dropout", "init", "autocast_adapter_dtype")
+    """Config fields a checkpoint may differ in: they change how training runs or starts, not
+    what the adapter tensors mean. Any other differing field refuses the checkpoint."""
+
     def __init__(self, merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
         self.merge_on_fit_end = merge_on_fit_end
         self.adapter_dir = adapter_dir
         self._module: pl.LightningModule | None = None
         self._trainer: pl.Trainer | None = None
-        self._originals: dict[str, Any] = {}
+        self._remerge: list[nn.Module] = []
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in asdict(self.config).items())
+        return f"{type(self).__name__}({fields})"
 
     # -- what a method provides -------------------------------------------------------------
     def apply(self, module: nn.Module) -> nn.Module:
@@ -63,31 +90,39 @@ class PEFTCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config")
-        if saved is not None and saved != asdict(self.config):
-            rank_zero_warn(f"{type(self).__name__}: the checkpoint was written with config {saved}, "
-                           f"this run uses {asdict(self.config)}")
+        if isinstance(saved, dict):
+            self._check_config(type(self).__qualname__, saved)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        peft = list({id(c): c for c in trainer.callbacks if isinstance(c, PEFTCallback)}.values())
+        if len(peft) > 1:
+            raise ValueError(f"more than one PEFT callback on one module: {' and '.join(map(repr, peft))}. "
+                             "A module takes one PEFT callback: keep one (its target_modules can list "
+                             "every layer to adapt)")
         self._module, self._trainer = pl_module, trainer
-        pl_module.strict_loading = False
-        if getattr(pl_module, _WRAPPED, None) is not self:
-            self._wrap(pl_module)
-        if not self._builds_in_configure_model(pl_module):
-            self.apply(pl_module)
+        _unwrap(pl_module)  # a wrapping left by a run that never ended is undone, never stacked
+        try:
+            self._wrap(pl_module, trainer)
+            self._remerge += _unmerge(pl_module)
+            if not self._builds_in_configure_model(pl_module):
+                self.apply(pl_module)
+        except BaseException:
+            self._undo(pl_module)
+            raise
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name, original in self._originals.items():
-            if original is None:
-                pl_module.__dict__.pop(name, None)
-            else:
-                pl_module.__dict__[name] = original
-        self._originals = {}
-        pl_module.__dict__.pop(_WRAPPED, None)
+        self._undo(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._undo(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_adapter_dtypes(pl_module)
         counts = trainable_parameters(pl_module)
         rank_zero_info(f"{type(self).__name__}: {counts}")
         for logger in trainer.loggers:
@@ -95,6 +130,18 @@ class PEFTCallback(Callback):
                                 "peft/total_params": counts.total}, step=trainer.global_step)
         if counts.trainable == 0:
             rank_zero_warn(f"{type(self).__name__}: no parameter is trainable")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_adapter_dtypes(pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_adapter_dtypes(pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_adapter_dtypes(pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,55 +168,166 @@ class PEFTCallback(Callback):
 
         return is_overridden("configure_model", pl_module, pl.LightningModule)
 
-    def _wrap(self, pl_module: pl.LightningModule) -> None:
-        """Wrap instance hooks (no functools.wraps: Lightning's is_overridden follows __wrapped__)."""
-        callback = self
+    def _wrap(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> None:
+        """Wrap instance hooks (no functools.wraps: Lightning's is_overridden follows __wrapped__)
+        and the precision plugin's ``convert_module``; record what was there, for :func:`_unwrap`."""
+        record: dict[str, Any] = {"callback": self, "hooks": {},
+                                  "strict_loading": getattr(pl_module, "_strict_loading", None)}
+        pl_module.__dict__[_WRAPPED] = record
 
-        def hook(name: str, after) -> None:
-            self._originals[name] = pl_module.__dict__.get(name)
-            original = getattr(pl_module, name)
+        def hook(owner: Any, name: str, after) -> None:
+            record["hooks"][(id(owner), name)] = (owner, owner.__dict__.get(name))
+            original = getattr(owner, name)
 
             def wrapped(*args, **kwargs):
                 result = original(*args, **kwargs)
                 after(*args, **kwargs)
                 return result
 
-            pl_module.__dict__[name] = wrapped
+            owner.__dict__[name] = wrapped
 
         if self._builds_in_configure_model(pl_module):
-            hook("configure_model", lambda: callback.apply(pl_module))
-        hook("on_save_checkpoint", lambda checkpoint: callback._filter_checkpoint(pl_module, checkpoint))
-        hook("on_load_checkpoint", lambda checkpoint: callback._check_checkpoint(pl_module, checkpoint))
-        pl_module.__dict__[_WRAPPED] = self
+            hook(pl_module, "configure_model", lambda: self.apply(pl_module))
+        hook(pl_module, "on_save_checkpoint", lambda ckpt: self._filter_checkpoint(pl_module, ckpt))
+        hook(pl_module, "on_load_checkpoint", lambda ckpt: self._check_checkpoint(pl_module, ckpt))
+        pl_module.strict_loading = False
+        plugin = trainer.precision_plugin
+        record["hooks"][(id(plugin), "convert_module")] = (plugin, plugin.__dict__.get("convert_module"))
+        convert = plugin.convert_module
+
+        def convert_module(module: nn.Module) -> nn.Module:
+            """The plugin's cast, with the adapters that keep their own dtype put back exactly."""
+            kept = _adapter_data(module)
+            result = convert(module)
+            for param, data in kept:
+                if param.dtype != data.dtype:
+                    param.data = data
+            return result
+
+        plugin.__dict__["convert_module"] = convert_module
+
+    def _undo(self, pl_module: pl.LightningModule) -> None:
+        """Undo this callback's wrapping, merge again what :meth:`setup` unmerged."""
+        record = pl_module.__dict__.get(_WRAPPED)
+        if record is not None and record["callback"] is self:
+            _unwrap(pl_module)
+        layers, self._remerge = self._remerge, []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a 4-bit base re-quantizes: warned at the first merge
+            for layer in layers:
+                if not layer.merged:
+                    layer.merge()
 
     @staticmethod
     def _filter_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen base tensors from ``checkpoint["state_dict"]`` (keys the user added stay)."""
+        """Drop the frozen base tensors from ``checkpoint["state_dict"]`` (adapter tensors,
+        adapter buffers and keys the user added stay)."""
         state = checkpoint.get("state_dict")
         if state is None:
             return
         keep = {name for name, _ in adapter_named_parameters(pl_module)}
+        keep.update(name for name, _ in adapter_named_buffers(pl_module))
         frozen = set(pl_module.state_dict(keep_vars=True)) - keep
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
 
-    @staticmethod
-    def _check_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
-        """Before Lightning loads (non-strictly): every adapter tensor must be there, shaped right."""
-        state = checkpoint.get("state_dict", {})
-        missing, misshaped = [], []
-        for name, param in adapter_named_parameters(pl_module):
-            if name not in state:
-                missing.append(name)
-            elif tuple(state[name].shape) != tuple(param.shape):
-                misshaped.append(f"{name}: checkpoint {tuple(state[name].shape)}, "
-                                 f"model {tuple(param.shape)}")
-        if missing or misshaped:
-            raise ValueError(
-                "checkpoint does not match the adapters of the model: "
-                + (f"{len(missing)} missing (e.g. {missing[:5]})" if missing else "")
-                + ("; " if missing and misshaped else "")
-                + (f"{len(misshaped)} mis-shaped ({misshaped[:5]})" if misshaped else "")
-                + ". Was it written with the same PEFT callback and config?")
+    def _check_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning loads (non-strictly): the checkpoint is this run's adapter. Its
+        callback state (absent from weights-only checkpoints) has this config, up to
+        :attr:`free_fields`; its ``state_dict`` holds every adapter tensor and buffer of the model,
+        shaped as in the model, and no tensor the model lacks."""
+        saved = self._saved_config(checkpoint)
+        config = None if saved is None else self._config_differences(*saved)
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError(f"the checkpoint has no 'state_dict' (keys: {sorted(map(str, checkpoint))}); "
+                             f"{type(self).__name__} loads the adapter from it")
+        expected: dict[str, Tensor] = dict(adapter_named_parameters(pl_module))
+        expected.update(adapter_named_buffers(pl_module))
+        known = set(pl_module.state_dict(keep_vars=True))
+        given = {k: v for k, v in state.items() if k in expected or k not in known}
+        hint = f" It was written {config}." if config else ""
+        _validate(expected, given, strict=True, where="checkpoint",
+                  hint=hint + f" Use a checkpoint written with {self!r}.")
+        if config:
+            raise ValueError(f"the checkpoint was written {config}. Nothing was loaded; the model is "
+                             "unchanged. Use the checkpoint's config, or a checkpoint written with this one.")
+
+    def _saved_config(self, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """``(callback class name, config)`` of the PEFT callback that wrote ``checkpoint``, from
+        its ``"callbacks"`` states (keyed by ``state_key``: class name + config), or None."""
+        names = _peft_callback_names()
+        found = {key: state["config"] for key, state in (checkpoint.get("callbacks") or {}).items()
+                 if isinstance(key, str) and key.split("{", 1)[0] in names and isinstance(state, dict)
+                 and isinstance(state.get("config"), dict)}
+        if self.state_key in found:
+            return type(self).__qualname__, found[self.state_key]
+        if len(found) > 1:
+            raise ValueError(f"the checkpoint holds the states of {len(found)} PEFT callbacks "
+                             f"({sorted(found)}), none with this run's config: {self!r}")
+        return next(((key.split("{", 1)[0], config) for key, config in found.items()), None)
+
+    def _check_config(self, name: str, saved: dict[str, Any]) -> None:
+        """A ``ValueError`` naming every differing field, unless ``saved`` (a config written by
+        the callback class ``name``) is this callback's config up to :attr:`free_fields`."""
+        config = self._config_differences(name, saved)
+        if config:
+            raise ValueError(f"the checkpoint was written {config}")
+
+    def _config_differences(self, name: str, saved: dict[str, Any]) -> str | None:
+        """How ``saved`` (a config written by the callback class ``name``) differs from this
+        callback's config, outside :attr:`free_fields`, as ``"with another ... config: ..."``;
+        None when it does not."""
+        if name != type(self).__qualname__:
+            return f"by {name} (config {saved}), this run uses {self!r}"
+        current = asdict(self.config)
+        differ = [f"{field}: {saved[field]!r} in the checkpoint, {value!r} in this run"
+                  for field, value in current.items()
+                  if field in saved and field not in self.free_fields and saved[field] != value]
+        return f"with another {name} config: " + "; ".join(differ) if differ else None
+
+
+def _peft_callback_names() -> set[str]:
+    """``__qualname__`` of every PEFTCallback class (the prefix of their ``state_key``)."""
+    names, todo = set(), [PEFTCallback]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__qualname__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _unwrap(pl_module: nn.Module) -> None:
+    """Put back what a callback's ``_wrap`` changed on ``pl_module`` (and on the precision
+    plugin), if anything."""
+    record = pl_module.__dict__.pop(_WRAPPED, None)
+    if record is None:
+        return
+    for (_, name), (owner, original) in record["hooks"].items():
+        if original is None:
+            owner.__dict__.pop(name, None)
+        else:
+            owner.__dict__[name] = original
+    pl_module.strict_loading = record["strict_loading"]
+
+
+def _unmerge(module: nn.Module) -> list[nn.Module]:
+    """Unmerge every merged adapter layer of ``module`` (restoring its base weight exactly);
+    return them, to merge again when the stage ends."""
+    layers = [m for m in module.modules() if isinstance(m, AdapterLayer) and getattr(m, "merged", False)]
+    for layer in layers:
+        layer.unmerge()
+    return layers
+
+
+def _adapter_data(module: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
+    """``(parameter, its tensor)`` of the adapter parameters already in their layer's
+    ``adapter_dtype``, to put back after a cast of the whole module."""
+    kept = []
+    for layer in module.modules():
+        dtype = getattr(layer, "adapter_dtype", None) if isinstance(layer, AdapterLayer) else None
+        if dtype is not None:
+            kept.extend((p, p.data) for p in layer.adapter_parameters().values() if p.dtype == dtype)
+    return kept
 
 
 class LoRACallback(PEFTCallback):

@@ -43,8 +43,41 @@ class TinyLM(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self.log("test_loss", self._loss(batch))
 
+    def predict_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self(ids)
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class TinyBN(pl.LightningModule):
+    """A regressor ``fc2(relu(bn(fc1(x))))`` whose BatchNorm is trained in full (modules_to_save),
+    for the checkpointing of adapter buffers (running statistics)."""
+
+    def __init__(self, seed: int = 0, features: int = 8, hidden: int = 16, lr: float = 1e-2):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lr = lr
+        self.fc1 = torch.nn.Linear(features, hidden)
+        self.bn = torch.nn.BatchNorm1d(hidden)
+        self.fc2 = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def regression_loader(n: int = 16, features: int = 8, batch_size: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g) * 3 + 1  # running statistics far from (0, 1)
+    return DataLoader(TensorDataset(x, x.sum(-1)), batch_size=batch_size, shuffle=False)
 
 
 def loader(n: int = 16, seq: int = 12, batch_size: int = 4, seed: int = 0, vocab: int = VOCAB):

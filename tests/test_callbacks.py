@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-from lightning_peft import LoRACallback, LoRALinear
-from lightning_peft._base import adapter_named_parameters
+from lightning_peft import LoRACallback, LoRALinear, apply_lora, merge_adapters, unmerge_adapters
+from lightning_peft._base import adapter_named_buffers, adapter_named_parameters
 from tests import _lit
 
 
@@ -143,7 +143,8 @@ def test_resume_with_wrong_checkpoint_names_the_tensors(tmp_path):
     before = {n: t.clone() for n, t in other.state_dict().items()}
     trainer2 = _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4, target_modules=["q_proj", "k_proj"])],
                             max_steps=2)
-    with pytest.raises(ValueError, match=r"missing \(e\.g\. \['model\.model\.layers\.0\.self_attn\.k_proj"):
+    with pytest.raises(ValueError, match=r"4 missing \(model\.model\.layers\.0\.self_attn\.k_proj.*"
+                                         r"target_modules: None in the checkpoint, \['q_proj', 'k_proj'\]"):
         trainer2.fit(other, _lit.loader(), ckpt_path=ckpt.last_model_path)
     for name, tensor in other.state_dict().items():  # nothing was loaded
         if "lora_" not in name:
@@ -164,14 +165,49 @@ def test_merge_on_fit_end(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_bf16_precisions(tmp_path, precision):
+def test_bf16_precisions_keep_fp32_adapters_and_bf16_true_leaves_the_base_alone(tmp_path, precision):
+    """"bf16-true" casts the whole module to bf16 after injection: the adapters are put back to
+    fp32 (their values exactly, Parameter objects kept) and train; every other tensor is the
+    original one cast to bf16 and does not move."""
     module = _lit.TinyLM()
-    trainer = _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4)], precision=precision, max_steps=3)
+    cb = LoRACallback(r=4)
+    apply_lora(module, config=cb.config)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    ids = {n: id(p) for n, p in module.named_parameters()}
+    trainer = _lit.trainer(tmp_path, callbacks=[cb], precision=precision, max_steps=3)
     trainer.fit(module, _lit.loader())
-    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
-    assert all(torch.count_nonzero(m.lora_B) > 0 for m in layers)
-    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    assert all(m.lora_A.dtype == expected for m in layers)
+    adapters = dict(adapter_named_parameters(module))
+    assert len(adapters) == 8
+    assert {n: id(p) for n, p in module.named_parameters()} == ids
+    base = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    for name, param in module.named_parameters():
+        if name in adapters:
+            assert param.dtype == torch.float32, name
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert param.dtype == base, name
+            assert torch.equal(param, before[name].to(base)), name
+    assert trainer.optimizers[0].state[adapters[next(iter(adapters))]]["exp_avg"].dtype == torch.float32
+
+
+def test_bf16_true_resume_restores_the_fp32_adapters_exactly(tmp_path):
+    module = _lit.TinyLM()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4), ckpt], enable_checkpointing=True,
+                 precision="bf16-true", max_steps=2).fit(module, _lit.loader())
+    saved = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update(_adapters(pl_module))
+
+    _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4), Spy()], precision="bf16-true",
+                 max_steps=3).fit(_lit.TinyLM(), _lit.loader(), ckpt_path=ckpt.last_model_path)
+    assert seen.keys() == saved.keys()
+    for name, value in saved.items():
+        assert seen[name].dtype == torch.float32 and torch.equal(seen[name], value), name
 
 
 def test_state_dict_and_state_key():
@@ -236,3 +272,241 @@ def test_adapter_dir_written_at_fit_end_and_loads_back(tmp_path):
     assert cb.save_adapter(tmp_path / "again") == tmp_path / "again"
     with pytest.raises(RuntimeError, match="after"):
         LoRACallback().save_adapter(tmp_path / "x")
+
+
+# -- the callback leaves no trace on the module ----------------------------------------------------
+_HOOKS = ("on_save_checkpoint", "on_load_checkpoint", "configure_model")
+
+
+def _assert_no_trace(module, tmp_path):
+    """No hook wrapper or marker is left on the module, ``strict_loading`` is back to Lightning's
+    default, and a plain Trainer checkpoints (and strictly reloads) every tensor of the module."""
+    assert [k for k in module.__dict__ if k in _HOOKS or "peft" in k] == []
+    assert module._strict_loading is None and module.strict_loading
+    trainer = _lit.trainer(tmp_path / "plain")
+    trainer.validate(module, _lit.loader(n=4))
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    state = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
+    assert set(state) == set(module.state_dict())
+    _lit.trainer(tmp_path / "plain").validate(module, _lit.loader(n=4), ckpt_path=tmp_path / "plain.ckpt")
+
+
+class _FailOnce(_lit.TinyLM):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fail = True
+
+    def training_step(self, batch, batch_idx):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("boom in training_step")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("where", ["setup", "configure_model", "training_step"])
+def test_failed_fit_leaves_no_trace_and_wrappers_never_pile_up(tmp_path, where):
+    if where == "training_step":
+        module, cb, error = _FailOnce(), LoRACallback(r=4), r"boom"
+    else:
+        module = _lit.TinyLM(build_in_configure_model=where == "configure_model")
+        cb, error = LoRACallback(r=4, target_modules=["nope"]), r"nope"
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        _lit.trainer(tmp_path, callbacks=[cb]).fit(module, _lit.loader())
+    _assert_no_trace(module, tmp_path / "after_failure")
+    # a new callback on the same module wraps afresh, and undoes its own wrapping only
+    saves = []
+    module.on_save_checkpoint = lambda checkpoint: saves.append(1)  # a hook the user set on the instance
+    user_hook = module.__dict__["on_save_checkpoint"]
+    for i in range(2):
+        ckpt = ModelCheckpoint(dirpath=tmp_path / f"ok{i}", save_last=True)
+        _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4), ckpt], enable_checkpointing=True,
+                     max_steps=1).fit(module, _lit.loader())
+        assert module.__dict__["on_save_checkpoint"] is user_hook
+        assert set(torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]) == \
+            {n for n, _ in adapter_named_parameters(module)}
+    assert len(saves) == 2 * 2  # once per save: ModelCheckpoint's step save and its "last" copy
+    del module.on_save_checkpoint
+    _assert_no_trace(module, tmp_path / "after_success")
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate", "test", "predict"])
+def test_every_stage_restores_the_module(tmp_path, stage):
+    module = _lit.TinyLM(build_in_configure_model=True)
+    trainer = _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4)], max_steps=1)
+    getattr(trainer, stage)(module, _lit.loader(n=4))
+    assert sum(isinstance(m, LoRALinear) for m in module.modules()) == 4
+    _assert_no_trace(module, tmp_path)
+
+
+def test_two_peft_callbacks_on_one_module_are_refused_naming_both(tmp_path):
+    module = _lit.TinyLM()
+    before = {n: t.clone() for n, t in module.state_dict().items()}
+    callbacks = [LoRACallback(r=4), LoRACallback(r=8, target_modules=["k_proj"])]
+    with pytest.raises(ValueError, match=r"(?s)more than one PEFT callback on one module: "
+                                         r"LoRACallback\(r=4,.* and LoRACallback\(r=8,.*'k_proj'"):
+        _lit.trainer(tmp_path, callbacks=callbacks).fit(module, _lit.loader())
+    assert not any(isinstance(m, LoRALinear) for m in module.modules())
+    assert all(torch.equal(t, before[n]) for n, t in module.state_dict().items())
+    _assert_no_trace(module, tmp_path)
+
+
+# -- a checkpoint means one adapter ----------------------------------------------------------------
+STAGES = ["fit", "validate", "test", "predict"]
+
+
+def _fit_checkpoint(root, callback, module=None, weights_only=False, **trainer_kwargs) -> Path:
+    """Fit ``module`` (a TinyLM by default) one step with ``callback``; the last checkpoint's path."""
+    ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_weights_only=weights_only)
+    kwargs = {"max_steps": 1, **trainer_kwargs}
+    _lit.trainer(root, callbacks=[callback, ckpt], enable_checkpointing=True, **kwargs).fit(
+        _lit.TinyLM() if module is None else module, _lit.loader())
+    return Path(ckpt.last_model_path)
+
+
+def _run(stage, tmp_path, module, callback, ckpt_path, **trainer_kwargs):
+    trainer = _lit.trainer(tmp_path, callbacks=[callback], **{"max_steps": 2, **trainer_kwargs})
+    return getattr(trainer, stage)(module, _lit.loader(n=4), ckpt_path=ckpt_path)
+
+
+def _refused_untouched(stage, tmp_path, callback, ckpt_path, match):
+    """Run ``stage`` from ``ckpt_path`` on a fresh TinyLM (its adapters already injected): refused
+    with ``match``, every tensor of the module bit-identical, no trace left."""
+    module = apply_lora(_lit.TinyLM(seed=3), config=callback.config)
+    before = {n: t.clone() for n, t in module.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        _run(stage, tmp_path, module, callback, ckpt_path)
+    assert module.state_dict().keys() == before.keys()
+    assert all(torch.equal(t, before[n]) for n, t in module.state_dict().items())
+    assert [k for k in module.__dict__ if k in _HOOKS] == [] and module._strict_loading is None
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("weights_only", [False, True], ids=["full", "weights_only"])
+def test_checkpoint_with_more_adapter_tensors_is_refused(tmp_path, stage, weights_only):
+    path = _fit_checkpoint(tmp_path / "qv", LoRACallback(r=4), weights_only=weights_only)  # q_proj, v_proj
+    config = "" if weights_only else r".*target_modules: None in the checkpoint"  # no callback state
+    _refused_untouched(stage, tmp_path, LoRACallback(r=4, target_modules=["q_proj"]), path,
+                       r"4 unexpected \(model\.model\.layers\.0\.self_attn\.v_proj\.lora_A.*"
+                       r"Nothing was loaded" + config)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_with_fewer_adapter_tensors_is_refused(tmp_path, stage):
+    path = _fit_checkpoint(tmp_path / "q", LoRACallback(r=4, target_modules=["q_proj"]))
+    _refused_untouched(stage, tmp_path, LoRACallback(r=4, target_modules=["q_proj", "v_proj"]), path,
+                       r"4 missing \(model\.model\.layers\.0\.self_attn\.v_proj\.lora_A")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_written_with_another_config_is_refused_naming_the_fields(tmp_path, stage):
+    path = _fit_checkpoint(tmp_path / "a16", LoRACallback(r=4, alpha=16, use_rslora=False))
+    _refused_untouched(stage, tmp_path, LoRACallback(r=4, alpha=64, use_rslora=True), path,
+                       r"LoRACallback config: alpha: 16 in the checkpoint, 64 in this run; "
+                       r"use_rslora: False in the checkpoint, True in this run")
+
+
+def test_checkpoint_with_same_adapter_loads_in_every_stage(tmp_path):
+    """The positive side of the checks above: same config (dropout may differ, it only changes
+    training) -> every stage runs on the checkpoint's adapters."""
+    path = _fit_checkpoint(tmp_path / "ok", LoRACallback(r=4, dropout=0.0))
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    for stage in STAGES:
+        module = _lit.TinyLM(seed=3)
+        _run(stage, tmp_path, module, LoRACallback(r=4, dropout=0.1), path, max_steps=1)
+        if stage != "fit":
+            assert all(torch.equal(_adapters(module)[n], t) for n, t in saved.items()), stage
+
+
+# -- merged models -----------------------------------------------------------------------------------
+def _base_weights(module):
+    return {n: m.base_layer.weight.detach().clone() for n, m in module.named_modules()
+            if isinstance(m, LoRALinear)}
+
+
+def test_second_fit_after_merge_unmerges_trains_and_merges_again(tmp_path):
+    module = _lit.TinyLM()
+    cb = LoRACallback(r=4, merge_on_fit_end=True)
+    apply_lora(module, config=cb.config)
+    w0 = _base_weights(module)
+    _lit.trainer(tmp_path, callbacks=[cb], max_steps=2).fit(module, _lit.loader())
+    first = _adapters(module)
+    assert all(m.merged for m in module.modules() if isinstance(m, LoRALinear))
+    _lit.trainer(tmp_path, callbacks=[cb], max_steps=2).fit(module, _lit.loader(seed=1))
+    second = _adapters(module)
+    assert all(not torch.equal(second[n], first[n]) for n in first if "lora_B" in n)
+    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(m.merged for m in layers)
+    ids = torch.randint(0, _lit.VOCAB, (2, 6))
+    module.eval()
+    merged = module(ids)
+    unmerge_adapters(module)
+    assert all(torch.equal(w, w0[n]) for n, w in _base_weights(module).items())
+    torch.testing.assert_close(module(ids), merged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["validate", "fit"])
+def test_ckpt_path_into_a_merged_model_loads_into_the_unmerged_layers(tmp_path, stage):
+    path = _fit_checkpoint(tmp_path / "a", LoRACallback(r=4), max_steps=2)
+    reference = apply_lora(_lit.TinyLM(), config=LoRACallback(r=4).config)
+    reference.load_state_dict(torch.load(path, weights_only=True)["state_dict"], strict=False)
+    module = _lit.TinyLM()  # same base as the checkpoint's run, other adapters, merged
+    cb = LoRACallback(r=4, merge_on_fit_end=True)
+    apply_lora(module, config=cb.config)
+    w0 = _base_weights(module)
+    _lit.trainer(tmp_path, callbacks=[cb], max_steps=2).fit(module, _lit.loader(seed=3))
+    if stage == "validate":
+        (result,) = _run("validate", tmp_path, module, cb, path)
+        (expected,) = _lit.trainer(tmp_path).validate(reference, _lit.loader(n=4))
+        assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+        assert all(torch.equal(_adapters(module)[n], t) for n, t in _adapters(reference).items())
+    else:
+        _run("fit", tmp_path, module, cb, path, max_steps=4)  # resumes at step 2, trains 2 more
+        assert all(not torch.equal(_adapters(module)[n], t) for n, t in _adapters(reference).items()
+                   if "lora_B" in n)
+    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    assert all(m.merged for m in layers)  # as it came in
+    ids = torch.randint(0, _lit.VOCAB, (2, 6))
+    module.eval()
+    merged = module(ids)
+    unmerge_adapters(module)
+    assert all(torch.equal(w, w0[n]) for n, w in _base_weights(module).items())
+    torch.testing.assert_close(module(ids), merged, rtol=1e-5, atol=1e-5)
+    if stage == "validate":
+        reference.eval()
+        torch.testing.assert_close(merged, reference(ids), rtol=1e-5, atol=1e-5)
+    merge_adapters(module)
+
+
+# -- buffers of modules trained in full ----------------------------------------------------------------
+def test_modules_to_save_buffers_are_checkpointed_checked_and_resumed(tmp_path):
+    def callback():
+        return LoRACallback(r=2, target_modules=["fc1", "fc2"], modules_to_save=["bn"])
+
+    module = _lit.TinyBN()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _lit.trainer(tmp_path, callbacks=[callback(), ckpt], enable_checkpointing=True, max_steps=3).fit(
+        module, _lit.regression_loader())
+    buffers = {n: b.clone() for n, b in adapter_named_buffers(module)}
+    assert set(buffers) == {"bn.modules_to_save.running_mean", "bn.modules_to_save.running_var",
+                            "bn.modules_to_save.num_batches_tracked"}
+    assert int(buffers["bn.modules_to_save.num_batches_tracked"]) == 3
+    state = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
+    assert set(state) == set(buffers) | {n for n, _ in adapter_named_parameters(module)}
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({n: b.clone() for n, b in adapter_named_buffers(pl_module)})
+
+    _lit.trainer(tmp_path, callbacks=[callback(), Spy()], max_steps=4).fit(
+        _lit.TinyBN(seed=1), _lit.regression_loader(), ckpt_path=ckpt.last_model_path)
+    assert seen.keys() == buffers.keys()
+    assert all(torch.equal(seen[n], b) for n, b in buffers.items())
+    # a checkpoint without the running statistics is refused, naming them
+    del state["bn.modules_to_save.running_var"]
+    torch.save({**torch.load(ckpt.last_model_path, weights_only=True), "state_dict": state},
+               tmp_path / "no_stats.ckpt")
+    fresh = _lit.TinyBN(seed=1)
+    with pytest.raises(ValueError, match=r"1 missing \(bn\.modules_to_save\.running_var\)"):
+        _lit.trainer(tmp_path, callbacks=[callback()], max_steps=4).fit(
+            fresh, _lit.regression_loader(), ckpt_path=tmp_path / "no_stats.ckpt")
