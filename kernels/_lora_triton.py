@@ -47,6 +47,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from kernels import _backend
+from kernels.lora import _branch_dtype
 
 __all__ = [
     "dropout_keep_mask",
@@ -100,7 +101,7 @@ def _lora_down_kernel(
     RB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     """S[m, r] (+)= scale · Σ_k keep(m, k)·x[m, k]·A[r, k] over this program's slice of K,
-    for rank columns r in block ``program_id(2)`` of RB."""
+    for rank columns r in block ``program_id(2)`` of RB, in A's dtype (x is cast to it)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -125,7 +126,7 @@ def _lora_down_kernel(
             x = tl.where(_keep_mask(seed, rm, k0, K, threshold, BM, BK), x, tl.zeros_like(x))
         a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
                     mask=k_ok[:, None] & (rr[None, :] < R), other=0.0)           # (BK, RB) = Aᵀ
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)                      # (BM, RB)
+        acc = tl.dot(x.to(a.dtype), a, acc, input_precision=PRECISION)          # (BM, RB)
     acc = acc * scale
     ptrs = s_ptr + pid_s * stride_sp + rm[:, None] * stride_sm + rr[None, :] * stride_sr
     mask = m_ok[:, None] & (rr[None, :] < R)
@@ -147,7 +148,7 @@ def _lora_dy_kernel(
     RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     """One read of dY: dS (+)= ds_scale·dY·B and dB (+)= db_scale·dYᵀ·S on this row tile, this
-    slice of N, and rank columns in block ``program_id(2)`` of RB."""
+    slice of N, and rank columns in block ``program_id(2)`` of RB, in S's (and B's) dtype."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -158,7 +159,7 @@ def _lora_dy_kernel(
     r_ok = rr < R
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
-    s = tl.zeros((BM, RB), dtype=dy_ptr.dtype.element_ty)
+    s = tl.zeros((BM, RB), dtype=s_ptr.dtype.element_ty)
     if NEED_DB:
         s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)               # (BM, RB)
@@ -170,6 +171,7 @@ def _lora_dy_kernel(
         n_ok = rn < n_hi
         dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)              # (BM, BN)
+        dy = dy.to(s_ptr.dtype.element_ty)        # into the branch dtype (A, B, S share it)
         if NEED_DS:
             b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)           # (BN, RB)
@@ -227,7 +229,8 @@ def _lora_gemm_kernel(
     alpha, threshold,
     NEED_OUT: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr, NEED_DA: tl.constexpr,
-    DA_ATOMIC: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, RP: tl.constexpr,
+    DA_ATOMIC: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    LR_PRECISION: tl.constexpr, RP: tl.constexpr,
     RB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -236,7 +239,8 @@ def _lora_gemm_kernel(
 
     Forward: Am = x, W = W0ᵀ, P = S, Q = Bᵀ, alpha = s. Backward: Am = dY, W = W0, P = dS,
     Q = A, XL = x, alpha = 1. The accumulator starts at the low-rank term, so the output is
-    written once.
+    written once. P and Q may be wider than Am and W (fp32 adapters on a bf16 base): the rank-r
+    products run in P's dtype (XL is cast to it) and everything sums in the fp32 accumulator.
     """
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BM)
@@ -265,7 +269,7 @@ def _lora_gemm_kernel(
             r_ok = rr < R
             p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)           # (BM, RB)
-            da = tl.dot(tl.trans(p), xl, input_precision=PRECISION)             # (RB, BN)
+            da = tl.dot(tl.trans(p), xl.to(p.dtype), input_precision=LR_PRECISION)  # (RB, BN)
             da_ptrs = (da_ptr + pid_m * stride_dap + rr[:, None] * stride_dar
                        + rn[None, :] * stride_dan)
             if DA_ATOMIC:
@@ -281,7 +285,7 @@ def _lora_gemm_kernel(
                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)       # (BM, RB)
                 q = tl.load(q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)       # (RB, BN)
-                acc = tl.dot(p, q, acc, input_precision=PRECISION)              # (BM, BN)
+                acc = tl.dot(p, q, acc, input_precision=LR_PRECISION)           # (BM, BN)
             acc = acc * alpha
             if DROPOUT:                           # regenerated: cheaper than keeping it live
                 keep = _keep_mask(tl.load(seed_ptr), rm, pid_n * BN, N, threshold, BM, BN)
@@ -405,7 +409,8 @@ def _threshold(dropout_p: float) -> int:
 
 
 def _lora_down(x: Tensor, a: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
-    """S = keep⊙x·Aᵀ/(1-p), (M, r) in x's dtype, reading x once."""
+    """S = keep⊙x·Aᵀ/(1-p), (M, r) in A's dtype (x's, or the adapters' when wider), reading
+    x once."""
     M, K = x.shape
     R = a.shape[0]
     cfg = _down_config()
@@ -413,7 +418,7 @@ def _lora_down(x: Tensor, a: Tensor, dropout_p: float, seed: Tensor | None) -> T
     splits, per = _split(m_blocks, triton.cdiv(K, cfg["BK"]), cfg["BK"], x.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if splits == 1:
-        buf = torch.empty((M, R), dtype=x.dtype, device=x.device)              # (M, r)
+        buf = torch.empty((M, R), dtype=a.dtype, device=x.device)              # (M, r)
     elif deterministic:
         buf = torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     else:
@@ -426,16 +431,17 @@ def _lora_down(x: Tensor, a: Tensor, dropout_p: float, seed: Tensor | None) -> T
                 buf.stride(0) if buf.dim() == 3 else 0, buf.stride(-2), buf.stride(-1),
                 1.0 / (1.0 - dropout_p), _threshold(dropout_p),
                 DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1 and not deterministic,
-                INT64=_needs_int64(x, a, buf), PRECISION=_precision(x.dtype),
+                INT64=_needs_int64(x, a, buf), PRECISION=_precision(a.dtype),
                 RB=_rank_block(R), **cfg)
     if splits == 1:
         return buf
-    return (buf.sum(0) if deterministic else buf).to(x.dtype)
+    return (buf.sum(0) if deterministic else buf).to(a.dtype)
 
 
 def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, need_ds: bool,
              need_db: bool) -> tuple[Tensor | None, Tensor | None]:
-    """One read of dY: (dS = ds_scale·dY·B (M, r), dB = scaling·dYᵀ·S (N, r)), in dY's dtype."""
+    """One read of dY: (dS = ds_scale·dY·B (M, r), dB = scaling·dYᵀ·S (N, r)), in B's dtype
+    (dY's, or the adapters' when wider)."""
     M, N = dy.shape
     R = b.shape[1]
     cfg = _dy_config()
@@ -444,7 +450,7 @@ def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, 
     deterministic = torch.are_deterministic_algorithms_enabled()
     f32 = {"dtype": torch.float32, "device": dy.device}
     if splits == 1:
-        ds = torch.empty((M, R), dtype=dy.dtype, device=dy.device)             # (M, r)
+        ds = torch.empty((M, R), dtype=b.dtype, device=dy.device)              # (M, r)
     elif deterministic:
         ds = torch.empty((splits, M, R), **f32)
     else:
@@ -465,13 +471,13 @@ def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, 
                 ds_scale, scaling,
                 NEED_DS=need_ds, NEED_DB=need_db, DS_ATOMIC=splits > 1 and not deterministic,
                 DB_ATOMIC=not deterministic, INT64=_needs_int64(dy, b, s, ds, db),
-                PRECISION=_precision(dy.dtype), RB=_rank_block(R), **cfg)
+                PRECISION=_precision(b.dtype), RB=_rank_block(R), **cfg)
     if not need_ds:
         ds = None
     elif splits > 1:
-        ds = (ds.sum(0) if deterministic else ds).to(dy.dtype)
+        ds = (ds.sum(0) if deterministic else ds).to(b.dtype)
     if need_db:
-        db = (db.sum(0) if deterministic else db).to(dy.dtype)
+        db = (db.sum(0) if deterministic else db).to(b.dtype)
     return ds, (db if need_db else None)
 
 
@@ -517,6 +523,7 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
                 ACCUMULATE=accumulate, DROPOUT=dropout_p > 0.0, NEED_DA=need_da,
                 DA_ATOMIC=not deterministic,
                 INT64=_needs_int64(a, w, p, q, out, xl, da), PRECISION=_precision(a.dtype),
+                LR_PRECISION=_precision(p_.dtype),
                 RP=_pad_rank(R), RB=_rank_block(R))
     if da is None:
         return None
@@ -689,9 +696,11 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
 
     ``y_i = x·W_iᵀ + s_i·(dropout(x)·A_iᵀ)·B_iᵀ + b_i`` for each member, with autograd; the
     members share one dropout mask. ``weights[i]`` (N_i, K), ``lora_as[i]`` (r_i, K),
-    ``lora_bs[i]`` (N_i, r_i), ``biases[i]`` (N_i,) or None. Adapters and biases are cast to
-    ``x.dtype``; under ``torch.autocast`` everything runs in the autocast dtype. Runs the Triton
-    kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+    ``lora_bs[i]`` (N_i, r_i), ``biases[i]`` (N_i,) or None. Biases are cast to ``x.dtype``,
+    adapters too unless they are wider (fp32 ``A``, ``B`` on a bf16/fp16 base): then the rank-r
+    products run in their dtype and they get gradients in it. Under ``torch.autocast`` everything
+    runs in the autocast dtype. Runs the Triton kernels (CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``).
     """
     weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)
     scalings = list(scalings)
@@ -700,13 +709,15 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
     if isinstance(x, Tensor) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return lora_linear_grouped(x.to(dtype), [w.to(dtype) for w in weights], lora_as,
-                                       lora_bs, scalings, biases, dropout_p, generator)
+            return lora_linear_grouped(x.to(dtype), [w.to(dtype) for w in weights],
+                                       [a.to(dtype) for a in lora_as],
+                                       [b.to(dtype) for b in lora_bs], scalings, biases,
+                                       dropout_p, generator)
     _check_grouped(x, weights, lora_as, lora_bs, scalings, biases, dropout_p)
-    dtype = x.dtype
-    lora_as = [a.to(dtype) for a in lora_as]
-    lora_bs = [b.to(dtype) for b in lora_bs]
-    biases = [None if b is None else b.to(dtype) for b in biases]
+    branch = _branch_dtype(x.dtype, *lora_as, *lora_bs)
+    lora_as = [a.to(branch) for a in lora_as]
+    lora_bs = [b.to(branch) for b in lora_bs]
+    biases = [None if b is None else b.to(x.dtype) for b in biases]
     lora_a = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as, dim=0)     # (Σr, K)
     return _apply(x, weights, lora_a, lora_bs, scalings, biases, float(dropout_p), generator)
 
@@ -740,9 +751,12 @@ def lora_linear_grouped_reference(x: Tensor, weights: list[Tensor], lora_as: lis
         keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p,
                                                                  generator=generator)
         xd = x * keep / (1.0 - dropout_p)
+    branch = _branch_dtype(x.dtype, *lora_as, *lora_bs)  # x's, or the adapters' when wider
+    xd = xd.to(branch)
     outs = []
     for w, a, b, s, bias in zip(weights, lora_as, lora_bs, scalings, biases):
-        a, b = a.to(x.dtype), b.to(x.dtype)
+        a, b = a.to(branch), b.to(branch)
         y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-        outs.append(y + s * torch.nn.functional.linear(torch.nn.functional.linear(xd, a), b))
+        lowrank = s * torch.nn.functional.linear(torch.nn.functional.linear(xd, a), b)
+        outs.append((y + lowrank).to(x.dtype))
     return tuple(outs)

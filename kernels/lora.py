@@ -19,7 +19,11 @@ output), ``S``, and what dropout dropped: the flat positions of the dropped elem
 ``0 < dropout_p <= 0.5`` (about ``p·M·K`` int64, drawn as geometric gaps: see
 :func:`dropout_positions`), a bool keep mask above. The dropped copy of ``x`` is never kept: forward
 and backward rebuild it with one scattered ``index_fill_``. ``W0`` only gets a gradient when it
-requires one. The Triton kernels of
+requires one. Adapters wider than ``x`` (fp32 ``A``, ``B`` on a bf16 base) keep the branch in their
+dtype: ``S`` and ``dS`` are in it, ``dY`` is cast to it for ``dB``/``dS``, and the rank-r terms are
+rounded to ``x``'s dtype before the base GEMMs accumulate onto them. Outputs are fresh tensors (no
+view made inside the autograd Function), so models may edit them in place (Falcon's
+``mlp_output += attention_output``). The Triton kernels of
 :mod:`kernels._lora_triton` implement the same contract; this file is their specification and the
 CPU fallback.
 """
@@ -50,6 +54,17 @@ def _dense(weight: Any, dtype: torch.dtype) -> Tensor:
     if isinstance(weight, Tensor):
         return weight
     return weight.dequantize(dtype)
+
+
+def _branch_dtype(x_dtype: torch.dtype, *adapters: Tensor) -> torch.dtype:
+    """The dtype the LoRA branch computes in: the adapters' when it is wider than ``x``'s (fp32
+    ``A``, ``B`` on a bf16/fp16 base, HF PEFT's ``autocast_adapter_dtype``), else ``x``'s."""
+    dtype = adapters[0].dtype
+    for t in adapters[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if dtype != x_dtype and torch.promote_types(dtype, x_dtype) == dtype:
+        return dtype
+    return x_dtype
 
 
 def _check_args(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None,
@@ -145,24 +160,22 @@ class _LoRALinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                   # (M, K)
         w = _dense(weight, x.dtype)                                     # (N, K)
-        drop = None
-        if dropout_p > 0.0:
-            drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device)
-            xd = _zero_dropped_(x2.clone(memory_format=torch.contiguous_format), drop)
-            s_lora = torch.mm(xd, lora_a.t()).mul_(scaling / (1.0 - dropout_p))   # s·S (M, r)
-            del xd
-        else:
-            s_lora = torch.mm(x2, lora_a.t()).mul_(scaling)             # s·S (M, r)
-        if bias is not None:
-            y = torch.addmm(bias, s_lora, lora_b.t())                   # b + s·S·Bᵀ (M, N)
-        else:
-            y = torch.mm(s_lora, lora_b.t())
-        y.addmm_(x2, w.t())                                             # y += x·W0ᵀ
+        branch = lora_a.dtype  # x's dtype, or the adapters' when wider (then S, B·S in it)
+        drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
+            else None
+        xd = _dropped(x2, drop, branch)                                 # (M, K)
+        s_lora = torch.mm(xd, lora_a.t()).mul_(scaling / (1.0 - dropout_p))  # s·S (M, r)
+        del xd
+        # a fresh output (not a view made here): models edit layer outputs in place
+        y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+        y2 = y.view(x2.shape[0], w.shape[0])                            # (M, N)
+        _lowrank_into(y2, s_lora, lora_b, bias)                         # b + s·S·Bᵀ
+        y2.addmm_(x2, w.t())                                            # y += x·W0ᵀ
         ctx.save_for_backward(x2, lora_a, lora_b, s_lora, drop,
                               weight if isinstance(weight, Tensor) else None)
         ctx.weight = None if isinstance(weight, Tensor) else weight
         ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, shape
-        return y.view(*shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -171,18 +184,17 @@ class _LoRALinear(torch.autograd.Function):
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad[:6]
         dy = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, N)
+        branch = lora_a.dtype
+        dy_b = dy.to(branch) if need_b or need_x or need_a else None    # dY in the branch dtype
         grad_x = grad_w = grad_a = grad_b = grad_bias = None
         if need_b:
-            grad_b = torch.mm(s_lora.t(), dy).t()                       # (s·Sᵀ·dY)ᵀ (N, r)
+            grad_b = torch.mm(s_lora.t(), dy_b).t()                     # (s·Sᵀ·dY)ᵀ (N, r)
         if need_x or need_a:
-            d_s = torch.mm(dy, lora_b).mul_(s if drop is None else s / (1.0 - p))  # (M, r)
+            d_s = torch.mm(dy_b, lora_b).mul_(s if drop is None else s / (1.0 - p))  # (M, r)
             if need_a:
-                xd = x2 if drop is None else _zero_dropped_(x2.clone(memory_format=torch.contiguous_format),
-                                                            drop)
-                grad_a = torch.mm(d_s.t(), xd)                          # (r, K)
-                del xd
+                grad_a = torch.mm(d_s.t(), _dropped(x2, drop, branch))  # (r, K)
             if need_x:
-                grad_x = torch.mm(d_s, lora_a)                          # (M, K) dS·A
+                grad_x = torch.mm(d_s, lora_a).to(dy.dtype)             # (M, K) dS·A
                 if drop is not None:
                     _zero_dropped_(grad_x, drop)                        # ⊙ mask
                 grad_x.addmm_(dy, _dense(weight, dy.dtype))             # += dY·W0
@@ -192,6 +204,27 @@ class _LoRALinear(torch.autograd.Function):
         if need_bias:
             grad_bias = dy.sum(0)
         return grad_x, grad_w, grad_a, grad_b, None, grad_bias, None, None
+
+
+def _dropped(x2: Tensor, drop: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``dropout(x)`` (unscaled) in ``dtype``: ``x2`` itself when nothing is dropped and the dtype
+    matches, else a contiguous copy with the dropped elements zeroed."""
+    if drop is None:
+        return x2.to(dtype)
+    return _zero_dropped_(x2.to(dtype, memory_format=torch.contiguous_format, copy=True), drop)
+
+
+def _lowrank_into(out: Tensor, s_lora: Tensor, lora_b: Tensor, bias: Tensor | None) -> None:
+    """``out (M, N) = b + (s·S)·Bᵀ``. With adapters wider than ``out`` the product (and the bias)
+    is summed in the adapters' dtype and rounded once to ``out``'s."""
+    if s_lora.dtype == out.dtype:
+        if bias is None:
+            torch.mm(s_lora, lora_b.t(), out=out)
+        else:
+            torch.addmm(bias, s_lora, lora_b.t(), out=out)
+        return
+    lowrank = torch.mm(s_lora, lora_b.t())                              # (M, N) branch dtype
+    out.copy_(lowrank if bias is None else lowrank.add_(bias))
 
 
 def lora_linear_reference(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
@@ -218,19 +251,24 @@ def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
         dropout_p: dropout probability on the LoRA branch's input only.
         generator: optional ``torch.Generator`` for the dropout mask.
 
-    ``lora_a``, ``lora_b`` and ``bias`` are cast to ``x``'s dtype (the casts are differentiable);
-    under ``torch.autocast`` everything runs in the autocast dtype.
+    ``bias`` is cast to ``x``'s dtype, and so are ``lora_a`` and ``lora_b`` unless they are wider
+    (fp32 adapters on a bf16/fp16 base, HF PEFT's ``autocast_adapter_dtype``): then the branch
+    computes in their dtype, ``S = dropout(x).to(A.dtype)·Aᵀ`` and ``s·S·Bᵀ``, which is rounded once
+    to ``x``'s dtype and added to the base output there; ``A`` and ``B`` get gradients in their
+    dtype, ``x`` in its own. Under ``torch.autocast`` everything runs in the autocast dtype. The
+    output is a fresh tensor that may be edited in place. (All casts are differentiable.)
     """
     _check_args(x, weight, lora_a, lora_b, bias, dropout_p)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
+        x, lora_a, lora_b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         if isinstance(weight, Tensor):
             weight = weight.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)
-    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    branch = _branch_dtype(x.dtype, lora_a, lora_b)
+    lora_a, lora_b = lora_a.to(branch), lora_b.to(branch)
     if bias is not None:
         bias = bias.to(x.dtype)
     if isinstance(weight, Tensor) and _backend.use_triton(x, weight, lora_a, lora_b):
@@ -261,11 +299,10 @@ class _LoRALinearGrouped(torch.autograd.Function):
         weights, lora_as, lora_bs, biases = (tensors[i * n:(i + 1) * n] for i in range(4))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                   # (M, K)
-        drop = None
-        xd = x2
-        if dropout_p > 0.0:
-            drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device)
-            xd = _zero_dropped_(x2.clone(memory_format=torch.contiguous_format), drop)
+        branch = lora_as[0].dtype  # x's dtype, or the adapters' when wider
+        drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
+            else None
+        xd = _dropped(x2, drop, branch)                                 # (M, K)
         a_cat = torch.cat(lora_as, dim=0)                               # (Σr, K)
         s_cat = torch.mm(xd, a_cat.t())                                 # (M, Σr)
         del xd
@@ -273,9 +310,13 @@ class _LoRALinearGrouped(torch.autograd.Function):
         for w, b, bias, s, a in zip(weights, lora_bs, biases, scalings, lora_as):
             s_i = s_cat[:, start:start + a.shape[0]].mul_(s / (1.0 - dropout_p))  # s_i·S_i, in place
             start += a.shape[0]
-            y = torch.mm(s_i, b.t()) if bias is None else torch.addmm(bias, s_i, b.t())
-            y.addmm_(x2, _dense(w, x.dtype).t())                        # y_i += x·W_iᵀ
-            outs.append(y.view(*shape[:-1], y.shape[-1]))
+            w = _dense(w, x.dtype)                                      # (N_i, K)
+            # fresh outputs (not views made here): models edit layer outputs in place
+            y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+            y2 = y.view(x2.shape[0], w.shape[0])                        # (M, N_i)
+            _lowrank_into(y2, s_i, b, bias)                             # b_i + s_i·S_i·B_iᵀ
+            y2.addmm_(x2, w.t())                                        # y_i += x·W_iᵀ
+            outs.append(y)
         del a_cat  # backward concatenates the A_i again rather than keeping a copy alive
         ctx.save_for_backward(x2, s_cat, drop, *lora_as, *lora_bs,
                               *(w if isinstance(w, Tensor) else None for w in weights))
@@ -293,6 +334,7 @@ class _LoRALinearGrouped(torch.autograd.Function):
         weights = [q if w is None else w for w, q in zip(rest[2 * n:], ctx.quantized)]
         needs = ctx.needs_input_grad[4:]
         need_w, need_a, need_b, need_bias = (needs[i * n:(i + 1) * n] for i in range(4))
+        branch = s_cat.dtype
         dys = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grad_outs]
         grads_w, grads_b, grads_bias = [None] * n, [None] * n, [None] * n
         d_s = torch.zeros_like(s_cat)                                   # (M, Σr)
@@ -302,22 +344,21 @@ class _LoRALinearGrouped(torch.autograd.Function):
             start += r
             if dy is None:
                 continue
+            dy_b = dy.to(branch)                                        # dY_i in the branch dtype
             if need_b[i]:
-                grads_b[i] = torch.mm(s_cat[:, block].t(), dy).t()     # (s_i·S_iᵀ·dY_i)ᵀ
-            d_s[:, block] = torch.mm(dy, b).mul_(s / (1.0 - p))         # dS_i
+                grads_b[i] = torch.mm(s_cat[:, block].t(), dy_b).t()   # (s_i·S_iᵀ·dY_i)ᵀ
+            d_s[:, block] = torch.mm(dy_b, b).mul_(s / (1.0 - p))       # dS_i
+            del dy_b
             if need_w[i]:
                 grads_w[i] = torch.mm(dy.t(), x2)
             if need_bias[i]:
                 grads_bias[i] = dy.sum(0)
         grads_a = [None] * n
         if any(need_a):
-            xd = x2 if drop is None else _zero_dropped_(x2.clone(memory_format=torch.contiguous_format),
-                                                        drop)
-            grads_a = list(torch.mm(d_s.t(), xd).split(ctx.ranks, dim=0))  # (Σr, K) in one pass
-            del xd
+            grads_a = list(torch.mm(d_s.t(), _dropped(x2, drop, branch)).split(ctx.ranks, dim=0))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(d_s, torch.cat(lora_as, dim=0))           # (M, K) dS_cat·A_cat
+            grad_x = torch.mm(d_s, torch.cat(lora_as, dim=0)).to(x2.dtype)  # (M, K) dS_cat·A_cat
             if drop is not None:
                 _zero_dropped_(grad_x, drop)                            # ⊙ mask
             for dy, w in zip(dys, weights):
@@ -335,11 +376,11 @@ def lora_linear_grouped_reference(x: Tensor, weights: list[Tensor], lora_as: lis
     ...; A_n]ᵀ`` in one pass over ``x`` (one dropout draw shared by the members), then each
     member's base GEMM accumulates onto its ``b_i + s_i·S_i·B_iᵀ``; see :class:`_LoRALinearGrouped`."""
     biases = [None] * len(weights) if biases is None else list(biases)
-    dtype = x.dtype
+    branch = _branch_dtype(x.dtype, *lora_as, *lora_bs)
     return _LoRALinearGrouped.apply(
         x, [float(s) for s in scalings], float(dropout_p), generator, *weights,
-        *(a.to(dtype) for a in lora_as), *(b.to(dtype) for b in lora_bs),
-        *(None if b is None else b.to(dtype) for b in biases))
+        *(a.to(branch) for a in lora_as), *(b.to(branch) for b in lora_bs),
+        *(None if b is None else b.to(x.dtype) for b in biases))
 
 
 def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor], lora_bs: list[Tensor],
@@ -348,7 +389,8 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
                         generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
     """LoRA linears that read the same ``x`` (q/k/v, gate/up), with ``x`` read once for all their
     ``A`` matrices: ``y_i = x·W_iᵀ + s_i·(dropout(x)·A_iᵀ)·B_iᵀ + b_i``. The members share one
-    dropout mask. Returns one output per member; autograd to every input."""
+    dropout mask. Returns one fresh output per member (editable in place); autograd to every input.
+    Dtypes as in :func:`lora_linear`: adapters wider than ``x`` keep the branch in their dtype."""
     if isinstance(x, Tensor) and all(isinstance(w, Tensor) for w in weights) and \
             _backend.use_triton(x, *weights, *lora_as, *lora_bs):
         from kernels import _lora_triton
@@ -360,8 +402,9 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return lora_linear_grouped(
-                x.to(dtype), [w.to(dtype) if isinstance(w, Tensor) else w for w in weights], lora_as,
-                lora_bs, scalings, biases, dropout_p, generator)
+                x.to(dtype), [w.to(dtype) if isinstance(w, Tensor) else w for w in weights],
+                [a.to(dtype) for a in lora_as], [b.to(dtype) for b in lora_bs], scalings, biases,
+                dropout_p, generator)
     if len(lora_as) != len(weights) or len(lora_bs) != len(weights) or len(scalings) != len(weights) \
             or (biases is not None and len(biases) != len(weights)) or not weights:
         raise ValueError("weights, lora_as, lora_bs, scalings (and biases) must be non-empty and have "
