@@ -1,7 +1,8 @@
 """Fused LoRA linear on a frozen NF4 base weight (the QLoRA layer), Triton path.
 
 The base weight ``W0`` is kept as an :class:`kernels.NF4Tensor` (4 bits per weight) and is
-dequantized into a scratch buffer shared per (device, dtype) right before each fused GEMM::
+dequantized into the calling thread's scratch buffer for (device, dtype) right before each fused
+GEMM (never shared across threads)::
 
     forward    W  = dequant(q)                          (N, K) scratch, in x's dtype
                S  = keep⊙x·Aᵀ/(1-p)                     (M, r)   the fused LoRA op of
@@ -12,8 +13,8 @@ dequantized into a scratch buffer shared per (device, dtype) right before each f
                dA = dSᵀ·(keep⊙x) ,  db = Σ_m dY ;  W0 gets no gradient
 
 Saved for backward: ``x``, ``S`` and the dropout seed, never a dense ``W0``: a model's autograd
-graph holds no dequantized weights, only one scratch buffer per dtype exists. The contract is
-:func:`kernels.lora.lora_linear_reference` with an NF4 weight.
+graph holds no dequantized weights, only one scratch buffer per dtype and thread exists. The
+contract is :func:`kernels.lora.lora_linear_reference` with an NF4 weight.
 """
 
 from __future__ import annotations

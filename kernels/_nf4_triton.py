@@ -24,11 +24,15 @@ contracted into an FMA. Offsets are int64 so tensors beyond 2³¹ elements index
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import _backend
 from kernels.nf4 import _NESTED_BLOCKSIZE, NF4Tensor, _tables, _workspace
 
 # Largest M served by the fused matmul kernel; larger batches dequantize once and call the GEMM.
@@ -193,6 +197,18 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code
 
 
 # ---------------------------------------------------------------------------------- launchers
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``. Launches hold no shared state, so threads may launch at
+    once; only Triton's CPU interpreter (``TRITON_INTERPRET=1``) patches ``triton.language`` for
+    the duration of a kernel, so there launches run one at a time."""
+    lock = _INTERPRETER_LOCK if _backend.interpreting() else contextlib.nullcontext()
+    with lock:
+        kernel[grid](*args, **kwargs)
+
+
 def _nested_args(q: NF4Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if q.double_quant:
         return q.nested_absmax, q.nested_code, q.nested_offset
@@ -209,7 +225,8 @@ def quantize(w: Tensor, blocksize: int, double_quant: bool) -> NF4Tensor:
     packed = torch.empty(nbytes, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(blocks, dtype=torch.float32, device=w.device)
     rows = max(1, 2048 // blocksize)
-    _quantize_kernel[(triton.cdiv(blocks, rows),)](
+    _launch(
+        _quantize_kernel, (triton.cdiv(blocks, rows),),
         x, packed, absmax, tables.bounds, n, nbytes, blocks, BLOCKSIZE=blocksize, ROWS=rows,
         num_warps=4, enable_fp_fusion=False)
     if not double_quant:
@@ -218,7 +235,8 @@ def quantize(w: Tensor, blocksize: int, double_quant: bool) -> NF4Tensor:
     groups = -(-blocks // _NESTED_BLOCKSIZE)
     qabs = torch.empty(blocks, dtype=torch.uint8, device=w.device)
     nested = torch.empty(groups, dtype=torch.float32, device=w.device)
-    _quantize_absmax_kernel[(groups,)](
+    _launch(
+        _quantize_absmax_kernel, (groups,),
         absmax, offset, tables.lut, qabs, nested, blocks, GROUP=_NESTED_BLOCKSIZE, num_warps=2,
         enable_fp_fusion=False)
     return NF4Tensor(packed, qabs, w.shape, w.dtype, blocksize, nested_absmax=nested,
@@ -234,7 +252,8 @@ def dequantize(q: NF4Tensor, out: Tensor) -> Tensor:
     rows = max(1, 1024 // cols)              # 1024 bytes a program, 4 a thread: 8 outputs store
                                              # as one 16-byte bf16 vector, no layout shuffle
     grid = (triton.cdiv(nbytes, rows * cols),)
-    _dequantize_kernel[grid](
+    _launch(
+        _dequantize_kernel, grid,
         q.packed, q.absmax, *_nested_args(q), tables.pair, out, n, nbytes,
         BLOCKSIZE=q.blocksize, NESTED=q.double_quant, ROWS=rows, COLS=cols, num_warps=8,
         enable_fp_fusion=False)
@@ -283,7 +302,8 @@ def matmul_small_m(x2: Tensor, q: NF4Tensor, bias: Tensor | None, split_k: int |
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     final = split_k == 1
     dest = y if final else torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device)
-    _matmul_kernel[(tiles_n, split_k)](
+    _launch(
+        _matmul_kernel, (tiles_n, split_k),
         x2, q.packed, q.absmax, *_nested_args(q), tables.pair,
         bias if bias is not None else y, dest, m, n, k, x2.stride(0), n, m * n, blocks_per_split,
         BLOCKSIZE=q.blocksize, NESTED=q.double_quant, HAS_BIAS=bias is not None,

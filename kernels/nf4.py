@@ -2,9 +2,12 @@
 
 NF4 (NormalFloat4, QLoRA: Dettmers et al., 2023, arXiv 2305.14314) stores each weight as one of
 16 code values ``c[0..15]`` (quantiles of N(0, 1), scaled into [-1, 1]) times a per-block scale.
-The format is exactly the one bitsandbytes writes (checked bit for bit against its CPU path,
-bitsandbytes 0.50.2). With ``w`` the flattened row-major weight of ``n`` elements and ``B`` the
-blocksize (32, 64, ..., 4096; 64 by default):
+The format is exactly the one bitsandbytes writes: quantizing gives byte for byte the packed codes,
+absmax, nested absmax and offset of bitsandbytes 0.50.2's ``quantize_4bit`` (CPU), and
+dequantizing is bit for bit the formula ``w'`` below on those bytes, which is what bitsandbytes'
+PyTorch dequantize computes (its native AVX-512 CPU kernel returns other values when a row ends
+inside a block, e.g. a (48, 80) weight at blocksize 128). With ``w`` the flattened row-major
+weight of ``n`` elements (all finite) and ``B`` the blocksize (32, 64, ..., 4096; 64 by default):
 
     absmax[b] = max_i |w[bB + i]|                           fp32, one per block (ceil(n/B),)
     s         = clamp(w[i] · (1 / absmax[b]), -1, 1)        full blocks (a zero absmax reads 1e-38)
@@ -34,7 +37,9 @@ where the codes are denser than the table.) The serialized form is that of
 Matmul: ``nf4_linear(x, q, b) = x·dequant(q)ᵀ + b`` with ``dX = dY·dequant(q)``; the weight gets
 no gradient. On the Triton path, ``M <= 16`` rows run a fused kernel that reads the 4-bit bytes
 straight into the dot product; larger ``M`` dequantizes into a reused buffer and calls the GEMM.
-This file is the specification and CPU fallback; :mod:`kernels._nf4_triton` holds the kernels.
+Every op may be called from several threads at once: the reused buffers are per thread (and CUDA
+stream), never shared. This file is the specification and CPU fallback; :mod:`kernels._nf4_triton`
+holds the kernels.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import itertools
 import json
 import math
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -563,7 +569,8 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> N
 
     Same packed bytes and absmax as ``bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
     compress_statistics=double_quant, quant_type="nf4")``. ``w`` is not modified and needs no
-    gradient (quantization is not differentiable).
+    gradient (quantization is not differentiable). A NaN or inf in ``w`` is a ``ValueError`` that
+    gives their count and the first one's index (NF4 holds finite values only).
     """
     if not isinstance(w, Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
@@ -575,11 +582,27 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> N
     if w.numel() == 0:
         raise ValueError(f"w must have at least one element, got shape {tuple(w.shape)}")
     w = w.detach()
+    _check_finite(w)
     if _backend.use_triton(w):
         from kernels import _nf4_triton
 
         return _nf4_triton.quantize(w, blocksize, double_quant)
     return _quantize_torch(w, blocksize, double_quant)
+
+
+def _check_finite(w: Tensor) -> None:
+    """NF4 stores ``c[q]·absmax``: a NaN or inf has no code and would poison its block's scale."""
+    finite = torch.isfinite(w)
+    if bool(finite.all()):
+        return
+    bad = ~finite.reshape(-1)
+    count = int(bad.sum())
+    first = int(bad.to(torch.uint8).argmax())                          # first True
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), w.shape))
+    value = w.reshape(-1)[first].item()
+    raise ValueError(f"w has {count} non-finite value{'s' if count > 1 else ''} (NaN or inf); the "
+                     f"first at index {index} (flat {first}) is {value}: NF4 stores finite "
+                     "weights only (fix or mask them before quantizing)")
 
 
 def _check_out(out: Any, q: NF4Tensor, dtype: torch.dtype) -> Tensor:
@@ -630,9 +653,10 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: Tensor |
                    ) -> Tensor:
     """The dense weight of ``q`` in ``dtype`` (fp16/bf16/fp32; default ``q.dtype``).
 
-    Bit-identical to ``bitsandbytes.functional.dequantize_4bit``. With ``out`` (contiguous, same
-    number of elements, dtype, device) the result is written there and ``out`` is returned, so a
-    buffer can be reused across calls; otherwise a new tensor of shape ``q.shape``.
+    Bit for bit the NF4 formula ``c[q[i]]·absmax[i // B]`` (one fp32 product, then rounded to
+    ``dtype``), as bitsandbytes' PyTorch ``dequantize_4bit`` computes it. With ``out`` (contiguous,
+    same number of elements, dtype, device) the result is written there and ``out`` is returned, so
+    a buffer can be reused across calls; otherwise a new tensor of shape ``q.shape``.
     """
     _check_nf4(q)
     if dtype is None:
@@ -649,25 +673,33 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: Tensor |
     return _dequantize_torch(q, out)
 
 
-_WORKSPACE: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+_SCRATCH = threading.local()   # per thread: {(device, dtype, stream): flat buffer}
 
 
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A flat scratch buffer shared by every caller on ``(device, dtype)``; grows as needed."""
-    buf = _WORKSPACE.get((device, dtype))
+    """A flat scratch buffer of the calling thread for ``(device, dtype)`` (and, on a GPU, the
+    current stream); grows as needed. Never shared across threads, so two threads running NF4
+    layers at once each dequantize into their own buffer; a thread's buffers go with it."""
+    buffers: dict | None = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, dtype, stream)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        _WORKSPACE.pop((device, dtype), None)
+        buffers.pop(key, None)
         buf = torch.empty(numel, dtype=dtype, device=device)
-        _WORKSPACE[(device, dtype)] = buf
+        buffers[key] = buf
     return buf[:numel]
 
 
 def nf4_dense_for_matmul(q: NF4Tensor, dtype: torch.dtype, reuse: bool = True) -> Tensor:
     """``q`` dequantized to ``dtype`` for an immediately following matmul (Triton or Torch path).
 
-    With ``reuse=True`` the result lives in a scratch buffer shared per (device, dtype) that keeps
-    the size of the largest weight seen: consume it before the next call (do not save it for
-    backward; dequantize again there). ``reuse=False`` returns a fresh tensor.
+    With ``reuse=True`` the result lives in a scratch buffer of the calling thread per (device,
+    dtype, stream) that keeps the size of the largest weight seen: consume it before this thread's
+    next call (do not save it for backward; dequantize again there). Other threads never write
+    it. ``reuse=False`` returns a fresh tensor.
     """
     _check_nf4(q)
     _check_dtype(dtype)

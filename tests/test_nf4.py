@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import bitsandbytes as bnb
 import pytest
@@ -617,6 +618,71 @@ def test_gpu_against_bitsandbytes_cuda():
             assert torch.equal(mine.absmax, state.absmax)
 
 
+# ---------------------------------------------------------------------------- thread safety
+def concurrently(jobs, rounds: int) -> list[list]:
+    """Run each job ``rounds`` times in its own thread, all threads released together; returns
+    each job's results (re-raises the first exception a thread met)."""
+    start = threading.Barrier(len(jobs))
+    results: list[list] = [[] for _ in jobs]
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            start.wait()
+            for _ in range(rounds):
+                results[i].append(jobs[i]())
+        except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def count_wrong(results, want, tol=1e-5) -> int:
+    """How many results (tuples of tensors) differ from ``want`` beyond ``tol`` (relative)."""
+    def close(a, b):
+        return a.shape == b.shape and bool(((a.float() - b.float()).abs() <=
+                                            tol * (1 + b.float().abs())).all())
+    return sum(not all(close(a, b) for a, b in zip(r, want)) for r in results)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_are_thread_safe(backend):
+    """Two threads, each with its own NF4 weight of another shape, run nf4_linear forward and
+    backward (M > 16: dequantize into scratch + GEMM), dequantize_nf4 and nf4_dense_for_matmul at
+    the same time: every result equals the one computed alone."""
+    rounds = 40 if backend == "torch" else 4
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for n, k in ((96, 128), (80, 192)):
+        q = quantize_nf4(torch.randn(n, k, generator=g), 64, True)
+        x = torch.randn(24, k, generator=g)
+        dy = torch.randn(24, n, generator=g)
+        cases.append((q, x, dy))
+
+    def job(q, x, dy):
+        def run():
+            xg = x.clone().requires_grad_()
+            y = nf4_linear(xg, q)
+            y.backward(dy)
+            return (y.detach(), xg.grad, dequantize_nf4(q, torch.float32),
+                    nf4_dense_for_matmul(q, torch.float32).clone())
+        return run
+
+    with use_backend(backend):
+        jobs = [job(*c) for c in cases]
+        want = [j() for j in jobs]
+        got = concurrently(jobs, rounds)
+    wrong = [count_wrong(r, w) for r, w in zip(got, want)]
+    assert wrong == [0, 0], f"wrong results per thread out of {rounds}: {wrong}"
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_bad_quantize_inputs():
     w = torch.randn(4, 64)
@@ -633,6 +699,25 @@ def test_bad_quantize_inputs():
         quantize_nf4(w, double_quant=1)
     with pytest.raises(ValueError, match="at least one element"):
         quantize_nf4(torch.empty(0, 64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("bad,dtype", [(float("nan"), torch.float32), (float("inf"), torch.float16),
+                                       (float("-inf"), torch.bfloat16)])
+def test_quantize_rejects_non_finite_weights(backend, double_quant, bad, dtype):
+    """A NaN or inf cannot be stored as a code times a finite scale: a ValueError with the count
+    and the first index (no IndexError from the nested table, no silently NaN block)."""
+    w = torch.randn(6, 70).to(dtype)
+    w[4, 1] = bad
+    w[2, 5] = bad
+    w[5, 69] = float("nan")
+    with use_backend(backend), pytest.raises(
+            ValueError, match=r"w has 3 non-finite values \(NaN or inf\); the first at index "
+                              r"\(2, 5\) \(flat 145\)"):
+        quantize_nf4(w, 64, double_quant)
+    with pytest.raises(ValueError, match=r"1 non-finite value .* index \(3,\)"):
+        quantize_nf4(torch.tensor([0.0, 1.0, 2.0, float("nan")]), 32, double_quant)
 
 
 def test_bad_dequantize_inputs():
