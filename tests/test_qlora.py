@@ -33,6 +33,7 @@ from lightning_peft import (
 )
 from lightning_peft._base import adapter_named_parameters
 from lightning_peft.lora import LoRAConfig
+from lightning_peft.qlora import _dynamic_code
 from tests import _lit, _tiny
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -211,6 +212,76 @@ def test_triton_nf4_dropout_matches_dense_triton_and_frees_no_weight():
     assert saved and all(tuple(t.shape) != tuple(w.shape) for t in saved)
 
 
+# -------------------------------------------------------------------------- thread safety
+
+
+def _threaded_job(op, k, n, seed):
+    """One thread's work for :func:`test_layers_and_lora_ops_are_thread_safe`: forward and
+    backward of ``op`` on its own weights of shape (n, k); returns the outputs and gradients."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(24, k, generator=g)
+    if op == "qlora_layer":
+        torch.manual_seed(seed)
+        layer = LoRALinear(NF4Linear.from_linear(nn.Linear(k, n), torch.float32), r=4, alpha=8.0)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.3, generator=g)
+        base = layer.base_layer
+
+        def run():
+            xg = x.clone().requires_grad_()
+            y = layer(xg)
+            y.square().sum().backward()
+            grads = (xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+            layer.zero_grad(set_to_none=True)
+            return (y.detach(), base(x), *grads)
+        return run
+    m = 1 if op == "lora_linear" else 3
+    ws = [torch.randn(n + 8 * i, k, generator=g) / 8 for i in range(m)]
+    a_s = [(torch.randn(4, k, generator=g) / 8).requires_grad_() for _ in range(m)]
+    b_s = [(torch.randn(n + 8 * i, 4, generator=g) / 2).requires_grad_() for i in range(m)]
+
+    def run():
+        xg = x.clone().requires_grad_()
+        if op == "lora_linear":
+            ys = (kernels.lora_linear(xg, ws[0], a_s[0], b_s[0], 0.5),)
+        else:
+            ys = kernels.lora_linear_grouped(xg, ws, a_s, b_s, [0.5, 1.0, 2.0])
+        grads = torch.autograd.grad(sum(y.square().sum() for y in ys), [xg, *a_s, *b_s])
+        return (*(y.detach() for y in ys), *grads)
+    return run
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["qlora_layer", "lora_linear", "lora_linear_grouped"])
+def test_layers_and_lora_ops_are_thread_safe(op, backend, monkeypatch):
+    """Two threads (serving, ``predict`` in threads) each run their own layer or op, of another
+    shape, forward and backward, at the same time: every result equals the one computed alone
+    (the NF4 layers' scratch buffers are per thread)."""
+    from tests.test_nf4 import concurrently, count_wrong
+
+    if backend == "triton" and kernels._backend.interpreting():
+        # Triton's CPU interpreter patches triton.language for the duration of each launch, so
+        # interpreted launches must not overlap; kernels/_nf4_triton.py serializes its own, the
+        # LoRA launcher (kernels/_lora_triton.py) not yet: serialize it the same way here.
+        from kernels import _lora_triton, _nf4_triton
+
+        launch = _lora_triton._launch
+
+        def serialized(*args, **kwargs):
+            with _nf4_triton._INTERPRETER_LOCK:
+                launch(*args, **kwargs)
+
+        monkeypatch.setattr(_lora_triton, "_launch", serialized)
+    rounds, shapes = (30, ((128, 96), (192, 80))) if backend == "torch" else \
+        (2 if op == "qlora_layer" else 1, ((64, 40), (96, 56)))
+    with kernels.use_backend(backend):
+        jobs = [_threaded_job(op, k, n, seed) for seed, (k, n) in enumerate(shapes)]
+        want = [job() for job in jobs]
+        got = concurrently(jobs, rounds)
+    wrong = [count_wrong(r, w, tol=1e-4) for r, w in zip(got, want)]
+    assert wrong == [0, 0], f"wrong results per thread out of {rounds}: {wrong}"
+
+
 # -------------------------------------------------------------------------- apply_qlora
 
 
@@ -275,23 +346,105 @@ def test_apply_qlora_structure_freezing_and_counts():
     assert [(m.base_layer.weight, m.lora_A) for m in layers] == before
 
 
-def test_quantizes_one_layer_at_a_time_and_drops_the_dense_weights(monkeypatch):
+def test_quantizes_one_layer_at_a_time_and_releases_the_dense_weights(monkeypatch):
+    """Each layer's own weight is quantized (no full-precision copy is made); the dense weights
+    are kept until every layer succeeded (so a failure can put them back) and then released."""
     model = _tiny.llama()
     targets = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
     refs = [weakref.ref(m.weight) for m in targets]
+    pointers = [m.weight.data_ptr() for m in targets]
     del targets
-    alive_at_call = []
+    seen, alive_at_call = [], []
     original = kernels.quantize_nf4
+    _dynamic_code()  # cached: the placeholders' nested map is quantized once per process
 
     def spy(w, *args, **kwargs):
+        seen.append(w.data_ptr())
         alive_at_call.append(sum(r() is not None for r in refs))
         return original(w, *args, **kwargs)
 
     monkeypatch.setattr(kernels, "quantize_nf4", spy)
     apply_qlora(model, r=2, target_modules="all-linear")
     n = len(refs)
-    assert alive_at_call == list(range(n, 0, -1))  # each dense weight freed before the next
+    assert seen == pointers and alive_at_call == [n] * n
     assert all(r() is None for r in refs)
+
+
+def _snapshot(model):
+    """Everything apply_qlora may touch: the module tree (objects), every module's attributes
+    (by identity), every Parameter object with its values, dtype and requires_grad."""
+    modules = [(name, m, dict(m.__dict__), dict(m._modules), dict(m._parameters))
+               for name, m in model.named_modules()]
+    params = [(name, p, p.detach().clone(), p.requires_grad) for name, p in
+              model.named_parameters(remove_duplicate=False)]
+    return modules, params
+
+
+def _assert_unchanged(model, snapshot):
+    modules, params = snapshot
+    now = list(model.named_modules())
+    assert [(n, id(m)) for n, m, *_ in modules] == [(n, id(m)) for n, m in now]
+    for name, m, attrs, children, own in modules:
+        assert m.__dict__.keys() == attrs.keys(), name
+        assert all(m.__dict__[k] is v for k, v in attrs.items()
+                   if k not in ("_modules", "_parameters")), name
+        assert m._modules == children and all(m._modules[k] is v for k, v in children.items())
+        assert m._parameters.keys() == own.keys()
+        assert all(m._parameters[k] is v for k, v in own.items()), name
+    now_params = list(model.named_parameters(remove_duplicate=False))
+    assert [(n, id(p)) for n, p, *_ in params] == [(n, id(p)) for n, p in now_params]
+    for name, p, value, requires_grad in params:
+        assert p.requires_grad == requires_grad, name
+        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_apply_qlora_non_finite_weight_leaves_the_model_as_it_was():
+    """One NaN in the last targeted layer: a ValueError naming the layer and the NaN, and the
+    model is exactly as before (no LoRA, no NF4 layer, same Parameters, same values)."""
+    model = _tiny.llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 7] = float("nan")
+    before = _snapshot(model)
+    ids = torch.randint(0, 96, (1, 5))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*1 non-finite value"
+                                         r".*index \(3, 7\)"):
+        apply_qlora(model, r=2, target_modules="all-linear")
+    _assert_unchanged(model, before)
+    assert not any(isinstance(m, (LoRALinear, NF4Linear)) for m in model.modules())
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 7] = 0.0
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)
+    apply_qlora(model, r=2, target_modules="all-linear")  # the fixed model converts in full
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14
+
+
+@pytest.mark.parametrize("start", ["plain", "lora"])
+def test_apply_qlora_is_all_or_nothing(monkeypatch, start):
+    """Any failure part-way (here the third quantization raises) leaves the model exactly as it
+    was: a plain model, or one already carrying LoRA on dense bases (shared-input groups, trained
+    biases and adapters kept as they were)."""
+    model = _tiny.gpt2()
+    if start == "lora":
+        apply_lora(model, r=3, target_modules="all-linear", bias="all")
+        _tiny.randomize_lora(model)
+    before = _snapshot(model)
+    calls = []
+    original = kernels.quantize_nf4
+
+    def fail_third(w, *args, **kwargs):
+        calls.append(w.shape)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return original(w, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "quantize_nf4", fail_third)
+    with pytest.raises(RuntimeError, match="simulated"):
+        apply_qlora(model, r=4, target_modules="all-linear", bias="all", compute_dtype="float32")
+    assert len(calls) == 3
+    _assert_unchanged(model, before)
+    monkeypatch.setattr(kernels, "quantize_nf4", original)
+    apply_qlora(model, r=4, target_modules="all-linear", bias="all", compute_dtype="float32")
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 8
 
 
 def test_gpt2_conv1d_is_quantized_transposed():
