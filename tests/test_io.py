@@ -7,8 +7,13 @@ every bad input fails with an error that names it while the model stays bit-for-
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import random
+import signal
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -19,10 +24,14 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 from lightning_peft.io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
@@ -56,7 +65,22 @@ def _bert() -> nn.Module:
         max_position_embeddings=32, num_labels=3)).eval()
 
 
-MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
+def _roberta() -> nn.Module:
+    """Its ``classifier`` is a head with two Linears (``dense``, ``out_proj``)."""
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=40, num_labels=3)).eval()
+
+
+def _electra() -> nn.Module:
+    torch.manual_seed(0)
+    return ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=50, embedding_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=3)).eval()
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "roberta": _roberta, "electra": _electra}
 
 
 def _ids() -> torch.Tensor:
@@ -78,19 +102,23 @@ def _perturb(model: nn.Module, seed: int = 2) -> None:
 
 
 def _snapshot(model: nn.Module) -> tuple:
+    """Everything a load could change: tensors, requires_grad, module structure, and each LoRA
+    layer's settings (alpha, scaling, rsLoRA, merged), which live outside the state dict."""
     return ({k: v.clone() for k, v in model.state_dict().items()},
             [(n, p.requires_grad) for n, p in model.named_parameters()],
-            [(n, type(m)) for n, m in model.named_modules()])
+            [(n, type(m)) for n, m in model.named_modules()],
+            [(n, m.r, m.alpha, m.scaling, m.use_rslora, m.merged) for n, m in lora_layers(model)])
 
 
 def _assert_unchanged(model: nn.Module, snap: tuple) -> None:
-    state, grads, modules = snap
+    state, grads, modules, layers = snap
     now = model.state_dict()
     assert list(now) == list(state)
     for key, value in state.items():
         assert now[key].dtype == value.dtype and torch.equal(now[key], value), key
     assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert [(n, m.r, m.alpha, m.scaling, m.use_rslora, m.merged) for n, m in lora_layers(model)] == layers
 
 
 def _peft_lora_names(peft_model: nn.Module) -> set[str]:
@@ -121,6 +149,9 @@ OURS = {
                                                modules_to_save=["classifier"], bias="lora_only")),
     "bert-classifier-bias-all": ("bert", dict(r=2, alpha=4, target_modules=["query", "value"],
                                               modules_to_save=["classifier"], bias="all")),
+    # The classifier head holds Linears that "all-linear" selects: no LoRA inside its copies.
+    "roberta-classifier-all-linear": ("roberta", dict(r=2, alpha=4, target_modules="all-linear",
+                                                      modules_to_save=["classifier"])),
 }
 
 
@@ -180,6 +211,14 @@ THEIRS = {
     "bert-classifier-bias-all": ("bert", dict(r=2, lora_alpha=4, target_modules=["query", "key"],
                                               modules_to_save=["classifier"], bias="all",
                                               init_lora_weights="gaussian")),
+    # PEFT adds "classifier" and "score" to modules_to_save for SEQ_CLS and lists the classifier's
+    # Linears in target_modules, but adapts nothing inside a module it trains in full.
+    "roberta-seq-cls-all-linear": ("roberta", dict(r=2, lora_alpha=4, target_modules="all-linear",
+                                                   task_type="SEQ_CLS")),
+    # ... also where a rank_pattern entry gives the classifier's Linear a group of its own.
+    "electra-seq-cls-all-linear-rank-pattern": ("electra", dict(
+        r=2, lora_alpha=4, target_modules="all-linear", task_type="SEQ_CLS",
+        rank_pattern={"classifier.dense": 4, "layer.0.attention.self.query": 3})),
 }
 
 
@@ -290,15 +329,21 @@ def test_adapter_state_dict_round_trip() -> None:
 
 
 def _edit_file(directory: Path, edit) -> None:
+    """Rewrite the weights after ``edit(tensors)``, with PEFT's metadata only."""
     tensors = load_file(directory / WEIGHTS)
     edit(tensors)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
 
 
-def _edit_config(directory: Path, **changes) -> None:
+def _edit_config(directory: Path, unbind: bool = True, **changes) -> None:
+    """Change fields of the config. ``unbind``: also drop the copy of the config our weights
+    carry in their metadata, making the pair look like files HF PEFT wrote (whose config is not
+    checked against the weights)."""
     config = json.loads((directory / CONFIG).read_text())
     config.update(changes)
     (directory / CONFIG).write_text(json.dumps(config))
+    if unbind:
+        _edit_file(directory, lambda tensors: None)
 
 
 KEY_A = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
@@ -309,6 +354,11 @@ BAD_FILES = {
     "mis-shaped": (lambda t: t.update({KEY_A: torch.ones(3, 16)}),
                    r"mis-shaped \(.*v_proj\.lora_A\.weight: shape \(3, 16\) in .* vs \(4, 16\)"),
     "not-float": (lambda t: t.update({KEY_A: torch.ones(4, 16, dtype=torch.int64)}), r"dtype torch\.int64"),
+    # HF PEFT loads these silently; here they are refused, naming the tensors.
+    "nan": (lambda t: t[KEY_A].__setitem__((1, 2), float("nan")),
+            r"1 non-finite \(.*v_proj\.lora_A\.weight: 1 NaN/inf"),
+    "inf": (lambda t: [t[k].__setitem__((0, 0), float("-inf")) for k in t if "q_proj.lora_B" in k],
+            r"2 non-finite \(.*layers\.0\.self_attn\.q_proj\.lora_B\.weight.*layers\.1\."),
 }
 
 
@@ -347,7 +397,7 @@ CONFIG_ERRORS = {
     "peft_type": (dict(peft_type="IA3"), ValueError, "peft_type is 'IA3'"),
     "dora": (dict(use_dora=True), ValueError, "use_dora=True"),
     "pissa": (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'"),
-    "rank": (dict(r=0), ValueError, "r must be a positive number"),
+    "rank": (dict(r=0), ValueError, "r must be a positive integer"),
     "target": (dict(target_modules=["no_such_layer"]), ValueError, "no_such_layer"),
 }
 
@@ -362,6 +412,68 @@ def test_bad_config(case: str, tmp_path: Path) -> None:
     with pytest.raises(error, match=message):
         load_adapter(model, tmp_path)
     _assert_unchanged(model, snap)
+
+
+# Every config value is checked (type, range, pattern syntax) before anything changes; the error
+# names the field. "alpha-pattern-late": today an adapted model's earlier layers took the new
+# lora_alpha before the bad entry of a later layer raised.
+BAD_VALUES = {
+    "alpha-nan": (dict(lora_alpha=float("nan")), "lora_alpha"),
+    "alpha-inf": (dict(lora_alpha=float("inf")), "lora_alpha"),
+    "alpha-negative": (dict(lora_alpha=-8), "lora_alpha"),
+    "alpha-string": (dict(lora_alpha="8"), "lora_alpha"),
+    "r-float": (dict(r=2.5), "r"),
+    "r-bool": (dict(r=True), "r"),
+    "rank-pattern-zero": (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
+    "rank-pattern-string": (dict(rank_pattern={"q_proj": "4"}), "rank_pattern"),
+    "alpha-pattern-nan": (dict(alpha_pattern={"v_proj": float("nan")}), "alpha_pattern"),
+    "alpha-pattern-negative": (dict(alpha_pattern={"v_proj": -1}), "alpha_pattern"),
+    "alpha-pattern-late": (dict(lora_alpha=3, alpha_pattern={"model.layers.1.self_attn.v_proj": "x"}),
+                           "alpha_pattern"),
+    "pattern-key-regex": (dict(alpha_pattern={"q_proj(": 4}), "alpha_pattern"),
+    "pattern-key-empty": (dict(rank_pattern={"": 4}), "rank_pattern"),
+    "pattern-not-object": (dict(alpha_pattern=[["q_proj", 4]]), "alpha_pattern"),
+    "rslora-string": (dict(use_rslora="false"), "use_rslora"),
+    "fan-in-fan-out-string": (dict(fan_in_fan_out="false"), "fan_in_fan_out"),
+    "dora-string": (dict(use_dora="false"), "use_dora"),
+    "dropout-range": (dict(lora_dropout=1.5), "lora_dropout"),
+    "dropout-string": (dict(lora_dropout="0.1"), "lora_dropout"),
+    "bias-value": (dict(bias="some"), "bias"),
+    "targets-not-strings": (dict(target_modules=["q_proj", 3]), "target_modules"),
+    "exclude-type": (dict(exclude_modules=5), "exclude_modules"),
+    "modules-to-save-string": (dict(modules_to_save="lm_head"), "modules_to_save"),
+    "task-type": (dict(task_type=3), "task_type"),
+    "init-type": (dict(init_lora_weights=1.5), "init_lora_weights"),
+}
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["fresh", "adapted"])
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_config_values_leave_the_model_unchanged(case: str, adapted: bool, tmp_path: Path) -> None:
+    save_adapter(_ours(*OURS["llama-qv"]), tmp_path)
+    changes, field = BAD_VALUES[case]
+    _edit_config(tmp_path, **changes)
+    model = _ours(*OURS["llama-qv"]) if adapted else _llama()
+    if adapted:
+        merge_adapters(model)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: {field}\b"):
+        load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+
+
+def test_good_config_values_still_load(tmp_path: Path) -> None:
+    """The checks refuse only bad values: integral floats for alpha, regex pattern keys, and a
+    different lora_alpha/use_rslora for an adapted model are fine."""
+    source = _ours(*OURS["llama-qv"])
+    save_adapter(source, tmp_path)
+    reference = _logits(source)
+    _edit_config(tmp_path, lora_alpha=8.0, alpha_pattern={r"layers\.[01]\.self_attn\.v_proj": 8.0},
+                 rank_pattern={"q_proj|v_proj": 4})
+    torch.testing.assert_close(_logits(load_adapter(_llama(), tmp_path)), reference, atol=1e-6, rtol=0)
+    _edit_config(tmp_path, lora_alpha=16, alpha_pattern={}, use_rslora=True)
+    model = load_adapter(_ours(*OURS["llama-qv"]), tmp_path)
+    assert all((m.alpha, m.use_rslora, m.scaling) == (16, True, 8.0) for _, m in lora_layers(model))
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -391,6 +503,8 @@ def test_bad_state_dicts_leave_the_model_unchanged() -> None:
         "missing": ({k: v for k, v in good.items() if k != name}, "1 missing"),
         "unexpected": ({**good, "model.extra": torch.ones(1)}, r"1 unexpected \(model\.extra"),
         "mis-shaped": ({**good, name: torch.ones(16, 3)}, r"q_proj\.lora_B: shape \(16, 3\)"),
+        "nan": ({**good, name: torch.full((16, 4), float("nan"))},
+                r"1 non-finite \(.*q_proj\.lora_B: 64 NaN"),
     }
     snap = _snapshot(model)
     for state, message in bad.values():
@@ -400,6 +514,17 @@ def test_bad_state_dicts_leave_the_model_unchanged() -> None:
     load_adapter_state_dict(model, bad["missing"][0], strict=False)
     with pytest.raises(ValueError, match="inject the adapter first"):
         load_adapter_state_dict(_llama(), good)
+
+
+def test_values_that_overflow_the_model_dtype_are_refused() -> None:
+    model = _ours(*OURS["llama-qv"]).to(torch.float16)
+    state = {k: v.float() for k, v in adapter_state_dict(model).items()}
+    name = "model.layers.1.self_attn.v_proj.lora_B"
+    state[name] = state[name].clone().fill_(1e6)  # finite in fp32, inf once cast to fp16
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"non-finite \({name}: .*torch\.float16"):
+        load_adapter_state_dict(model, state)
+    _assert_unchanged(model, snap)
 
 
 def test_unsavable_models(tmp_path: Path) -> None:
@@ -423,7 +548,10 @@ def test_files_are_safetensors_and_json(tmp_path: Path) -> None:
     assert raw[:1] != b"\x80" and raw[:2] != b"PK"  # neither a pickle nor a torch zip archive
     (size,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + size])
-    assert header.pop("__metadata__") == {"format": "pt"}
+    metadata = header.pop("__metadata__")
+    assert sorted(metadata) == ["format", "lightning_peft.adapter_config"] and metadata["format"] == "pt"
+    bound = json.loads(metadata["lightning_peft.adapter_config"])  # the fields that decide the reading
+    assert (bound["r"], bound["lora_alpha"], bound["modules_to_save"]) == (2, 3, ["lm_head"])
     expected = {"base_model.model.lm_head.weight"} | {
         f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight"
         for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj") for ab in "AB"}
@@ -442,3 +570,240 @@ def test_adapter_file_is_small(tmp_path: Path) -> None:
     save_adapter(model, tmp_path)
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert (tmp_path / WEIGHTS).stat().st_size < 0.15 * full
+
+
+# --------------------------------------------------- (g) atomic adapter directories
+
+
+def _sequential() -> nn.Module:
+    return nn.Sequential(*[nn.Linear(96, 96) for _ in range(6)])
+
+
+def _marked(alpha: float) -> nn.Module:
+    """An adapter whose weights tell which config they were saved with (lora_B == alpha)."""
+    model = apply_lora(_sequential(), r=16, alpha=alpha, target_modules=[str(i) for i in range(6)])
+    for _, layer in lora_layers(model):
+        layer.lora_B.data.fill_(alpha)
+    return model
+
+
+def _save_until_killed(models: list[nn.Module], directory: Path, rng: random.Random) -> None:
+    """Fork a process that saves ``models`` in turn to ``directory``, and SIGKILL it at a random
+    moment of a save after its first (it reports each finished save through a pipe)."""
+    read, write = os.pipe()
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            os.close(read)
+            torch.set_num_threads(1)
+            for i in itertools.count(1):
+                save_adapter(models[i % len(models)], directory)
+                os.write(write, b".")
+        finally:
+            os._exit(1)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b".", "the saving process died"
+        time.sleep(rng.uniform(0.0, time.perf_counter() - start))  # about one save's duration
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    finally:
+        os.close(read)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_save_killed_at_random_moments_leaves_a_consistent_directory(tmp_path: Path) -> None:
+    """SIGKILL a process while it overwrites an adapter, 20 times at random moments: the directory
+    always loads, with the config its weights were saved with, and keeps the user's files."""
+    import lightning_peft.io as io
+
+    probe = [tmp_path / "x", tmp_path / "y"]
+    for folder in probe:
+        folder.mkdir()
+    if not io._exchange_directories(*probe):  # each file is still replaced atomically, but a
+        pytest.skip("no atomic exchange of directories here")  # torn pair is then refused on load
+    for folder in probe:
+        folder.rmdir()
+    directory = tmp_path / "adapter"
+    models = [_marked(alpha) for alpha in (1.0, 2.0, 3.0)]
+    save_adapter(models[0], directory)
+    (directory / "README.md").write_text("my notes\n")
+    rng, seen = random.Random(0), set()
+    for _ in range(20):
+        _save_until_killed(models, directory, rng)
+        loaded = load_adapter(_sequential(), directory)
+        for name, layer in lora_layers(loaded):
+            assert torch.all(layer.lora_B == layer.alpha), (name, layer.alpha, layer.lora_B[0, 0])
+            seen.add(layer.alpha)
+        assert (directory / "README.md").read_text() == "my notes\n"
+    assert len(seen) > 1  # the killed processes did replace the adapter
+    # What a killed save left beside the directory goes with the next save.
+    save_adapter(models[0], directory)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", CONFIG, WEIGHTS]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_overwrite_keeps_other_files_and_uses_normal_modes(tmp_path: Path) -> None:
+    first, second = _ours(*OURS["llama-qv"]), _ours(*OURS["llama-patterns-rslora-lm_head"])
+    directory = save_adapter(first, tmp_path / "a")
+    (directory / "README.md").write_text("model card")
+    (directory / "plots").mkdir()
+    (directory / "plots" / "loss.csv").write_text("1,2")
+    (directory / "latest").symlink_to("README.md")
+    save_adapter(second, directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", CONFIG, WEIGHTS, "latest", "plots"]
+    assert (directory / "README.md").read_text() == "model card"
+    assert (directory / "plots" / "loss.csv").read_text() == "1,2"
+    assert os.readlink(directory / "latest") == "README.md"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing left beside it
+    torch.testing.assert_close(_logits(load_adapter(_llama(), directory)), _logits(second), atol=1e-6, rtol=0)
+    for name in (CONFIG, WEIGHTS):  # the umask's mode (0644 under umask 022), not 0600
+        assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def test_overwrite_where_directories_cannot_be_exchanged(tmp_path: Path, monkeypatch) -> None:
+    """Without an atomic exchange of directories (not Linux, or a file system without
+    RENAME_EXCHANGE) each file is replaced atomically and the weights' copy of the config
+    catches a torn pair."""
+    import lightning_peft.io as io
+
+    monkeypatch.setattr(io, "_exchange_directories", lambda a, b: False)
+    directory = save_adapter(_ours(*OURS["llama-qv"]), tmp_path / "a")
+    (directory / "README.md").write_text("model card")
+    second = _ours(*OURS["llama-patterns-rslora-lm_head"])
+    save_adapter(second, directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", CONFIG, WEIGHTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    torch.testing.assert_close(_logits(load_adapter(_llama(), directory)), _logits(second), atol=1e-6, rtol=0)
+    # A parent directory we may not write to: the files are staged inside the adapter directory.
+    mkdir = os.mkdir
+
+    def read_only_parent(name, *args, **kwargs):
+        if Path(name).parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(name))
+        return mkdir(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only_parent)
+    third = _ours(*OURS["llama-one-layer"])
+    save_adapter(third, directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", CONFIG, WEIGHTS]
+    torch.testing.assert_close(_logits(load_adapter(_llama(), directory)), _logits(third), atol=1e-6, rtol=0)
+
+
+def test_config_from_another_save_is_refused(tmp_path: Path) -> None:
+    """Our weights carry the config they were saved with; a config file that disagrees on a
+    field that decides how the weights are read is refused, naming the field. Descriptive fields
+    may be edited, and files without that metadata (HF PEFT's) load as before."""
+    save_adapter(_ours("llama", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])), tmp_path / "a")
+    save_adapter(_ours("llama", dict(r=4, alpha=2, target_modules=["q_proj", "v_proj"])), tmp_path / "b")
+    (tmp_path / "a" / CONFIG).write_bytes((tmp_path / "b" / CONFIG).read_bytes())
+    model = _llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"lora_alpha is 2 in .*adapter_config\.json but 8 in .*metadata"):
+        load_adapter(model, tmp_path / "a")
+    _assert_unchanged(model, snap)
+    _edit_config(tmp_path / "b", unbind=False, base_model_name_or_path="moved/here", inference_mode=False,
+                 lora_dropout=0.1)
+    assert lora_layers(load_adapter(_llama(), tmp_path / "b"))[0][1].alpha == 2
+    _edit_config(tmp_path / "a")  # drops the metadata: a pair as HF PEFT writes it
+    assert lora_layers(load_adapter(_llama(), tmp_path / "a"))[0][1].alpha == 2
+
+
+def test_save_to_a_file_path_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        save_adapter(_ours(*OURS["llama-qv"]), tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+# -------------------------------------- (h) modules trained in full with buffers (BatchNorm)
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.bn, self.lin1 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.bn(self.lin0(x))))
+
+
+def _bn_input(seed: int = 3) -> torch.Tensor:
+    return torch.randn(8, 4, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _update_running_stats(model: nn.Module) -> None:
+    model.train()
+    for step in range(3):
+        model(_bn_input(step) * (step + 2) + step)
+    model.eval()
+
+
+def _bn_stats(bn: nn.Module) -> list[torch.Tensor]:
+    return [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+
+
+def test_batchnorm_statistics_from_hf_peft(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_BatchNormNet(), peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["lin0"], modules_to_save=["bn"]))
+    _perturb(theirs)
+    _update_running_stats(theirs)
+    theirs.save_pretrained(tmp_path)
+    assert "base_model.model.bn.running_var" in load_file(tmp_path / WEIGHTS)
+    model = load_adapter(_BatchNormNet(), tmp_path).eval()
+    expected = _bn_stats(theirs.base_model.model.bn.modules_to_save["default"])
+    assert int(expected[2]) == 3 and not torch.allclose(expected[0], torch.zeros(6))
+    for got, want in zip(_bn_stats(model.bn.modules_to_save), expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_bn_input()), theirs(_bn_input()), atol=1e-6, rtol=0)
+
+
+def test_batchnorm_statistics_to_hf_peft_and_back(tmp_path: Path) -> None:
+    model = apply_lora(_BatchNormNet(), r=2, alpha=4, target_modules=["lin0"], modules_to_save=["bn"])
+    _perturb(model)
+    _update_running_stats(model)
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(tensors[f"base_model.model.bn.{name}"], getattr(model.bn.modules_to_save, name))
+    with torch.no_grad():
+        reference = model(_bn_input())
+        assert not torch.allclose(reference, _BatchNormNet().eval()(_bn_input()), atol=1e-3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(_BatchNormNet(), tmp_path).eval()
+        torch.testing.assert_close(theirs(_bn_input()), reference, atol=1e-6, rtol=0)
+        loaded = load_adapter(_BatchNormNet(), tmp_path).eval()
+        assert torch.equal(loaded(_bn_input()), reference)
+    # A count that is not an integer is refused (it would be truncated).
+    _edit_file(tmp_path, lambda t: t.update({"base_model.model.bn.num_batches_tracked": torch.tensor(2.5)}))
+    fresh = _BatchNormNet()
+    snap = _snapshot(fresh)
+    with pytest.raises(ValueError, match=r"bn\.num_batches_tracked: dtype torch\.float32 .*torch\.int64"):
+        load_adapter(fresh, tmp_path)
+    _assert_unchanged(fresh, snap)
+
+
+def test_adapter_state_dict_holds_buffers_of_modules_trained_in_full() -> None:
+    model = apply_lora(_BatchNormNet(), r=2, alpha=4, target_modules=["lin0"], modules_to_save=["bn"])
+    _perturb(model)
+    _update_running_stats(model)
+    state = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    assert {"bn.modules_to_save.running_mean", "bn.modules_to_save.num_batches_tracked"} <= set(state)
+    fresh = apply_lora(_BatchNormNet(), r=2, alpha=4, target_modules=["lin0"], modules_to_save=["bn"])
+    load_adapter_state_dict(fresh, state)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(_bn_input()), model(_bn_input()))
