@@ -422,6 +422,7 @@ def _quantize_torch(w: Tensor, blocksize: int, double_quant: bool) -> NF4Tensor:
         am = x[full:].abs().amax().clamp(min=1e-38)                    # () partial block
         absmax[-1] = am
         torch.div(x[full:], am, out=scaled[full:n])
+    _check_finite(w, absmax)
     scaled.clamp_(-1.0, 1.0)
     codes = torch.bucketize(scaled, tables.bounds, out_int32=True).to(torch.uint8)  # (n_even,)
     packed = (codes[0::2] << 4) | codes[1::2]                          # ((n+1)//2,)
@@ -582,16 +583,21 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> N
     if w.numel() == 0:
         raise ValueError(f"w must have at least one element, got shape {tuple(w.shape)}")
     w = w.detach()
-    _check_finite(w)
     if _backend.use_triton(w):
         from kernels import _nf4_triton
 
+        _check_finite(w)
         return _nf4_triton.quantize(w, blocksize, double_quant)
-    return _quantize_torch(w, blocksize, double_quant)
+    return _quantize_torch(w, blocksize, double_quant)   # checks its (NaN-propagating) absmax
 
 
-def _check_finite(w: Tensor) -> None:
-    """NF4 stores ``c[q]·absmax``: a NaN or inf has no code and would poison its block's scale."""
+def _check_finite(w: Tensor, absmax: Tensor | None = None) -> None:
+    """NF4 stores ``c[q]·absmax``: a NaN or inf has no code and would poison its block's scale.
+
+    With ``absmax`` (the blocks' ``max |w|``, in which a NaN or inf shows) ``w`` is read only when
+    some block is not finite, to say where."""
+    if absmax is not None and bool(torch.isfinite(absmax).all()):
+        return
     finite = torch.isfinite(w)
     if bool(finite.all()):
         return
