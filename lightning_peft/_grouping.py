@@ -7,7 +7,12 @@ them are called with the identical tensor during a forward pass, and from the ne
 first member called runs the grouped op for all of them and hands each sibling its output when
 that sibling is called with the same tensor. If a sibling is then called with another tensor
 (cross-attention, a changed model), the group forgets what it learned and falls back to single
-calls, so the result is always that of the layers run one by one. Nothing is learned while
+calls, so the result is always that of the layers run one by one.
+
+What is learned takes effect only when a pass starts again, at the member that started the last
+pass (a pass ends when a member is called a second time). That member is learned from the calls,
+not assumed from the order the layers were registered in: OPT, GPT-J, BART, Whisper and CLIP
+register ``k_proj`` before ``q_proj`` but call ``q_proj`` first. Nothing is learned while
 backward runs, so an activation-checkpointing recomputation takes the path of the forward it
 replays.
 """
@@ -44,6 +49,15 @@ class SharedInputGroup:
         self._pending: dict[int, Tensor] = {}
         self._pending_key: tuple | None = None
         self._pending_x: Tensor | None = None  # keeps x alive so its id cannot be reused meanwhile
+        self._seen: list[int] = []  # members called in the current pass, in call order
+        self._first: int | None = None  # the member that started the last complete pass
+
+    def _note_call(self, index: int) -> None:
+        """Track passes: a member called a second time starts a new one."""
+        if index in self._seen:
+            self._first, self._seen = self._seen[0], [index]
+        else:
+            self._seen.append(index)
 
     def _observe(self, index: int, key: tuple) -> bool:
         """Record that member ``index`` read ``key``; True when this call starts a new round."""
@@ -61,6 +75,8 @@ class SharedInputGroup:
         # Inside backward (an activation-checkpointing recomputation) nothing is learned or
         # unlearned, so the recomputation takes the path of the forward it replays.
         in_backward = torch._C._current_graph_task_id() != -1
+        if not in_backward:
+            self._note_call(index)
         if index in self._pending:
             out = self._pending.pop(index)
             if self._pending_key == key and x is self._pending_x:
@@ -74,9 +90,10 @@ class SharedInputGroup:
             if not in_backward:
                 self._candidate = None
         if not in_backward and self._observe(index, key) and self.learned != self._candidate:
-            # what was learned takes effect only when a pass starts again at its first member,
-            # never in the middle of a pass (a later recomputation must see the same decision)
-            if index == min((self._candidate or ()) + (self.learned or ())):
+            # what was learned takes effect only when a pass starts again at the member that
+            # started the last one, never in the middle of a pass (a later recomputation must see
+            # the same decision)
+            if index == self._first:
                 self.learned = self._candidate
         if self.learned is not None and index in self.learned and all(
                 self.layers[i].training == layer.training and not self.layers[i].merged

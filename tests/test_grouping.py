@@ -3,6 +3,7 @@ siblings stop sharing their input."""
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import kernels
@@ -21,6 +22,15 @@ def _fused_and_unfused_llama():
     for _, layer in lora_layers(reference):
         layer.__dict__.pop("_shared_input_group", None)
     return model, reference
+
+
+def _unfused_copy(model, build, **lora):
+    """``build()`` with the LoRA of ``model`` (same weights) and no shared-input groups."""
+    reference = apply_lora(build(), **lora)
+    reference.load_state_dict(model.state_dict())
+    for _, layer in lora_layers(reference):
+        layer.__dict__.pop("_shared_input_group", None)
+    return reference
 
 
 def test_llama_qkv_and_gate_up_fused_from_second_pass(count_grouped):
@@ -174,3 +184,98 @@ def test_grouped_torch_op_partial_outputs_and_saved_tensors():
     assert [tuple(t.shape) for t in new if t.dtype == torch.float32] == [(21, 28)]
     (positions,) = [t for t in new if t.dtype == torch.int64]
     assert positions.dim() == 1 and positions.numel() < 0.2 * x.numel()
+
+
+# Models whose attention registers k_proj, v_proj before q_proj but calls q_proj first.
+def _opt():
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0))
+
+
+def _bart():
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+
+
+def _clip_text():
+    torch.manual_seed(0)
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+
+def _output(model, ids):
+    out = model(ids, labels=ids) if not isinstance(model, transformers.CLIPTextModel) else model(ids)
+    main = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return main, (out.loss if getattr(out, "loss", None) is not None else main.square().mean())
+
+
+@pytest.mark.parametrize(("build", "expected"), [
+    (_opt, [3, 3]),            # q/k/v of each decoder layer
+    (_bart, [2, 3, 3]),        # encoder and decoder self-attention; k/v of the cross-attention
+    (_clip_text, [3, 3]),
+])
+def test_fusion_engages_when_q_proj_runs_before_the_lower_registered_k_proj(build, expected,
+                                                                            count_grouped):
+    lora = dict(r=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    model = apply_lora(build(), **lora)
+    _tiny.randomize_lora(model)
+    reference = _unfused_copy(model, build, **lora)
+    ids = torch.randint(2, 64, (2, 7))
+    model.train()
+    reference.train()
+    _output(model, ids)  # first pass: learns which siblings share x (and in which order)
+    assert count_grouped == []
+    for step in range(2):
+        count_grouped.clear()
+        out, loss = _output(model, ids)
+        assert sorted(count_grouped) == expected, f"pass {step + 2}"
+        ref, ref_loss = _output(reference, ids)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        model.zero_grad()
+        reference.zero_grad()
+        loss.backward()
+        ref_loss.backward()
+        ours = dict(model.named_parameters())
+        for name, p in reference.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(ours[name].grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fp32_adapters_on_a_bf16_base_are_grouped(count_grouped):
+    """A bf16 Llama with fp32 adapters (HF PEFT's autocast_adapter_dtype): still grouped, the same
+    outputs and fp32 adapter gradients as the layers run one by one."""
+    def build():
+        return _tiny.llama().to(torch.bfloat16)
+
+    lora = dict(r=4, target_modules="all-linear")
+    model = apply_lora(build(), **lora)
+    _tiny.randomize_lora(model)
+    reference = _unfused_copy(model, build, **lora)
+    for m in (model, reference):
+        for _, layer in lora_layers(m):
+            for name in ("lora_A", "lora_B"):
+                getattr(layer, name).data = getattr(layer, name).data.float()
+        m.train()
+    ids = torch.randint(0, 96, (2, 7))
+    model(ids)
+    count_grouped.clear()
+    out = model(ids, labels=ids)
+    assert sorted(count_grouped) == [2, 2, 3, 3]
+    ref = reference(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits, ref.logits, rtol=2e-2, atol=2e-2)
+    out.loss.backward()
+    ref.loss.backward()
+    ours = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            assert ours[name].grad.dtype == torch.float32
+            # bf16 activations: the rounding differences of the two paths reach the gradients
+            err = (ours[name].grad - p.grad).abs().max()
+            assert err <= 5e-2 * p.grad.abs().max(), name
