@@ -2,11 +2,18 @@
 and adapters kept in a wider dtype than the base (fp32 A, B on a bf16/fp16 x and W0), each against
 a float64 reference, forward and backward."""
 
+import copy
+
 import pytest
 import torch
+import transformers
+from torch import nn
 
 import kernels
 from kernels import _lora_triton as T
+from lightning_peft import apply_lora
+from lightning_peft.lora import lora_layers
+from tests import _tiny
 
 OUTS, RANKS, SCALINGS = (16, 8, 12), (4, 2, 3), (2.0, 0.5, 1.5)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -93,6 +100,53 @@ def test_outputs_can_be_edited_in_place(backend, op):
         _close(a, b, dtype, f"grad of leaf {i}")
     for a, go in zip(got[len(leaves):], gos):
         _close(a, 2.0 * go, dtype, "grad of the added tensor")
+
+
+class _PlainLoRA(nn.Module):
+    """``base(x) + s·(x·Aᵀ)·Bᵀ`` with plain torch ops: the reference layer."""
+
+    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+        super().__init__()
+        self.base, self.scaling = base, scaling
+        self.lora_A = nn.Parameter(lora_a.detach().clone())
+        self.lora_B = nn.Parameter(lora_b.detach().clone())
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * nn.functional.linear(nn.functional.linear(x, self.lora_A),
+                                                                  self.lora_B)
+
+
+def test_falcon_training_step_with_lora_on_every_linear_layer():
+    """Falcon adds the attention output into the MLP's output in place (``mlp_output +=
+    attention_output``, a LoRA layer's output here): a training step runs and its loss and adapter
+    gradients equal those of plain-torch LoRA layers."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, parallel_attn=True,
+                                       new_decoder_architecture=False)
+    model = transformers.FalconForCausalLM(config)
+    reference = copy.deepcopy(model)
+    apply_lora(model, r=4, alpha=8.0, target_modules="all-linear")
+    _tiny.randomize_lora(model)
+    layers = dict(lora_layers(model))
+    assert any(name.endswith("dense_4h_to_h") for name in layers)
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(reference.get_submodule(parent), child,
+                _PlainLoRA(reference.get_submodule(name), layer.lora_A, layer.lora_B, layer.scaling))
+    model.train()
+    reference.train()
+    ids = torch.randint(0, 64, (2, 9))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    ref_loss = reference(ids, labels=ids).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    for name, layer in layers.items():
+        plain = reference.get_submodule(name)
+        assert layer.lora_B.grad.abs().sum() > 0, name
+        torch.testing.assert_close(layer.lora_A.grad, plain.lora_A.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B.grad, plain.lora_B.grad, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------ adapters wider than the base
