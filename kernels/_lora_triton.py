@@ -16,7 +16,12 @@ one op call runs four kinds of pass::
                dW0 = dYᵀ·x , db = Σ_m dY                  only when W0 / b require grad (torch)
 
 Only ``S`` (M, r) is materialised besides the output; the dropped copy of ``x`` and the mask are
-never stored. The grouped op (q/k/v or gate/up reading the same ``x``) concatenates the adapters,
+never stored. Adapters may be wider than ``x`` and ``W0`` (fp32 ``A``, ``B`` on a bf16/fp16 base):
+then ``S``, ``dS``, ``dA`` and ``dB`` are in the adapters' dtype, the tiles of ``x`` and ``dY`` are
+cast to it in registers before the rank-r ``tl.dot``s, and the base GEMMs stay in ``x``'s dtype,
+accumulating in fp32 onto the rank-r term before one rounding to ``x``'s dtype.
+
+The grouped op (q/k/v or gate/up reading the same ``x``) concatenates the adapters,
 ``A_cat = [A1; ...; An]`` (Σr, K), shares one mask, and runs one down pass for all of them::
 
     S_cat = keep⊙x·A_catᵀ / (1-p) ,  y_i = S_i·(s_i·B_i)ᵀ + x·W_iᵀ + b_i

@@ -600,6 +600,46 @@ def test_gpu_autocast():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fp32_adapters_on_a_half_precision_base(x_dtype):
+    """x, W0, bias in bf16/fp16 with fp32 A, B (HF PEFT's autocast_adapter_dtype): the rank-r
+    products run in fp32 inside the kernels; fp32 adapter gradients, single and grouped, dropout."""
+    t = _make((3, 333, 512), 700, 16, torch.float32)
+    for k in ("x", "w", "bias"):
+        t[k] = t[k].detach().to(x_dtype).requires_grad_()
+    torch.manual_seed(1)
+    seed = T._draw_seed(None, t["x"].device)
+    torch.manual_seed(1)
+    y = kernels.lora_linear(t["x"], t["w"], t["a"], t["b"], 0.5, t["bias"], dropout_p=0.1)
+    assert y.dtype == x_dtype
+    y64, leaves = _ref64(t, 0.5, T.dropout_keep_mask(seed, 999, 512, 0.1), 0.1)
+    _assert_close(y, y64, x_dtype, "y")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, x_dtype)
+    names = ["x", "w", "a", "b", "bias"]
+    got = torch.autograd.grad(y, [t[k] for k in names], g)
+    want = torch.autograd.grad(y64, [leaves[k] for k in names], g.double())
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == t[name].dtype
+        _assert_close(a, b, torch.float32 if name in ("a", "b") else x_dtype, f"d{name}")
+    x, ws, as_, bs, ss, biases = _group(torch.float32, k=512, lead=(4, 100))
+    x, ws = x.detach().to(x_dtype).requires_grad_(), [w.detach().to(x_dtype) for w in ws]
+    biases = [None if b is None else b.detach().to(x_dtype) for b in biases]
+    ys = T.lora_linear_grouped(x, ws, as_, bs, ss, biases)
+    refs = T.lora_linear_grouped_reference(x.double(), [w.double() for w in ws],
+                                           [a.double() for a in as_], [b.double() for b in bs], ss,
+                                           [None if b is None else b.double() for b in biases])
+    gos = [torch.randn(y.shape, device=DEVICE).to(x_dtype) for y in ys]
+    got = torch.autograd.grad(ys, [*as_, *bs], gos)
+    want = torch.autograd.grad(refs, [*as_, *bs], [g.double() for g in gos])
+    for y, r in zip(ys, refs):
+        assert y.dtype == x_dtype
+        _assert_close(y, r, x_dtype, "grouped y")
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        _assert_close(a, b, torch.float32, "grouped adapter grad")
+
+
+@pytest.mark.gpu
 def test_gpu_determinism():
     t = _make((4096, 1024), 1024, 16, torch.bfloat16)
     args = (t["x"], t["w"], t["a"], t["b"], 0.5, t["bias"])
