@@ -7,14 +7,9 @@ and the data module import Lightning lazily, on first access, so the plain funct
 
 from importlib import import_module
 
-from lightning_peft._base import trainable_parameters
-from lightning_peft.lora import (
-    LoRAConfig,
-    LoRALinear,
-    apply_lora,
-    merge_adapters,
-    unmerge_adapters,
-)
+from lightning_peft._base import merge_adapters, trainable_parameters, unmerge_adapters
+from lightning_peft.lora import LoRAConfig, LoRALinear, apply_lora
+from lightning_peft.methods import apply_peft
 from lightning_peft.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 
 __version__ = "0.1.0"
@@ -41,6 +36,7 @@ __all__ = [
     "QLoRAConfig",
     "adapter_state_dict",
     "apply_lora",
+    "apply_peft",
     "apply_qlora",
     "load_adapter",
     "load_adapter_state_dict",

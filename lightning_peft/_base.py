@@ -132,6 +132,36 @@ def restore_adapter_dtypes(model: nn.Module) -> int:
     return count
 
 
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every adapter layer that can merge (LoRA, IA3, ...) into its base weight: the model
+    then runs at the base model's speed. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, AdapterLayer) and callable(getattr(module, "merge", None)) \
+                and not getattr(module, "merged", True):
+            module.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters`, restoring every base weight exactly. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, AdapterLayer) and getattr(module, "merged", False):
+            module.unmerge()
+    return model
+
+
+def first_names(names: list[str], limit: int = 5) -> str:
+    """``"a, b, c, ... and 7 more"``: the first ``limit`` of ``names`` for an error message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def names_outside_adapters(root: nn.Module) -> list[str]:
+    """Names of the modules of ``root`` that are not inside an adapter layer."""
+    adapters = [n + "." for n, m in root.named_modules() if isinstance(m, AdapterLayer) and n]
+    return [n for n, _ in root.named_modules() if n and not any(n.startswith(a) for a in adapters)]
+
+
 def has_adapters(model: nn.Module) -> bool:
     """Whether any adapter layer is injected in ``model``."""
     return any(isinstance(m, AdapterLayer) for m in model.modules())

@@ -39,11 +39,12 @@ from lightning_peft._base import (
     AdapterLayer,
     adapter_named_buffers,
     adapter_named_parameters,
+    merge_adapters,
     restore_adapter_dtypes,
     trainable_parameters,
 )
 from lightning_peft.io import _validate
-from lightning_peft.lora import LoRAConfig, apply_lora, merge_adapters
+from lightning_peft.lora import LoRAConfig, apply_lora
 
 _WRAPPED = "_lightning_peft_wrapped"
 """Key, in the module's ``__dict__``, of what the active callback changed (to undo it)."""

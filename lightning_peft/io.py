@@ -37,14 +37,11 @@ import copy
 import ctypes
 import errno
 import json
-import math
 import os
-import re
 import secrets
 import shutil
 import sys
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,38 +50,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft._base import (
-    TRAIN_BIAS_ATTR,
     AdapterLayer,
+    ModulesToSave,
     adapter_named_buffers,
     adapter_named_parameters,
-    has_adapters,
-    inside_any,
+    first_names,
 )
-from lightning_peft.lora import LoRAConfig, LoRALinear, ModulesToSave, apply_lora, lora_scaling
-from lightning_peft.targeting import find_modules, find_targets
+from lightning_peft.methods import file_method, get_method, method_for_peft_type, methods_in
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
 
-# PEFT options this package does not implement: loading a file that uses one would silently give
-# a different model, so it is refused. A falsy value (None, False, [], {}) means "not used".
-_UNSUPPORTED_OPTIONS = (
-    "use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication",
-    "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
-    "use_bdlora", "megatron_config", "arrow_config", "kasa_config", "monteclora_config",
-)
-# Config fields that hold true or false (a string "false" would read as true).
-_BOOL_FIELDS = ("inference_mode", "use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "use_qalora",
-                "ensure_weight_tying")
-_BIAS_MODES = ("none", "all", "lora_only")
-# ``init_lora_weights`` values whose adapter is a plain LoRA on the unchanged base model (PiSSA,
-# OLoRA, CorDA, LoftQ, ... rewrite the base weights, so their raw adapters do not apply to it).
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-# The fields that decide how the weights are read; save_adapter records them in the weights'
-# metadata under _BOUND_KEY and load_adapter refuses a config file that disagrees.
-_BOUND_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
-                 "target_modules", "exclude_modules", "modules_to_save", "bias")
 _BOUND_KEY = "lightning_peft.adapter_config"
 _STAGING = ".lightning-peft-staging-"
 
@@ -147,7 +123,9 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
 
 def save_adapter(model: nn.Module, directory: str | Path,
                  base_model_name_or_path: str | None = None) -> Path:
-    """Write the LoRA adapter of ``model`` to ``directory`` in HF PEFT's format and return the path.
+    """Write the adapter of ``model`` (any registered method) to ``directory`` and return the
+    path: HF PEFT's format for the methods PEFT has, the same layout with our own ``peft_type``
+    for the others.
 
     ``directory`` (created if needed) receives ``adapter_config.json`` and
     ``adapter_model.safetensors`` (tensors contiguous, on CPU, in their own dtype; the persistent
@@ -161,11 +139,18 @@ def save_adapter(model: nn.Module, directory: str | Path,
     supported.
     """
     _, root = _transformers_root(model)
+    method = file_method(root)
+    if isinstance(root, AdapterLayer):
+        raise ValueError(f"the model itself is a {type(root).__name__}; save the model that contains it")
     entries = _file_entries(root)
-    config = _peft_config(root, base_model_name_or_path)
-    tensors = {_PREFIX + key: param.detach().to("cpu", copy=True).contiguous()
+    config = {"peft_type": method.peft_type, "task_type": _task_type(root),
+              "base_model_name_or_path": base_model_name_or_path or _name_or_path(root),
+              "revision": None, "inference_mode": True, **method.to_json(root)}
+    tensors = {method.file_prefix + key: param.detach().to("cpu", copy=True).contiguous()
                for key, (_, param) in sorted(entries.items())}
-    bound = json.dumps({k: config.get(k) for k in _BOUND_FIELDS}, sort_keys=True)
+    bound_fields = method.bound_fields if method.bound_fields is not None else \
+        ("peft_type", *method.to_json(root))
+    bound = json.dumps({k: config.get(k) for k in bound_fields}, sort_keys=True)
     path = Path(directory)
     _write_directory(path, json.dumps(config, indent=2, sort_keys=True) + "\n", tensors,
                      {"format": "pt", _BOUND_KEY: bound})
@@ -312,84 +297,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _peft_config(root: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """The ``adapter_config.json`` content that describes the LoRA layers of ``root``."""
-    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALinear)]
-    if not layers:
-        raise ValueError(f"{type(root).__name__} has no LoRA layers to save; inject them first with "
-                         f"apply_lora(model, ...)")
-    if any(not name for name, _ in layers):
-        raise ValueError("the model itself is a LoRALinear; save the model that contains it")
-    rslora = {m.use_rslora for _, m in layers}
-    if len(rslora) > 1:
-        mixed = [n for n, m in layers if m.use_rslora]
-        raise ValueError(f"the LoRA layers mix use_rslora=True ({_first(mixed)}) and False, which "
-                         f"adapter_config.json cannot express")
-    r = _most_common(m.r for _, m in layers)
-    alpha = _most_common(m.alpha for _, m in layers)
-    saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
-    targets = [n for n, _ in layers]
-    free = _names_outside_adapters(root)
-    return {
-        "peft_type": "LORA",
-        "task_type": _task_type(root),
-        "base_model_name_or_path": base_model_name_or_path or _name_or_path(root),
-        "revision": None,
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": _json_number(alpha),
-        "lora_dropout": _most_common(m.dropout for _, m in layers),
-        "target_modules": sorted(_short_names(targets, free, dotted=True)),
-        "exclude_modules": None,
-        "modules_to_save": sorted(_short_names(saved, free, dotted=False)) or None,
-        "bias": _bias_mode(root, layers, saved),
-        "use_rslora": rslora.pop(),
-        "use_dora": False,
-        "lora_bias": False,
-        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
-        "init_lora_weights": True if _most_common(m.init for _, m in layers) == "kaiming" else "gaussian",
-        "rank_pattern": {n: m.r for n, m in layers if m.r != r},
-        "alpha_pattern": {n: _json_number(m.alpha) for n, m in layers if m.alpha != alpha},
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "layer_replication": None,
-    }
-
-
-def _short_names(chosen: list[str], names: list[str], dotted: bool) -> list[str]:
-    """Leaf names for ``chosen`` where a leaf selects exactly the chosen modules, full names
-    elsewhere. PEFT matches ``target_modules`` entries as dotted suffixes and ``modules_to_save``
-    entries as plain string suffixes (``dotted=False``)."""
-    chosen_set = set(chosen)
-    out: set[str] = set()
-    for name in chosen:
-        leaf = name.rsplit(".", 1)[-1]
-        hits = {n for n in names if n == leaf or (n.endswith("." + leaf) if dotted else n.endswith(leaf))}
-        out.add(leaf if hits <= chosen_set else name)
-    return list(out)
-
-
-def _bias_mode(root: nn.Module, layers: list[tuple[str, LoRALinear]], saved: list[str]) -> str:
-    """``"none"``, ``"all"`` or ``"lora_only"``: which biases of ``root`` were made trainable."""
-    inside = [s + "." for s in saved]
-    candidates, marked = set(), set()
-    for name, module in root.named_modules():
-        if isinstance(module, AdapterLayer) or any(name.startswith(p) for p in inside):
-            continue
-        if isinstance(getattr(module, "bias", None), nn.Parameter):
-            candidates.add(name)
-            if getattr(module, TRAIN_BIAS_ATTR, False):
-                marked.add(name)
-    if not marked:
-        return "none"
-    if marked == candidates:
-        return "all"
-    if marked == {f"{n}.base_layer" for n, m in layers if m.base_layer.bias is not None}:
-        return "lora_only"
-    raise ValueError(f"the trainable biases ({_first(sorted(marked))}) are neither all biases nor those "
-                     f"of the LoRA layers, which adapter_config.json's bias cannot express")
-
-
 def _task_type(root: nn.Module) -> str | None:
     name = type(root).__name__
     return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
@@ -398,14 +305,6 @@ def _task_type(root: nn.Module) -> str | None:
 def _name_or_path(root: nn.Module) -> str | None:
     value = getattr(getattr(root, "config", None), "_name_or_path", None)
     return value if isinstance(value, str) and value else None
-
-
-def _json_number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _most_common(values: Iterable[Any]) -> Any:
-    return Counter(values).most_common(1)[0][0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,38 +330,48 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
     match the model or hold NaN/inf. On any error the model is left exactly as it was.
     """
     config, tensors, where = _read_adapter(directory)
+    config_where = str(Path(directory) / ADAPTER_CONFIG_NAME)
+    method = method_for_peft_type(config.get("peft_type"), config_where)
+    prefix = method.file_prefix
     _, root = _transformers_root(model)
-    file_keys = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: k for k in tensors}
+    file_keys = {k[len(prefix):] if k.startswith(prefix) else k: k for k in tensors}
     if len(file_keys) != len(tensors):
-        raise ValueError(f"{where}: tensor names collide once the {_PREFIX!r} prefix is removed")
-    by_key = {key: tensors[full] for key, full in file_keys.items() if full.startswith(_PREFIX)}
-    foreign = {full: tensors[full] for full in tensors if not full.startswith(_PREFIX)}
+        raise ValueError(f"{where}: tensor names collide once the {prefix!r} prefix is removed")
+    by_key = {key: tensors[full] for key, full in file_keys.items() if full.startswith(prefix)}
+    foreign = {full: tensors[full] for full in tensors if not full.startswith(prefix)}
 
-    inject = not has_adapters(root)
+    present = [get_method(m.file_format) if m.file_format else m for m in methods_in(root)]
+    if any(m is not method for m in present):
+        raise ValueError(f"{where} holds a {method.peft_type} adapter but the model carries "
+                         f"{sorted({m.peft_type for m in present})}; load it into a model without "
+                         f"adapters or with the same method's. Nothing was loaded; the model is unchanged.")
+    inject = not present
+    update = None
     if inject:
-        groups, saved = _injection_plan(root, config, where)
+        injector = method.from_json(root, config, config_where)
         clone = _meta_structure(root)
-        _inject(clone, config, groups, saved)
+        injector(clone)
         expected = _file_entries(clone)
+        saved = [n for n, m in clone.named_modules() if isinstance(m, ModulesToSave)]
     else:
+        if method.update_from_json is not None:
+            update = method.update_from_json(root, config, config_where)
         expected = _file_entries(root)
         saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
-        scalings = _planned_scalings(root, config)
     by_key = _drop_peft_duplicates(by_key, saved, expected)
-    checked = dict(_validate({_PREFIX + k: v[1] for k, v in expected.items()},
-                             {**{_PREFIX + k: v for k, v in by_key.items()}, **foreign}, strict, where,
+    checked = dict(_validate({prefix + k: v[1] for k, v in expected.items()},
+                             {**{prefix + k: v for k, v in by_key.items()}, **foreign}, strict, where,
                              keys=True))
 
     if inject:
-        _inject(root, config, groups, saved)
+        injector(root)
         entries = _file_entries(root)
     else:
         entries = expected
-    pairs = [(entries[k][1], checked[_PREFIX + k]) for k in by_key if k in entries]
+    pairs = [(entries[k][1], checked[prefix + k]) for k in by_key if k in entries]
     with _unmerged(root):
-        if not inject:
-            for layer, (alpha, rslora, scaling) in scalings.items():
-                layer.alpha, layer.use_rslora, layer.scaling = alpha, rslora, scaling
+        if update is not None:
+            update()
         _copy(pairs)
     return model
 
@@ -485,7 +394,7 @@ def _read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tens
         raise ValueError(f"{str(config_path)!r} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise ValueError(f"{str(config_path)!r} must hold a JSON object, got {type(config).__name__}")
-    _check_config(config, str(config_path))
+    _check_common_fields(config, str(config_path))
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -496,6 +405,20 @@ def _read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tens
         raise ValueError(f"{str(weights_path)!r} is not a readable safetensors file: {err}") from err
     _check_binding(config, metadata.get(_BOUND_KEY), str(config_path), str(weights_path))
     return config, tensors, str(weights_path)
+
+
+def _check_common_fields(config: dict[str, Any], where: str) -> None:
+    """The fields every PEFT config has: ``peft_type`` a string, the descriptive ones strings or
+    null, ``inference_mode`` a boolean. The method checks its own fields."""
+    if not isinstance(config.get("peft_type"), str):
+        raise ValueError(f"{where}: peft_type must be a string naming the method (e.g. 'LORA'), got "
+                         f"{config.get('peft_type')!r}")
+    for key in ("task_type", "base_model_name_or_path", "revision"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise ValueError(f"{where}: {key} must be a string or null, got {config[key]!r}")
+    if "inference_mode" in config and not isinstance(config["inference_mode"], bool):
+        raise ValueError(f"{where}: inference_mode must be true or false (a JSON boolean), got "
+                         f"{config['inference_mode']!r}")
 
 
 def _check_binding(config: dict[str, Any], bound: str | None, config_path: str, weights_path: str) -> None:
@@ -509,161 +432,13 @@ def _check_binding(config: dict[str, Any], bound: str | None, config_path: str, 
         raise ValueError(f"{weights_path}: metadata {_BOUND_KEY!r} is not valid JSON: {err}") from err
     if not isinstance(recorded, dict):
         raise ValueError(f"{weights_path}: metadata {_BOUND_KEY!r} must hold a JSON object")
-    differ = [f"{k} is {config.get(k)!r} in {config_path} but {recorded.get(k)!r} in the weights' "
-              f"metadata" for k in _BOUND_FIELDS if k in recorded and config.get(k) != recorded[k]]
+    differ = [f"{k} is {config.get(k)!r} in {config_path} but {recorded[k]!r} in the weights' "
+              f"metadata" for k in sorted(recorded) if config.get(k) != recorded[k]]
     if differ:
         raise ValueError(f"{weights_path}: the config does not belong to these weights: {'; '.join(differ)} "
                          f"({_BOUND_KEY!r} records the config they were saved with). The two files come "
                          f"from different saves, or the config was edited after saving. Nothing was "
                          f"loaded; the model is unchanged.")
-
-
-def _check_config(config: dict[str, Any], where: str) -> None:
-    """Check every field this loader reads (JSON type, range, pattern syntax), naming the field:
-    a ``ValueError`` before anything is built."""
-    def fail(key: str, expected: str) -> None:
-        raise ValueError(f"{where}: {key} must be {expected}, got {config[key]!r}")
-
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise ValueError(f"{where}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') "
-                         f"can be loaded")
-    for key in ("task_type", "base_model_name_or_path", "revision"):
-        if config.get(key) is not None and not isinstance(config[key], str):
-            fail(key, "a string or null")
-    for key in _BOOL_FIELDS:
-        if key in config and not isinstance(config[key], bool):
-            fail(key, "true or false (a JSON boolean)")
-    used = [k for k in _UNSUPPORTED_OPTIONS if config.get(k)]
-    if used:
-        raise ValueError(f"{where}: PEFT options not supported here: "
-                         + ", ".join(f"{k}={config[k]!r}" for k in used))
-    init = config.get("init_lora_weights", True)
-    if not isinstance(init, (bool, str)):
-        fail("init_lora_weights", f"one of {list(_PLAIN_INITS)}")
-    if init not in _PLAIN_INITS:
-        raise ValueError(f"{where}: init_lora_weights={init!r} changes the base weights, so this adapter "
-                         f"does not apply to the unchanged base model; save it with HF PEFT's "
-                         f"path_initial_model_for_weight_conversion to get a plain LoRA")
-    if not _is_rank(config.get("r")):
-        raise ValueError(f"{where}: r must be a positive integer, got {config.get('r')!r}")
-    if not _is_alpha(config.get("lora_alpha")):
-        raise ValueError(f"{where}: lora_alpha must be a positive finite number, got "
-                         f"{config.get('lora_alpha')!r}")
-    for key, valid, expected in (("rank_pattern", _is_rank, "a positive integer"),
-                                 ("alpha_pattern", _is_alpha, "a positive finite number")):
-        patterns = config.get(key)
-        if patterns is None:
-            continue
-        if not isinstance(patterns, dict):
-            fail(key, "a JSON object of {pattern: value}")
-        for pattern, value in patterns.items():
-            if not pattern:
-                raise ValueError(f"{where}: {key} has an empty pattern; keys are module names or "
-                                 f"regular expressions such as 'model.layers.0.self_attn.q_proj'")
-            try:
-                re.compile(rf"(.*\.)?({pattern})$")
-            except re.error as err:
-                raise ValueError(f"{where}: {key} key {pattern!r} is not a valid regular expression: "
-                                 f"{err}") from err
-            if not valid(value):
-                raise ValueError(f"{where}: {key}[{pattern!r}] must be {expected}, got {value!r}")
-    dropout = config.get("lora_dropout")
-    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
-                                or not 0.0 <= dropout < 1.0):
-        fail("lora_dropout", "a number in [0, 1)")
-    if config.get("bias") is not None and config["bias"] not in _BIAS_MODES:
-        fail("bias", f"one of {list(_BIAS_MODES)}")
-    for key in ("target_modules", "exclude_modules"):
-        value = config.get(key)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            try:
-                re.compile(value)
-            except re.error as err:
-                raise ValueError(f"{where}: {key}={value!r} is not a valid regular expression: "
-                                 f"{err}") from err
-        elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
-            fail(key, "a list of module names, a regular expression string or null")
-    saved = config.get("modules_to_save")
-    if saved is not None and not (isinstance(saved, list) and all(isinstance(s, str) and s for s in saved)):
-        fail("modules_to_save", "a list of module names or null")
-
-
-def _is_rank(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_alpha(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
-
-
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` (a regex) such that
-    ``name`` matches ``(.*\\.)?(k)$``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _injection_plan(root: nn.Module, config: dict[str, Any],
-                    where: str) -> tuple[dict[tuple[int, float], list[str]], list[str]]:
-    """Group the target modules of ``root`` by (r, alpha) and resolve ``modules_to_save``.
-    Reads the model only."""
-    target = config.get("target_modules")
-    if isinstance(target, list):
-        target = sorted(set(target))
-    try:
-        targets = find_targets(root, target, config.get("exclude_modules"))
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    saved: list[str] = []
-    for entry in dict.fromkeys(config.get("modules_to_save") or []):  # PEFT may list one twice
-        try:  # PEFT skips entries that match nothing (e.g. the "score" it adds for SEQ_CLS)
-            saved.extend(n for n in find_modules(root, [entry], "modules_to_save") if n not in saved)
-        except ValueError:
-            continue
-    # PEFT adapts nothing it trains in full, nor anything inside it (RoBERTa's two-Linear
-    # classifier under "all-linear": PEFT lists its Linears in target_modules all the same)
-    kept = [t for t in targets if not inside_any(t, saved)]
-    if not kept:
-        raise ValueError(f"{where}: every module target_modules selects ({_first(targets)}) is or lies "
-                         f"inside a module of modules_to_save ({_first(saved)}); nothing is left to adapt")
-    groups: dict[tuple[int, float], list[str]] = {}
-    for name in kept:
-        r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-        groups.setdefault((r, alpha), []).append(name)
-    return groups, saved
-
-
-def _inject(root: nn.Module, config: dict[str, Any], groups: dict[tuple[int, float], list[str]],
-            saved: list[str]) -> None:
-    """Inject the planned adapter into ``root`` with :func:`apply_lora`, one call per (r, alpha)."""
-    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
-    for i, ((r, alpha), names) in enumerate(groups.items()):
-        apply_lora(root, config=LoRAConfig(
-            r=r, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
-            target_modules="|".join(re.escape(n) for n in names),
-            modules_to_save=list(saved) if i == 0 and saved else None,
-            use_rslora=bool(config.get("use_rslora", False)), init=init,
-            bias=config.get("bias") or "none"))
-
-
-def _planned_scalings(root: nn.Module, config: dict[str, Any]) -> dict[LoRALinear, tuple[float, bool, float]]:
-    """``{layer: (alpha, use_rslora, scaling)}``: what the config (already checked) gives the
-    existing LoRA layers of ``root``. Changes nothing, so that a later error leaves them as they
-    are."""
-    rslora = config.get("use_rslora", False)
-    plan = {}
-    for name, layer in root.named_modules():
-        if isinstance(layer, LoRALinear):
-            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
-            plan[layer] = (alpha, rslora, lora_scaling(layer.r, alpha, rslora))
-    return plan
 
 
 def _meta_structure(root: nn.Module) -> nn.Module:
@@ -719,39 +494,24 @@ def _transformers_root(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def _file_entries(root: nn.Module) -> dict[str, tuple[str, Tensor]]:
-    """``{file key without "base_model.model.": (name in root, tensor)}`` for the adapter of
-    ``root``, in HF PEFT's naming: LoRA ``A``/``B``, the parameters and persistent buffers of
-    modules trained in full (``<path>.running_mean``), trainable biases."""
+    """``{file key without the prefix: (name in root, tensor)}`` for the adapter of ``root``: each
+    adapter layer's parameters and persistent buffers under ``<layer path>.<layer.file_key(name)>``
+    (LoRA ``<path>.lora_A.weight``, IA3 ``<path>.ia3_l``, a module trained in full under its own
+    path, BatchNorm statistics included), then the trainable biases under their own names."""
     entries: dict[str, tuple[str, Tensor]] = {}
-    saved: list[str] = []
     for name, module in root.named_modules():
+        if not isinstance(module, AdapterLayer):
+            continue
         dot = f"{name}." if name else ""
-        if isinstance(module, LoRALinear):
-            for attr in ("lora_A", "lora_B"):
-                entries[f"{dot}{attr}.weight"] = (f"{dot}{attr}", getattr(module, attr))
-        elif isinstance(module, ModulesToSave):
-            saved.append(dot)
-            trained = module.modules_to_save
-            for pname, param in trained.named_parameters():
-                entries[dot + pname] = (f"{dot}modules_to_save.{pname}", param)
-            for bname, buf in trained.named_buffers():
-                if _persistent(trained, bname):
-                    entries[dot + bname] = (f"{dot}modules_to_save.{bname}", buf)
-        elif isinstance(module, AdapterLayer):
-            raise ValueError(f"{name or type(root).__name__} is a {type(module).__name__}; the HF PEFT "
-                             f"LoRA format holds only LoRA layers and modules_to_save")
-    covered = {id(param) for _, param in entries.values()}
+        tensors = {**module.adapter_parameters(),
+                   **{n: b for n, b in module.adapter_buffers().items() if _persistent(module, n)}}
+        for attr, tensor in tensors.items():
+            entries[dot + module.file_key(attr)] = (dot + attr, tensor)
+    covered = {id(tensor) for _, tensor in entries.values()}
     for name, param in adapter_named_parameters(root):
-        if id(param) in covered or any(name.startswith(s + "original_module.") for s in saved):
-            continue  # the frozen original of a module trained in full is not part of the adapter
-        entries[name] = (name, param)
+        if id(param) not in covered:
+            entries[name] = (name, param)
     return entries
-
-
-def _names_outside_adapters(root: nn.Module) -> list[str]:
-    """Names of the modules of ``root`` that are not inside an adapter layer."""
-    adapters = [n + "." for n, m in root.named_modules() if isinstance(m, AdapterLayer) and n]
-    return [n for n, _ in root.named_modules() if n and not any(n.startswith(a) for a in adapters)]
 
 
 def _validate(expected: Mapping[str, Tensor], given: Mapping[str, Any], strict: bool, where: str,
@@ -782,28 +542,23 @@ def _validate(expected: Mapping[str, Tensor], given: Mapping[str, Any], strict: 
                     nonfinite.append(f"{name}: {bad} NaN/inf{after}")
     problems = []
     if strict and missing:
-        problems.append(f"{len(missing)} missing ({_first(missing)})")
+        problems.append(f"{len(missing)} missing ({first_names(missing)})")
     if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected ({first_names(unexpected)})")
     if wrong:
-        problems.append(f"{len(wrong)} mis-shaped ({_first(wrong)})")
+        problems.append(f"{len(wrong)} mis-shaped ({first_names(wrong)})")
     if nonfinite:
-        problems.append(f"{len(nonfinite)} non-finite ({_first(nonfinite)})")
+        problems.append(f"{len(nonfinite)} non-finite ({first_names(nonfinite)})")
     if problems:
         raise ValueError(f"{where} does not match the model's adapter: " + "; ".join(problems)
                          + ". Nothing was loaded; the model is unchanged." + hint)
     return [(name if keys else expected[name], src) for name, src in cast.items()]
 
 
-def _first(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
-
-
 @contextmanager
 def _unmerged(model: nn.Module) -> Iterator[None]:
-    """Unmerge the merged LoRA layers of ``model`` for the block, then merge them again."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.merged]
+    """Unmerge the merged adapter layers of ``model`` for the block, then merge them again."""
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and getattr(m, "merged", False)]
     for layer in layers:
         layer.unmerge()
     try:

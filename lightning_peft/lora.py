@@ -14,9 +14,12 @@ keeps the update's scale stable as r grows. Merging writes ``W0 + s·B·A`` into
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +30,13 @@ from lightning_peft._base import (
     TRAIN_BIAS_ATTR,
     AdapterLayer,
     ModulesToSave,
+    first_names,
     freeze_all_but_adapters,
     inside_any,
+    names_outside_adapters,
     wrap_modules_to_save,
 )
+from lightning_peft.methods import Method, register
 from lightning_peft.targeting import (
     TargetSpec,
     conv1d_class,
@@ -38,6 +44,7 @@ from lightning_peft.targeting import (
     find_targets,
     get_parent,
     is_linear_like,
+    short_names,
 )
 
 INITS = ("kaiming", "gaussian")
@@ -402,17 +409,282 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     return model
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer's update into its base weight (zero inference overhead)."""
-    for _, layer in lora_layers(model):
-        if not layer.merged:
-            layer.merge()
-    return model
+# ------------------------------------------------------------------------------ file format
+# HF PEFT's LoRA adapter_config.json, read and written through the method registry.
+
+# PEFT options this package does not implement: loading a file that uses one would silently give
+# a different model, so it is refused. A falsy value (None, False, [], {}) means "not used".
+_UNSUPPORTED_OPTIONS = (
+    "use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication",
+    "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
+    "use_bdlora", "megatron_config", "arrow_config", "kasa_config", "monteclora_config",
+)
+# Config fields that hold true or false (a string "false" would read as true).
+_BOOL_FIELDS = ("inference_mode", "use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "use_qalora",
+                "ensure_weight_tying")
+# ``init_lora_weights`` values whose adapter is a plain LoRA on the unchanged base model (PiSSA,
+# OLoRA, CorDA, LoftQ, ... rewrite the base weights, so their raw adapters do not apply to it).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# The fields that decide how the weights are read (recorded in the weights' metadata on save).
+_BOUND_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
+                 "target_modules", "exclude_modules", "modules_to_save", "bias")
 
 
-def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_adapters`, restoring the base weights exactly."""
-    for _, layer in lora_layers(model):
-        if layer.merged:
-            layer.unmerge()
-    return model
+def _to_json(root: nn.Module) -> dict[str, Any]:
+    """The ``adapter_config.json`` fields (HF PEFT's LoRA format) that describe the LoRA layers of
+    ``root``: the most common r and alpha, the others as ``rank_pattern``/``alpha_pattern``."""
+    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError(f"{type(root).__name__} has no LoRA layers to save; inject them first with "
+                         f"apply_lora(model, ...)")
+    if any(not name for name, _ in layers):
+        raise ValueError("the model itself is a LoRALinear; save the model that contains it")
+    rslora = {m.use_rslora for _, m in layers}
+    if len(rslora) > 1:
+        mixed = [n for n, m in layers if m.use_rslora]
+        raise ValueError(f"the LoRA layers mix use_rslora=True ({first_names(mixed)}) and False, which "
+                         f"adapter_config.json cannot express")
+    r = _most_common(m.r for _, m in layers)
+    alpha = _most_common(m.alpha for _, m in layers)
+    saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
+    targets = [n for n, _ in layers]
+    free = names_outside_adapters(root)
+    return {
+        "r": r,
+        "lora_alpha": _json_number(alpha),
+        "lora_dropout": _most_common(m.dropout for _, m in layers),
+        "target_modules": sorted(short_names(targets, free, dotted=True)),
+        "exclude_modules": None,
+        "modules_to_save": sorted(short_names(saved, free, dotted=False)) or None,
+        "bias": _bias_mode(root, layers, saved),
+        "use_rslora": rslora.pop(),
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
+        "init_lora_weights": True if _most_common(m.init for _, m in layers) == "kaiming" else "gaussian",
+        "rank_pattern": {n: m.r for n, m in layers if m.r != r},
+        "alpha_pattern": {n: _json_number(m.alpha) for n, m in layers if m.alpha != alpha},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "layer_replication": None,
+    }
+
+
+def _bias_mode(root: nn.Module, layers: list[tuple[str, LoRALinear]], saved: list[str]) -> str:
+    """``"none"``, ``"all"`` or ``"lora_only"``: which biases of ``root`` were made trainable."""
+    inside = [s + "." for s in saved]
+    candidates, marked = set(), set()
+    for name, module in root.named_modules():
+        if isinstance(module, AdapterLayer) or any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            candidates.add(name)
+            if getattr(module, TRAIN_BIAS_ATTR, False):
+                marked.add(name)
+    if not marked:
+        return "none"
+    if marked == candidates:
+        return "all"
+    if marked == {f"{n}.base_layer" for n, m in layers if m.base_layer.bias is not None}:
+        return "lora_only"
+    raise ValueError(f"the trainable biases ({first_names(sorted(marked))}) are neither all biases nor those "
+                     f"of the LoRA layers, which adapter_config.json's bias cannot express")
+
+
+def _bias_mode(root: nn.Module, layers: list[tuple[str, LoRALinear]], saved: list[str]) -> str:
+    """``"none"``, ``"all"`` or ``"lora_only"``: which biases of ``root`` were made trainable."""
+    inside = [s + "." for s in saved]
+    candidates, marked = set(), set()
+    for name, module in root.named_modules():
+        if isinstance(module, AdapterLayer) or any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            candidates.add(name)
+            if getattr(module, TRAIN_BIAS_ATTR, False):
+                marked.add(name)
+    if not marked:
+        return "none"
+    if marked == candidates:
+        return "all"
+    if marked == {f"{n}.base_layer" for n, m in layers if m.base_layer.bias is not None}:
+        return "lora_only"
+    raise ValueError(f"the trainable biases ({first_names(sorted(marked))}) are neither all biases nor those "
+                     f"of the LoRA layers, which adapter_config.json's bias cannot express")
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _check_json(config: dict[str, Any], where: str) -> None:
+    """Check every LoRA field the loader reads (JSON type, range, pattern syntax), naming the
+    field: a ``ValueError`` before anything is built."""
+    def fail(key: str, expected: str) -> None:
+        raise ValueError(f"{where}: {key} must be {expected}, got {config[key]!r}")
+
+    for key in _BOOL_FIELDS:
+        if key in config and not isinstance(config[key], bool):
+            fail(key, "true or false (a JSON boolean)")
+    used = [k for k in _UNSUPPORTED_OPTIONS if config.get(k)]
+    if used:
+        raise ValueError(f"{where}: PEFT options not supported here: "
+                         + ", ".join(f"{k}={config[k]!r}" for k in used))
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        fail("init_lora_weights", f"one of {list(_PLAIN_INITS)}")
+    if init not in _PLAIN_INITS:
+        raise ValueError(f"{where}: init_lora_weights={init!r} changes the base weights, so this adapter "
+                         f"does not apply to the unchanged base model; save it with HF PEFT's "
+                         f"path_initial_model_for_weight_conversion to get a plain LoRA")
+    if not _is_rank(config.get("r")):
+        raise ValueError(f"{where}: r must be a positive integer, got {config.get('r')!r}")
+    if not _is_alpha(config.get("lora_alpha")):
+        raise ValueError(f"{where}: lora_alpha must be a positive finite number, got "
+                         f"{config.get('lora_alpha')!r}")
+    for key, valid, expected in (("rank_pattern", _is_rank, "a positive integer"),
+                                 ("alpha_pattern", _is_alpha, "a positive finite number")):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            fail(key, "a JSON object of {pattern: value}")
+        for pattern, value in patterns.items():
+            if not pattern:
+                raise ValueError(f"{where}: {key} has an empty pattern; keys are module names or "
+                                 f"regular expressions such as 'model.layers.0.self_attn.q_proj'")
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as err:
+                raise ValueError(f"{where}: {key} key {pattern!r} is not a valid regular expression: "
+                                 f"{err}") from err
+            if not valid(value):
+                raise ValueError(f"{where}: {key}[{pattern!r}] must be {expected}, got {value!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0.0 <= dropout < 1.0):
+        fail("lora_dropout", "a number in [0, 1)")
+    if config.get("bias") is not None and config["bias"] not in BIAS_MODES:
+        fail("bias", f"one of {list(BIAS_MODES)}")
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{where}: {key}={value!r} is not a valid regular expression: "
+                                 f"{err}") from err
+        elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+            fail(key, "a list of module names, a regular expression string or null")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(s, str) and s for s in saved)):
+        fail("modules_to_save", "a list of module names or null")
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_alpha(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` (a regex) such that
+    ``name`` matches ``(.*\\.)?(k)$``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _injection_plan(root: nn.Module, config: dict[str, Any],
+                    where: str) -> tuple[dict[tuple[int, float], list[str]], list[str]]:
+    """Group the target modules of ``root`` by (r, alpha) and resolve ``modules_to_save``.
+    Reads the model only."""
+    target = config.get("target_modules")
+    if isinstance(target, list):
+        target = sorted(set(target))
+    try:
+        targets = find_targets(root, target, config.get("exclude_modules"))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    saved: list[str] = []
+    for entry in dict.fromkeys(config.get("modules_to_save") or []):  # PEFT may list one twice
+        try:  # PEFT skips entries that match nothing (e.g. the "score" it adds for SEQ_CLS)
+            saved.extend(n for n in find_modules(root, [entry], "modules_to_save") if n not in saved)
+        except ValueError:
+            continue
+    # PEFT adapts nothing it trains in full, nor anything inside it (RoBERTa's two-Linear
+    # classifier under "all-linear": PEFT lists its Linears in target_modules all the same)
+    kept = [t for t in targets if not inside_any(t, saved)]
+    if not kept:
+        raise ValueError(f"{where}: every module target_modules selects ({first_names(targets)}) is or "
+                         f"lies inside a module of modules_to_save ({first_names(saved)}); nothing is "
+                         f"left to adapt")
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name in kept:
+        r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        groups.setdefault((r, alpha), []).append(name)
+    return groups, saved
+
+
+def _inject(root: nn.Module, config: dict[str, Any], groups: dict[tuple[int, float], list[str]],
+            saved: list[str]) -> None:
+    """Inject the planned adapter into ``root`` with :func:`apply_lora`, one call per (r, alpha)."""
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
+    for i, ((r, alpha), names) in enumerate(groups.items()):
+        apply_lora(root, config=LoRAConfig(
+            r=r, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
+            target_modules="|".join(re.escape(n) for n in names),
+            modules_to_save=list(saved) if i == 0 and saved else None,
+            use_rslora=bool(config.get("use_rslora", False)), init=init,
+            bias=config.get("bias") or "none"))
+
+
+def _planned_scalings(root: nn.Module, config: dict[str, Any]) -> dict[LoRALinear, tuple[float, bool, float]]:
+    """``{layer: (alpha, use_rslora, scaling)}``: what the config (already checked) gives the
+    existing LoRA layers of ``root``. Changes nothing, so that a later error leaves them as they
+    are."""
+    rslora = config.get("use_rslora", False)
+    plan = {}
+    for name, layer in root.named_modules():
+        if isinstance(layer, LoRALinear):
+            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+            plan[layer] = (alpha, rslora, lora_scaling(layer.r, alpha, rslora))
+    return plan
+
+
+def _from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[nn.Module], None]:
+    """Check the LoRA fields of ``config`` and plan the injection into ``model`` (read only);
+    return the function that injects it."""
+    _check_json(config, where)
+    groups, saved = _injection_plan(model, config, where)
+    return lambda target: _inject(target, config, groups, saved)
+
+
+def _update_from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[], None]:
+    """Check the LoRA fields of ``config`` for a model that has LoRA already; return the setter of
+    the layers' alpha and rsLoRA setting (hence scaling), run once every check has passed."""
+    _check_json(config, where)
+    plan = _planned_scalings(model, config)
+
+    def update() -> None:
+        for layer, (alpha, rslora, scaling) in plan.items():
+            layer.alpha, layer.use_rslora, layer.scaling = alpha, rslora, scaling
+
+    return update
+
+
+METHOD = register(Method(
+    name="lora", config_class=LoRAConfig, peft_type="LORA", apply=apply_lora,
+    detect=lambda model: any(isinstance(m, LoRALinear) for m in model.modules()),
+    to_json=_to_json, from_json=_from_json, update_from_json=_update_from_json,
+    bound_fields=_BOUND_FIELDS, aliases=("rslora",)))

@@ -223,3 +223,16 @@ def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The parent module of the submodule ``name`` and its attribute name there."""
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def short_names(chosen: list[str], names: list[str], dotted: bool) -> list[str]:
+    """Leaf names for ``chosen`` where a leaf selects exactly the chosen modules, full names
+    elsewhere. PEFT matches ``target_modules`` entries as dotted suffixes and ``modules_to_save``
+    entries as plain string suffixes (``dotted=False``)."""
+    chosen_set = set(chosen)
+    out: set[str] = set()
+    for name in chosen:
+        leaf = name.rsplit(".", 1)[-1]
+        hits = {n for n in names if n == leaf or (n.endswith("." + leaf) if dotted else n.endswith(leaf))}
+        out.add(leaf if hits <= chosen_set else name)
+    return list(out)

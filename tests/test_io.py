@@ -34,8 +34,9 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from lightning_peft import merge_adapters
 from lightning_peft.io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
-from lightning_peft.lora import LoRALinear, ModulesToSave, apply_lora, lora_layers, merge_adapters
+from lightning_peft.lora import LoRALinear, ModulesToSave, apply_lora, lora_layers
 
 peft = pytest.importorskip("peft")
 
@@ -394,7 +395,7 @@ def test_non_strict_loading(tmp_path: Path) -> None:
 
 
 CONFIG_ERRORS = {
-    "peft_type": (dict(peft_type="IA3"), ValueError, "peft_type is 'IA3'"),
+    "peft_type": (dict(peft_type="OFT"), ValueError, "peft_type is 'OFT'; this package loads"),
     "dora": (dict(use_dora=True), ValueError, "use_dora=True"),
     "pissa": (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'"),
     "rank": (dict(r=0), ValueError, "r must be a positive integer"),
@@ -528,7 +529,7 @@ def test_values_that_overflow_the_model_dtype_are_refused() -> None:
 
 
 def test_unsavable_models(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no LoRA layers"):
+    with pytest.raises(ValueError, match="carries no adapter to save"):
         save_adapter(_llama(), tmp_path)
     model = _llama()
     apply_lora(model, r=2, target_modules=["q_proj"], use_rslora=True)

@@ -80,6 +80,16 @@ class Method:
     """For loading into a model that already carries the method: check the fields and return the
     function that sets the non-tensor state (e.g. LoRA's alpha) once the tensors have been
     checked too. ``None``: nothing but tensors to load."""
+    bound_fields: tuple[str, ...] | None = None
+    """The ``adapter_config.json`` fields that decide how the weights are read: recorded in the
+    weights' metadata on save, and a config file that disagrees is refused on load. ``None``:
+    every field ``to_json`` writes."""
+    file_format: str | None = None
+    """The registry name of the method whose files this one writes and reads (QLoRA's adapter is a
+    LoRA adapter); ``None``: its own, under ``peft_type``."""
+    export: Callable[[nn.Module], nn.Module] | None = None
+    """Turn a trained model into a plain one for inference (QLoRA: ``merge_and_dequantize``);
+    ``None``: :func:`lightning_peft._base.merge_adapters`."""
     file_prefix: str = "base_model.model."
     """Prefix of every tensor name in ``adapter_model.safetensors``."""
     aliases: tuple[str, ...] = field(default=())
@@ -94,7 +104,9 @@ def register(method: Method) -> Method:
     for key in (method.name, *method.aliases):
         if key in _REGISTRY and _REGISTRY[key] is not method:
             raise ValueError(f"a method named {key!r} is already registered")
-    if any(m.peft_type == method.peft_type and m.name != method.name for m in _REGISTRY.values()):
+    if method.file_format is None and any(
+            m.peft_type == method.peft_type and m.name != method.name and m.file_format is None
+            for m in _REGISTRY.values()):
         raise ValueError(f"peft_type {method.peft_type!r} is already registered")
     for key in (method.name, *method.aliases):
         _REGISTRY[key] = method
@@ -118,9 +130,9 @@ def get_method(name: str) -> Method:
 def method_for_peft_type(peft_type: Any, where: str = "adapter_config.json") -> Method:
     """The method whose files carry ``peft_type``; a ``ValueError`` lists the known types."""
     for method in methods():
-        if method.peft_type == peft_type:
+        if method.peft_type == peft_type and method.file_format is None:
             return method
-    known = sorted(m.peft_type for m in methods())
+    known = sorted({m.peft_type for m in methods()})
     raise ValueError(f"{where}: peft_type is {peft_type!r}; this package loads {known}")
 
 
@@ -138,13 +150,27 @@ def methods_in(model: nn.Module) -> list[Method]:
     return [m for m in methods() if m.detect(model)]
 
 
+def file_method(model: nn.Module) -> Method:
+    """The one method whose file format describes the adapter of ``model`` (QLoRA's is LoRA's);
+    a ``ValueError`` when the model carries none, or several at once."""
+    found = list(dict.fromkeys(get_method(m.file_format) if m.file_format else m for m in methods_in(model)))
+    if not found:
+        raise ValueError(f"{type(model).__name__} carries no adapter to save; inject one first, e.g. "
+                         f"apply_lora(model, ...) or apply_peft(model, config)")
+    if len(found) > 1:
+        raise ValueError(f"{type(model).__name__} carries adapters of several methods "
+                         f"({[m.name for m in found]}); one adapter file holds one method")
+    return found[0]
+
+
 def apply_peft(model: nn.Module, config: Any) -> nn.Module:
     """Inject any registered method's adapter into ``model`` from its config object (e.g.
     ``LoRAConfig(r=8)``, ``IA3Config()``, ``BitFitConfig()``), freeze the rest, return ``model``."""
     return method_for_config(config).apply(model, config=config)
 
 
-_BUILTIN = ("lora", "qlora", "ia3", "bitfit")
+_BUILTIN = ("lightning_peft.lora", "lightning_peft.qlora", "lightning_peft.methods.ia3",
+            "lightning_peft.methods.bitfit")
 
 
 def _load_builtin() -> None:
@@ -152,11 +178,10 @@ def _load_builtin() -> None:
     import importlib
     import importlib.util
 
-    for name in _BUILTIN:
-        module = f"{__name__}.{name}"
+    for module in _BUILTIN:
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
 
 
-__all__ = ["Method", "apply_peft", "get_method", "method_for_config", "method_for_peft_type", "methods",
-           "methods_in", "register"]
+__all__ = ["Method", "apply_peft", "file_method", "get_method", "method_for_config", "method_for_peft_type",
+           "methods", "methods_in", "register"]
