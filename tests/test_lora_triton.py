@@ -489,22 +489,25 @@ def compile_launch(kernel, grid, *args, **kwargs):
                          "wgmma": ttgir.count("ttng.warp_group_dot ")})
 
 T._launch = compile_launch
+adapter_dtype = getattr(torch, os.environ["LORA_ADAPTER_DTYPE"])
+torch.set_float32_matmul_precision("high")  # fp32 adapters: rank-r dots in tf32 (wgmma)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(512, 256, generator=g).bfloat16().requires_grad_()
 w = torch.randn(384, 256, generator=g).bfloat16()
-a = torch.randn(16, 256, generator=g).bfloat16().requires_grad_()
-b = torch.randn(384, 16, generator=g).bfloat16().requires_grad_()
+a = torch.randn(16, 256, generator=g).to(adapter_dtype).requires_grad_()
+b = torch.randn(384, 16, generator=g).to(adapter_dtype).requires_grad_()
 y = T.lora_linear_triton(x, w, a, b, 2.0, None, 0.1, None)
 y.backward(torch.ones_like(y))
 print(json.dumps(compiled))
 """
 
 
-def test_kernels_compile_for_hopper():
+@pytest.mark.parametrize("adapter_dtype", ["bfloat16", "float32"])
+def test_kernels_compile_for_hopper(adapter_dtype):
     """Ahead-of-time compile (ptxas, no GPU needed) of every launch of a bf16 forward+backward
-    with dropout for sm_90: the GEMMs' main loops are pipelined (async copies) and use wgmma,
-    and each kernel fits in shared memory."""
-    compiled = compile_ahead(_HOPPER_COMPILE)
+    with dropout for sm_90, with bf16 adapters or fp32 ones (rank-r dots in tf32): the GEMMs' main
+    loops are pipelined (async copies) and use wgmma, and each kernel fits in shared memory."""
+    compiled = compile_ahead(_HOPPER_COMPILE, LORA_ADAPTER_DTYPE=adapter_dtype)
     kinds = [c["kernel"] for c in compiled]
     assert kinds == ["_lora_down_kernel", "_lora_gemm_kernel", "_lora_gemm_kernel",
                      "_lora_dy_kernel", "_lora_gemm_kernel", "_lora_gemm_kernel"], kinds
