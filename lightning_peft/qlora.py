@@ -46,6 +46,7 @@ import kernels
 from kernels.nf4 import BLOCKSIZES
 from lightning_peft import _grouping
 from lightning_peft._base import AdapterLayer, freeze_all_but_adapters
+from lightning_peft.lora import METHOD as LORA_METHOD
 from lightning_peft.lora import (
     LoRAConfig,
     LoRALinear,
@@ -53,6 +54,7 @@ from lightning_peft.lora import (
     _quantized_base_weight,
     apply_lora,
 )
+from lightning_peft.methods import Method, register
 from lightning_peft.targeting import TargetSpec, find_targets, get_parent
 
 __all__ = ["COMPUTE_DTYPES", "NF4Linear", "QLoRAConfig", "apply_qlora", "merge_and_dequantize"]
@@ -465,3 +467,16 @@ def _dense_linear(weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> nn
                                    requires_grad=False)
     return linear
 
+
+
+def _has_quantized_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) and _quantized_base_weight(m.base_layer) is not None
+               for m in model.modules())
+
+
+# QLoRA's adapter is a LoRA adapter: its files are LoRA's (HF PEFT saves QLoRA adapters as LORA).
+METHOD = register(Method(
+    name="qlora", config_class=QLoRAConfig, peft_type="LORA", apply=apply_qlora,
+    detect=_has_quantized_lora, to_json=LORA_METHOD.to_json, from_json=LORA_METHOD.from_json,
+    update_from_json=LORA_METHOD.update_from_json, file_format="lora",
+    export=functools.partial(merge_and_dequantize, dtype=torch.float32)))
