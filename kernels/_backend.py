@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -71,6 +72,16 @@ def triton_available() -> bool:
 def interpreting() -> bool:
     """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def interpreter_lock() -> contextlib.AbstractContextManager:
+    """What a Triton launch holds: one process-wide lock under the CPU interpreter (it patches
+    ``triton.language`` while a kernel runs, so interpreted launches must not overlap), nothing
+    on a GPU (launches share no state there)."""
+    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -31,23 +31,22 @@ __all__ = ["lora_linear_nf4_triton"]
 
 class _LoRANF4(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, q, lora_a, lora_b, scaling, bias, dropout_p, generator):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
+    def forward(ctx, x2, q, lora_a, lora_b, scaling, bias, dropout_p, generator):
+        x = x2                                                          # (M, K)
         seed = _draw_seed(generator, x.device) if dropout_p > 0.0 else None
         w = nf4_dense_for_matmul(q, x.dtype)                            # (N, K) scratch
         y, s_lora = torch.ops.lightning_peft.lora_linear_fwd(
             x2, [w], lora_a, [lora_b], [scaling], [] if bias is None else [bias],
             [bias is not None], dropout_p, seed)                        # (M, N), (M, r)
         ctx.save_for_backward(x2, lora_a, lora_b, s_lora, seed)
-        ctx.q, ctx.scaling, ctx.dropout_p, ctx.shape = q, scaling, dropout_p, shape
-        return y.view(*shape[:-1], y.shape[-1])
+        ctx.q, ctx.scaling, ctx.dropout_p = q, scaling, dropout_p
+        return y  # a fresh (M, N) tensor: the caller's view of it may be edited in place
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, lora_a, lora_b, s_lora, seed = ctx.saved_tensors
         need_x, _, need_a, need_b, _, need_bias = ctx.needs_input_grad[:6]
-        dy = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, N)
+        dy = grad_out                                                   # (M, N)
         grad_x = grad_a = grad_b = grad_bias = None
         if need_x or need_a or need_b:
             # W0 is read only for dX; otherwise an empty placeholder keeps the op's signature
@@ -55,7 +54,7 @@ class _LoRANF4(torch.autograd.Function):
             dx, da, db = torch.ops.lightning_peft.lora_linear_bwd(
                 [dy], x2, [w], lora_a, [lora_b], s_lora, [ctx.scaling], ctx.dropout_p, seed,
                 need_x, need_a, need_b)
-            grad_x = dx.view(ctx.shape) if need_x else None
+            grad_x = dx if need_x else None
             grad_a = da if need_a else None
             grad_b = db if need_b else None
         if need_bias:
@@ -69,4 +68,7 @@ def lora_linear_nf4_triton(x: Tensor, q: NF4Tensor, lora_a: Tensor, lora_b: Tens
     """The Triton path of :func:`kernels.lora_linear` for an NF4 ``q`` (N, K): arguments already
     checked and cast to ``x.dtype`` by the caller; ``x`` (..., K), ``lora_a`` (r, K),
     ``lora_b`` (N, r), ``bias`` (N,) or None."""
-    return _LoRANF4.apply(x, q, lora_a, lora_b, float(scaling), bias, float(dropout_p), generator)
+    shape = x.shape
+    y = _LoRANF4.apply(x.reshape(-1, shape[-1]), q, lora_a, lora_b, float(scaling), bias,
+                       float(dropout_p), generator)                     # (M, N)
+    return y.view(*shape[:-1], y.shape[-1])

@@ -330,7 +330,8 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     while their fake implementation computes output metadata."""
     if _backend.interpreting() and any(is_fake(a) for a in args if isinstance(a, Tensor)):
         return
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    with _backend.interpreter_lock():  # interpreted launches must not overlap (threads)
+        wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _op(name: str):

@@ -24,9 +24,6 @@ contracted into an FMA. Offsets are int64 so tensors beyond 2³¹ elements index
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 import triton
 import triton.language as tl
@@ -197,15 +194,11 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code
 
 
 # ---------------------------------------------------------------------------------- launchers
-_INTERPRETER_LOCK = threading.Lock()
-
-
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``. Launches hold no shared state, so threads may launch at
     once; only Triton's CPU interpreter (``TRITON_INTERPRET=1``) patches ``triton.language`` for
     the duration of a kernel, so there launches run one at a time."""
-    lock = _INTERPRETER_LOCK if _backend.interpreting() else contextlib.nullcontext()
-    with lock:
+    with _backend.interpreter_lock():
         kernel[grid](*args, **kwargs)
 
 

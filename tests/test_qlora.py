@@ -190,6 +190,28 @@ def test_triton_lora_linear_with_nf4_weight_matches_torch_path(dtype, tol, with_
         torch.testing.assert_close(gg, ww, rtol=0, atol=tol * ww.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nf4_lora_output_can_be_edited_in_place(backend):
+    """``out += other`` on a QLoRA layer's output (Falcon's ``mlp_output += attention_output``)
+    works on both paths, with the gradients of the unedited op plus the edit."""
+    g = torch.Generator().manual_seed(1)
+    q = kernels.quantize_nf4(torch.randn(24, 40, generator=g), blocksize=64).to(DEVICE)
+    x = torch.randn(2, 5, 40, generator=g).to(DEVICE).requires_grad_()
+    a = (torch.randn(4, 40, generator=g) / 8).to(DEVICE).requires_grad_()
+    b = (torch.randn(24, 4, generator=g) / 2).to(DEVICE).requires_grad_()
+    other = torch.randn(2, 5, 24, generator=g).to(DEVICE)
+    with kernels.use_backend(backend):
+        y = kernels.lora_linear(x, q, a, b, 0.5)
+        y += other
+        y.mul_(2.0)
+    y_ref = (lora_linear_reference(x, q, a, b, 0.5) + other) * 2.0
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-4)
+    grad = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, a, b), grad),
+                         torch.autograd.grad(y_ref, (x, a, b), grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
 def test_triton_nf4_dropout_matches_dense_triton_and_frees_no_weight():
     """With dropout the NF4 path draws the same seed and mask as the dense Triton op on the
     dequantized weight; its autograd graph keeps no dense weight."""
@@ -253,25 +275,12 @@ def _threaded_job(op, k, n, seed):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", ["qlora_layer", "lora_linear", "lora_linear_grouped"])
-def test_layers_and_lora_ops_are_thread_safe(op, backend, monkeypatch):
+def test_layers_and_lora_ops_are_thread_safe(op, backend):
     """Two threads (serving, ``predict`` in threads) each run their own layer or op, of another
     shape, forward and backward, at the same time: every result equals the one computed alone
     (the NF4 layers' scratch buffers are per thread)."""
     from tests.test_nf4 import concurrently, count_wrong
 
-    if backend == "triton" and kernels._backend.interpreting():
-        # Triton's CPU interpreter patches triton.language for the duration of each launch, so
-        # interpreted launches must not overlap; kernels/_nf4_triton.py serializes its own, the
-        # LoRA launcher (kernels/_lora_triton.py) not yet: serialize it the same way here.
-        from kernels import _lora_triton, _nf4_triton
-
-        launch = _lora_triton._launch
-
-        def serialized(*args, **kwargs):
-            with _nf4_triton._INTERPRETER_LOCK:
-                launch(*args, **kwargs)
-
-        monkeypatch.setattr(_lora_triton, "_launch", serialized)
     rounds, shapes = (30, ((128, 96), (192, 80))) if backend == "torch" else \
         (2 if op == "qlora_layer" else 1, ((64, 40), (96, 56)))
     with kernels.use_backend(backend):
