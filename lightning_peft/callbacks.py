@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -44,17 +44,21 @@ from lightning_peft._base import (
     trainable_parameters,
 )
 from lightning_peft.io import _validate
-from lightning_peft.lora import LoRAConfig, apply_lora
+from lightning_peft.lora import LoRAConfig
+from lightning_peft.methods import apply_peft, get_method
 
 _WRAPPED = "_lightning_peft_wrapped"
 """Key, in the module's ``__dict__``, of what the active callback changed (to undo it)."""
 
 
 class PEFTCallback(Callback):
-    """Base of every method's callback. A subclass sets ``self.config`` (a dataclass) and
-    implements :meth:`apply` (inject + freeze, idempotent) with the method's plain function."""
+    """Base of every method's callback. A subclass names its registry ``method`` and sets
+    ``self.config`` (the method's config dataclass) in a flat typed ``__init__``; :meth:`apply`
+    injects and freezes through the registry (``apply_peft``), idempotently."""
 
     config: Any
+    method: ClassVar[str] = ""
+    """The registry name of the method (``lightning_peft.methods.get_method``)."""
 
     free_fields: tuple[str, ...] = ("dropout", "init", "autocast_adapter_dtype")
     """Config fields a checkpoint may differ in: they change how training runs or starts, not
@@ -73,7 +77,8 @@ class PEFTCallback(Callback):
 
     # -- what a method provides -------------------------------------------------------------
     def apply(self, module: nn.Module) -> nn.Module:
-        raise TypeError(f"{type(self).__name__} must define apply(module)")
+        """Inject the method's adapter into ``module`` and freeze the rest (idempotent)."""
+        return apply_peft(module, self.config)
 
     def merge(self, module: nn.Module) -> None:
         merge_adapters(module)
@@ -339,20 +344,19 @@ class LoRACallback(PEFTCallback):
     in HF PEFT format when ``fit`` ends, on rank 0).
     """
 
+    method = "lora"
+
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: str | list[str] | None = None,
                  exclude_modules: str | list[str] | None = None,
                  modules_to_save: list[str] | None = None, use_rslora: bool = False,
-                 init: str = "kaiming", bias: str = "none", merge_on_fit_end: bool = False,
-                 adapter_dir: str | None = None) -> None:
+                 init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
+                 merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
         super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
         self.config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                                  exclude_modules=exclude_modules, modules_to_save=modules_to_save,
-                                 use_rslora=use_rslora, init=init, bias=bias)
-
-    @override
-    def apply(self, module: nn.Module) -> nn.Module:
-        return apply_lora(module, config=self.config)
+                                 use_rslora=use_rslora, init=init, bias=bias,
+                                 autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 class QLoRACallback(PEFTCallback):
@@ -366,6 +370,8 @@ class QLoRACallback(PEFTCallback):
     format when ``fit`` ends, on rank 0). Checkpoints hold only the adapter; the NF4 base stays
     4-bit through precision "bf16-true"/"bf16-mixed" and device moves.
     """
+
+    method = "qlora"
 
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: str | list[str] | None = None,
@@ -383,8 +389,66 @@ class QLoRACallback(PEFTCallback):
                                   double_quant=double_quant, compute_dtype=compute_dtype,
                                   blocksize=blocksize)
 
-    @override
-    def apply(self, module: nn.Module) -> nn.Module:
-        from lightning_peft.qlora import apply_qlora
 
-        return apply_qlora(module, config=self.config)
+class IA3Callback(PEFTCallback):
+    """Fine-tune with (IA)³: ``Trainer(callbacks=[IA3Callback()])``: learned vectors rescale the
+    keys, values and feed-forward activations (the architecture's defaults when no targets are
+    named, as HF PEFT).
+
+    Arguments are those of :func:`lightning_peft.apply_ia3` plus ``merge_on_fit_end`` (fold the
+    vectors into the base weights when ``fit`` ends) and ``adapter_dir`` (write the adapter there
+    in HF PEFT's IA3 format when ``fit`` ends, on rank 0).
+    """
+
+    method = "ia3"
+
+    def __init__(self, target_modules: str | list[str] | None = None,
+                 feedforward_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 modules_to_save: list[str] | None = None, init_ia3_weights: bool = True,
+                 autocast_adapter_dtype: bool = True, merge_on_fit_end: bool = False,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.ia3 import IA3Config
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = IA3Config(target_modules=target_modules, feedforward_modules=feedforward_modules,
+                                exclude_modules=exclude_modules, modules_to_save=modules_to_save,
+                                init_ia3_weights=init_ia3_weights,
+                                autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+class BitFitCallback(PEFTCallback):
+    """Fine-tune with BitFit: ``Trainer(callbacks=[BitFitCallback(trainable_modules=["classifier"])])``.
+
+    Only biases train (all of them by default, LayerNorm's included), plus the modules named in
+    ``trainable_modules``, in full. Arguments are those of :func:`lightning_peft.apply_bitfit`
+    plus ``adapter_dir`` (write the adapter there when ``fit`` ends, on rank 0). BitFit has
+    nothing to merge.
+    """
+
+    method = "bitfit"
+
+    def __init__(self, target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 trainable_modules: list[str] | None = None, add_missing_biases: bool = False,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.bitfit import BitFitConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = BitFitConfig(target_modules=target_modules, exclude_modules=exclude_modules,
+                                   trainable_modules=trainable_modules,
+                                   add_missing_biases=add_missing_biases)
+
+
+def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
+    """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
+    ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""
+    name = get_method(method).name
+    classes = {cls.method: cls for cls in _subclasses(PEFTCallback) if cls.method}
+    if name not in classes:
+        raise ValueError(f"no callback for method {name!r}; callbacks exist for {sorted(classes)}")
+    return classes[name](**kwargs)
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
