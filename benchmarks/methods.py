@@ -66,30 +66,26 @@ def _save_full_model(model: Any, directory: Path) -> Path:
     return directory / "model.safetensors"
 
 
-def _merge_adapters(model: Any) -> None:
-    """Fold the adapters into the base weights (zero-overhead generation)."""
-    from lightning_peft import merge_adapters
+def _export(method: str) -> Callable[[Any], None]:
+    """What the registry says turns a model trained with ``method`` into a plain one for
+    generation (merge the adapters; QLoRA: an exact fp32 merge out of the 4-bit base)."""
 
-    merge_adapters(model)
+    def export(model: Any) -> None:
+        from lightning_peft import merge_adapters
+        from lightning_peft.methods import get_method
 
+        (get_method(method).export or merge_adapters)(model)
 
-def _merge_and_dequantize(model: Any) -> None:
-    """Replace each 4-bit QLoRA layer by an fp32 ``nn.Linear`` holding ``dequant(W0) + s·B·A``: the
-    exact merge (no re-quantization), so generation is as fast as the other rows'."""
-    import torch
-
-    from lightning_peft import merge_and_dequantize
-
-    merge_and_dequantize(model, torch.float32)
+    return export
 
 
-def _callback(name: str, **kwargs: Any) -> Callable[[], list]:
-    """Factory of the ``lightning_peft`` callback ``name`` with these arguments."""
+def _callback(method: str, **kwargs: Any) -> Callable[[], list]:
+    """Factory of the Lightning callback of the registered ``method`` with these arguments."""
 
     def make() -> list:
-        import lightning_peft
+        from lightning_peft import peft_callback
 
-        return [getattr(lightning_peft, name)(**kwargs)]
+        return [peft_callback(method, **kwargs)]
 
     return make
 
@@ -108,27 +104,27 @@ class MethodSpec:
     """Peak learning rate (warmup, then cosine decay)."""
     save: Callable[[Any, Path], Path] = _save_adapter
     """Writes what must be kept after training to a directory; returns the file whose size counts."""
-    merge: Callable[[Any], None] | None = _merge_adapters
+    merge: Callable[[Any], None] | None = None
     """Applied to the trained model before generation (``None``: generate as trained)."""
     hparams: dict[str, Any] = field(default_factory=dict)
     """Method settings shown in the JSON (r, alpha, targets, ...)."""
 
 
-def _spec(key: str, label: str, callback: str, lr: float, **hparams: Any) -> MethodSpec:
-    """A row trained by one ``lightning_peft`` callback built from ``hparams``."""
-    merge = _merge_and_dequantize if callback == "QLoRACallback" else _merge_adapters
-    return MethodSpec(key, label, _callback(callback, **hparams), lr=lr, merge=merge, hparams=hparams)
+def _spec(key: str, label: str, method: str, lr: float, **hparams: Any) -> MethodSpec:
+    """A row trained by the callback of the registered ``method``, built from ``hparams``."""
+    return MethodSpec(key, label, _callback(method, **hparams), lr=lr, merge=_export(method),
+                      hparams={"method": method, **hparams})
 
 
 _QV = ["q_proj", "v_proj"]
 METHODS: list[MethodSpec] = [
     MethodSpec("full", "Full fine-tuning", lambda: [], lr=1e-4, save=_save_full_model, merge=None),
-    _spec("lora_qv", "LoRA r=8 (q, v)", "LoRACallback", 2e-3, r=8, alpha=16, target_modules=_QV),
-    _spec("lora_all", "LoRA r=8 (all linear)", "LoRACallback", 2e-3, r=8, alpha=16,
+    _spec("lora_qv", "LoRA r=8 (q, v)", "lora", 2e-3, r=8, alpha=16, target_modules=_QV),
+    _spec("lora_all", "LoRA r=8 (all linear)", "lora", 2e-3, r=8, alpha=16,
           target_modules="all-linear"),
-    _spec("rslora_qv", "rsLoRA r=64 (q, v)", "LoRACallback", 2e-3, r=64, alpha=16, target_modules=_QV,
+    _spec("rslora_qv", "rsLoRA r=64 (q, v)", "lora", 2e-3, r=64, alpha=16, target_modules=_QV,
           use_rslora=True),
-    _spec("qlora_all", "QLoRA r=8 (all linear, NF4)", "QLoRACallback", 2e-3, r=8, alpha=16,
+    _spec("qlora_all", "QLoRA r=8 (all linear, NF4)", "qlora", 2e-3, r=8, alpha=16,
           target_modules="all-linear", compute_dtype="float32"),
 ]
 """The methods compared, in table order."""

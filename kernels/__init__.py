@@ -1,4 +1,5 @@
-"""Ops for parameter-efficient fine-tuning: fused LoRA matmul and NF4 4-bit quantization.
+"""Ops for parameter-efficient fine-tuning: fused LoRA matmul, (IA)³ scaling and NF4 4-bit
+quantization.
 
 Every op has a pure-PyTorch reference (the CPU fallback and the specification) and a Triton
 kernel; :func:`set_backend` picks between them. Only torch is imported here; triton is imported
@@ -6,6 +7,7 @@ lazily on the Triton path.
 """
 
 from kernels._backend import get_backend, set_backend, use_backend
+from kernels.ia3 import ia3_linear
 from kernels.lora import lora_linear, lora_linear_grouped
 from kernels.nf4 import NF4Tensor, dequantize_nf4, nf4_linear, quantize_nf4
 
@@ -15,6 +17,7 @@ __all__ = [
     "NF4Tensor",
     "dequantize_nf4",
     "get_backend",
+    "ia3_linear",
     "lora_linear",
     "lora_linear_grouped",
     "nf4_linear",

@@ -10,12 +10,17 @@ from importlib import import_module
 from lightning_peft._base import merge_adapters, trainable_parameters, unmerge_adapters
 from lightning_peft.lora import LoRAConfig, LoRALinear, apply_lora
 from lightning_peft.methods import apply_peft
+from lightning_peft.methods.bitfit import BitFitConfig, apply_bitfit
+from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
 from lightning_peft.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BitFitCallback": "lightning_peft.callbacks",
+    "IA3Callback": "lightning_peft.callbacks",
     "LoRACallback": "lightning_peft.callbacks",
+    "peft_callback": "lightning_peft.callbacks",
     "PEFTCallback": "lightning_peft.callbacks",
     "QLoRACallback": "lightning_peft.callbacks",
     "save_adapter": "lightning_peft.io",
@@ -26,6 +31,11 @@ _LAZY = {
 }
 
 __all__ = [
+    "BitFitCallback",
+    "BitFitConfig",
+    "IA3Callback",
+    "IA3Config",
+    "IA3Linear",
     "InstructionDataModule",
     "LoRACallback",
     "LoRAConfig",
@@ -35,6 +45,8 @@ __all__ = [
     "QLoRACallback",
     "QLoRAConfig",
     "adapter_state_dict",
+    "apply_bitfit",
+    "apply_ia3",
     "apply_lora",
     "apply_peft",
     "apply_qlora",
@@ -42,6 +54,7 @@ __all__ = [
     "load_adapter_state_dict",
     "merge_adapters",
     "merge_and_dequantize",
+    "peft_callback",
     "save_adapter",
     "trainable_parameters",
     "unmerge_adapters",
