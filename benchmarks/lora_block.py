@@ -18,7 +18,7 @@ from torch import nn
 
 from benchmarks.lora_layer import _peft_layer, init_lora_b, paired_rows, parser, report
 from lightning_peft import apply_lora
-from lightning_peft.lora import lora_layers
+from lightning_peft.methods.lora import lora_layers
 
 _NAMES = ("q_proj", "k_proj", "v_proj")
 

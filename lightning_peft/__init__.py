@@ -8,11 +8,11 @@ and the data module import Lightning lazily, on first access, so the plain funct
 from importlib import import_module
 
 from lightning_peft._base import merge_adapters, trainable_parameters, unmerge_adapters
-from lightning_peft.lora import LoRAConfig, LoRALinear, apply_lora
 from lightning_peft.methods import apply_peft
 from lightning_peft.methods.bitfit import BitFitConfig, apply_bitfit
 from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
-from lightning_peft.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
+from lightning_peft.methods.lora import LoRAConfig, LoRALinear, apply_lora
+from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 
 __version__ = "0.1.0"
 

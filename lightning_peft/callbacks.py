@@ -44,8 +44,8 @@ from lightning_peft._base import (
     trainable_parameters,
 )
 from lightning_peft.io import _validate
-from lightning_peft.lora import LoRAConfig
 from lightning_peft.methods import apply_peft, get_method
+from lightning_peft.methods.lora import LoRAConfig
 
 _WRAPPED = "_lightning_peft_wrapped"
 """Key, in the module's ``__dict__``, of what the active callback changed (to undo it)."""
@@ -380,7 +380,7 @@ class QLoRACallback(PEFTCallback):
                  init: str = "kaiming", bias: str = "none", double_quant: bool = True,
                  compute_dtype: str = "bfloat16", blocksize: int = 64,
                  merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
-        from lightning_peft.qlora import QLoRAConfig
+        from lightning_peft.methods.qlora import QLoRAConfig
 
         super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
         self.config = QLoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,

@@ -318,7 +318,7 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
 
     When ``model`` has no adapter layers yet, the adapter the config describes is injected first
     (``target_modules``, ``rank_pattern``/``alpha_pattern``, ``use_rslora``, ``lora_dropout``,
-    ``modules_to_save``, ``bias``), as :func:`~lightning_peft.lora.apply_lora` does. When it has,
+    ``modules_to_save``, ``bias``), as :func:`~lightning_peft.methods.lora.apply_lora` does. When it has,
     the tensors are loaded into the existing layers, whose ``alpha``/``use_rslora`` (hence
     scaling) are set from the config. Tensors are cast to each parameter's dtype and device.
 

@@ -120,7 +120,7 @@ def test_config_normalises_and_rejects_a_foreign_config():
     assert BitFitConfig(trainable_modules=[]).trainable_modules is None
     assert BitFitConfig().to_dict() == {"target_modules": None, "exclude_modules": None,
                                         "trainable_modules": None, "add_missing_biases": False}
-    from lightning_peft.lora import LoRAConfig
+    from lightning_peft.methods.lora import LoRAConfig
 
     with pytest.raises(TypeError, match="BitFitConfig"):
         apply_bitfit(_tiny.bert(), config=LoRAConfig())
@@ -321,7 +321,7 @@ def test_registry_entry():
 
 
 def test_lora_trainable_biases_are_not_bitfit():
-    from lightning_peft.lora import apply_lora
+    from lightning_peft.methods.lora import apply_lora
 
     model = apply_lora(_tiny.bert(), target_modules=["query"], bias="all")
     assert not METHOD.detect(model)

@@ -9,7 +9,7 @@ from torch import nn
 import kernels
 from kernels.lora import dropout_keep_mask
 from lightning_peft import apply_lora
-from lightning_peft.lora import lora_layers
+from lightning_peft.methods.lora import lora_layers
 from tests import _tiny
 
 

@@ -308,7 +308,7 @@ def test_op_refuses_wrong_shapes_by_name():
 
 
 def test_layer_on_a_4bit_base_runs_and_refuses_to_merge():
-    from lightning_peft.qlora import NF4Linear
+    from lightning_peft.methods.qlora import NF4Linear
 
     torch.manual_seed(0)
     base = NF4Linear.from_linear(nn.Linear(64, 32), compute_dtype=torch.float32)

@@ -36,7 +36,7 @@ from transformers import (
 
 from lightning_peft import merge_adapters
 from lightning_peft.io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
-from lightning_peft.lora import LoRALinear, ModulesToSave, apply_lora, lora_layers
+from lightning_peft.methods.lora import LoRALinear, ModulesToSave, apply_lora, lora_layers
 
 peft = pytest.importorskip("peft")
 

@@ -12,7 +12,7 @@ from torch import nn
 import kernels
 from kernels import _lora_triton as T
 from lightning_peft import apply_lora
-from lightning_peft.lora import lora_layers
+from lightning_peft.methods.lora import lora_layers
 from tests import _tiny
 
 OUTS, RANKS, SCALINGS = (16, 8, 12), (4, 2, 3), (2.0, 0.5, 1.5)

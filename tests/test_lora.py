@@ -11,7 +11,7 @@ from torch import nn
 import kernels
 from kernels.lora import dropout_keep_mask
 from lightning_peft import LoRALinear, apply_lora, merge_adapters, trainable_parameters, unmerge_adapters
-from lightning_peft.lora import LoRAConfig, ModulesToSave, lora_layers
+from lightning_peft.methods.lora import LoRAConfig, ModulesToSave, lora_layers
 from tests import _tiny
 
 

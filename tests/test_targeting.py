@@ -11,7 +11,7 @@ from torch import nn
 
 import kernels
 from lightning_peft import apply_lora
-from lightning_peft.lora import lora_layers
+from lightning_peft.methods.lora import lora_layers
 from lightning_peft.targeting import DEFAULT_TARGETS, find_targets, is_linear_like
 
 # Where our table departs from (or adds to) HF PEFT's, and why (documented in targeting.py).
@@ -91,7 +91,7 @@ def test_errors_say_when_target_modules_was_the_default():
 
 
 def test_nf4_base_is_recognised_by_its_weight():
-    class FourBit(nn.Module):  # not lightning_peft.qlora.NF4Linear: only the weight says 4-bit
+    class FourBit(nn.Module):  # not lightning_peft.methods.qlora.NF4Linear: only the weight says 4-bit
         def __init__(self):
             super().__init__()
             self.weight = kernels.quantize_nf4(torch.randn(8, 64))

@@ -38,8 +38,8 @@ from lightning_peft._base import (
     inside_any,
     wrap_modules_to_save,
 )
-from lightning_peft.lora import check_module_spec
 from lightning_peft.methods import Method, register
+from lightning_peft.methods.lora import check_module_spec
 from lightning_peft.targeting import TargetSpec, conv1d_class, find_modules, find_targets
 
 EVERY_BIAS = ("all", None)

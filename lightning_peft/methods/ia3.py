@@ -40,8 +40,8 @@ from lightning_peft._base import (
     names_outside_adapters,
     wrap_modules_to_save,
 )
-from lightning_peft.lora import check_module_spec
 from lightning_peft.methods import Method, register
+from lightning_peft.methods.lora import check_module_spec
 from lightning_peft.targeting import (
     TargetSpec,
     conv1d_class,

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 import kernels
-from lightning_peft import _grouping
 from lightning_peft._base import (
     TRAIN_BIAS_ATTR,
     AdapterLayer,
@@ -36,7 +35,7 @@ from lightning_peft._base import (
     names_outside_adapters,
     wrap_modules_to_save,
 )
-from lightning_peft.methods import Method, register
+from lightning_peft.methods import Method, _grouping, register
 from lightning_peft.targeting import (
     TargetSpec,
     conv1d_class,
@@ -139,7 +138,7 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 def _quantized_base_weight(base: nn.Module) -> kernels.NF4Tensor | None:
-    """The 4-bit weight of a quantized base layer: a :class:`lightning_peft.qlora.NF4Linear`'s
+    """The 4-bit weight of a quantized base layer: a :class:`lightning_peft.methods.qlora.NF4Linear`'s
     ``NF4Tensor``, or a quantized bitsandbytes ``Linear4bit``'s (nf4) wrapped without a copy;
     ``None`` for a dense base."""
     weight = base.weight
@@ -172,7 +171,7 @@ class LoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (kept as ``base_layer``) plus ``lora_A``/``lora_B``.
 
     ``Conv1D`` stores its weight (in, out); the layer reads it transposed (``fan_in_fan_out``),
-    without copying. A 4-bit base (:class:`lightning_peft.qlora.NF4Linear`, or a bitsandbytes
+    without copying. A 4-bit base (:class:`lightning_peft.methods.qlora.NF4Linear`, or a bitsandbytes
     ``Linear4bit`` such as Lightning's ``BitsandbytesPrecision`` swaps in) is dequantized on the fly
     and the layer computes in the base's ``compute_dtype``; merging re-quantizes (see :meth:`merge`).
     """

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 import kernels
 
 if TYPE_CHECKING:
-    from lightning_peft.lora import LoRALinear
+    from lightning_peft.methods.lora import LoRALinear
 
 _ATTR = "_shared_input_group"
 
@@ -118,7 +118,7 @@ def groupable(layer: LoRALinear) -> bool:
 
 def attach(model: nn.Module) -> None:
     """Give the sibling LoRA layers of every parent (same in_features and dropout) a shared group."""
-    from lightning_peft.lora import LoRALinear
+    from lightning_peft.methods.lora import LoRALinear
 
     for parent in model.modules():
         buckets: dict[tuple, list[LoRALinear]] = {}

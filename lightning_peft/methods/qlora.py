@@ -11,7 +11,7 @@ gradient). Storage per base weight: 4 bits + the fp32 absmax per ``blocksize`` b
 (``32/blocksize`` bits), or with double quantization 8 bits per block plus one fp32 per 256
 blocks (about 4.127 bits per weight at blocksize 64).
 
-:func:`apply_qlora` injects LoRA (as :func:`~lightning_peft.lora.apply_lora`), then quantizes the
+:func:`apply_qlora` injects LoRA (as :func:`~lightning_peft.methods.lora.apply_lora`), then quantizes the
 targeted base layers one at a time, each straight from its own weight (no full-precision copy is
 made). It is all or nothing: the dense weights are kept until every layer is quantized, so that
 any failure (a NaN weight, an interrupt, out of memory) puts the model back exactly as it was;
@@ -44,17 +44,16 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.nf4 import BLOCKSIZES
-from lightning_peft import _grouping
 from lightning_peft._base import AdapterLayer, freeze_all_but_adapters
-from lightning_peft.lora import METHOD as LORA_METHOD
-from lightning_peft.lora import (
+from lightning_peft.methods import Method, _grouping, register
+from lightning_peft.methods.lora import METHOD as LORA_METHOD
+from lightning_peft.methods.lora import (
     LoRAConfig,
     LoRALinear,
     ModulesToSave,
     _quantized_base_weight,
     apply_lora,
 )
-from lightning_peft.methods import Method, register
 from lightning_peft.targeting import TargetSpec, find_targets, get_parent
 
 __all__ = ["COMPUTE_DTYPES", "NF4Linear", "QLoRAConfig", "apply_qlora", "merge_and_dequantize"]
@@ -82,7 +81,7 @@ def _check_blocksize(blocksize: Any) -> int:
 
 @dataclass
 class QLoRAConfig(LoRAConfig):
-    """What :func:`apply_qlora` injects: the fields of :class:`~lightning_peft.lora.LoRAConfig`
+    """What :func:`apply_qlora` injects: the fields of :class:`~lightning_peft.methods.lora.LoRAConfig`
     plus how the base layers are quantized."""
 
     double_quant: bool = True
@@ -319,7 +318,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
     freeze everything else, in place; returns ``model``.
 
     Arguments are the fields of :class:`QLoRAConfig` (or pass ``config=``). LoRA is injected by
-    :func:`~lightning_peft.lora.apply_lora` (same targeting, ``modules_to_save``, ``bias``), then
+    :func:`~lightning_peft.methods.lora.apply_lora` (same targeting, ``modules_to_save``, ``bias``), then
     each targeted base is quantized in turn. All or nothing: if anything fails (e.g. a NaN or inf
     in a weight: a ``ValueError`` naming the layer), the model is left exactly as it was (same
     modules, same ``Parameter`` objects and values, same ``requires_grad``); the dense weights are
@@ -399,7 +398,7 @@ class _ModelState:
 
 
 def _ungroup_quantized(model: nn.Module) -> None:
-    """Shared-input fusion (``lightning_peft._grouping``) takes dense bases only: dissolve every
+    """Shared-input fusion (``lightning_peft.methods._grouping``) takes dense bases only: dissolve every
     group that now holds a 4-bit base, then regroup the remaining dense siblings."""
     for layer in [m for m in model.modules() if isinstance(m, LoRALinear)]:
         group = _grouping.group_of(layer)
