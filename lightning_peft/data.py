@@ -13,6 +13,11 @@ ids on the answer and the closing EOS, so the loss trains only what the model mu
 The plain functions (:func:`load_records`, :func:`format_prompt`, :func:`encode_example`,
 :func:`collate`) work without Lightning; :class:`InstructionDataModule` wraps them for
 ``Trainer.fit``.
+
+Sequence classification: a record is ``{"text": str, "text_pair": str (optional), "label": int or
+class name}``; :func:`load_classification_records`, :func:`encode_classification_example` and
+:func:`collate_classification` (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``)
+are wrapped by :class:`ClassificationDataModule`.
 """
 
 from __future__ import annotations
@@ -33,10 +38,14 @@ from lightning_peft.evaluation import encode_prompt, format_prompt
 
 __all__ = [
     "IGNORE_INDEX",
+    "ClassificationDataModule",
     "InstructionDataModule",
     "collate",
+    "collate_classification",
+    "encode_classification_example",
     "encode_example",
     "format_prompt",
+    "load_classification_records",
     "load_records",
 ]
 
@@ -78,8 +87,9 @@ def _check_record(record: Any, where: str) -> dict[str, str]:
     return fields
 
 
-def _load_with_locations(source: RecordSource, name: str) -> tuple[list[dict[str, str]], list[str]]:
-    """Records of ``source`` and, for each, where it came from (``file:line N`` or ``name[i]``)."""
+def _read_items(source: RecordSource, name: str) -> tuple[list[Any], list[str]]:
+    """The JSON values of ``source`` (unchecked) and, for each, where it came from
+    (``file line N``, ``file item i`` or ``name[i]``); a ValueError when there are none."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -116,9 +126,15 @@ def _load_with_locations(source: RecordSource, name: str) -> tuple[list[dict[str
             f"{name} must be a path to a JSONL/JSON file or a list of records, "
             f"got {type(source).__name__}"
         )
-    records = [_check_record(item, where) for item, where in zip(items, wheres, strict=True)]
-    if not records:
+    if not items:
         raise ValueError(f"{name} holds no records")
+    return items, wheres
+
+
+def _load_with_locations(source: RecordSource, name: str) -> tuple[list[dict[str, str]], list[str]]:
+    """Records of ``source`` and, for each, where it came from (``file:line N`` or ``name[i]``)."""
+    items, wheres = _read_items(source, name)
+    records = [_check_record(item, where) for item, where in zip(items, wheres, strict=True)]
     return records, wheres
 
 
@@ -203,6 +219,27 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _split_off_val(records: list, wheres: list[str], val_fraction: float,
+                   seed: int) -> tuple[list, list[str], list, list[str]]:
+    """``(train, train_wheres, val, val_wheres)``: a seeded random ``val_fraction`` of ``records``
+    held out for validation, both parts in file order (nothing held out when it is 0)."""
+    if val_fraction <= 0:
+        return records, wheres, [], []
+    n_val = round(len(records) * val_fraction)
+    if n_val < 1 or n_val >= len(records):
+        raise ValueError(
+            f"val_fraction={val_fraction} of {len(records)} train records leaves "
+            f"{n_val} for validation and {len(records) - n_val} for training; "
+            f"both need at least one"
+        )
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return ([r for i, r in enumerate(records) if i not in held],
+            [w for i, w in enumerate(wheres) if i not in held],
+            [records[i] for i in sorted(held)], [wheres[i] for i in sorted(held)])
+
+
 def _pad_token_id(tokenizer: Any) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -277,23 +314,8 @@ class InstructionDataModule(L.LightningDataModule):
         records, wheres = _load_with_locations(train, "train")
         if val is not None:
             val_records, val_wheres = _load_with_locations(val, "val")
-        elif val_fraction > 0:
-            n_val = round(len(records) * val_fraction)
-            if n_val < 1 or n_val >= len(records):
-                raise ValueError(
-                    f"val_fraction={val_fraction} of {len(records)} train records leaves "
-                    f"{n_val} for validation and {len(records) - n_val} for training; "
-                    f"both need at least one"
-                )
-            order = list(range(len(records)))
-            random.Random(seed).shuffle(order)
-            held = set(order[:n_val])
-            val_records = [records[i] for i in sorted(held)]
-            val_wheres = [wheres[i] for i in sorted(held)]
-            records = [r for i, r in enumerate(records) if i not in held]
-            wheres = [w for i, w in enumerate(wheres) if i not in held]
         else:
-            val_records, val_wheres = [], []
+            records, wheres, val_records, val_wheres = _split_off_val(records, wheres, val_fraction, seed)
         self.train_records: list[dict[str, str]] = records
         """Training records (after the validation split)."""
         self.val_records: list[dict[str, str]] = val_records
@@ -326,6 +348,259 @@ class InstructionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=functools.partial(collate, pad_token_id=self.pad_token_id),
         )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) batches of the training examples."""
+        self.setup()
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of the validation examples in order; ``[]`` when there is no validation."""
+        if not self.val_records:
+            return []
+        self.setup()
+        return self._loader(self.val_dataset, shuffle=False)
+
+
+# --- Sequence classification -------------------------------------------------------------------
+
+ClassificationRecord = dict[str, Any]
+"""A checked classification record: ``text`` (str), ``text_pair`` (str or None), ``label`` (int)."""
+
+
+def _check_classification_record(record: Any, where: str, labels: Sequence[str] | None,
+                                 num_labels: int | None) -> ClassificationRecord:
+    """Validate one classification record; return ``{"text", "text_pair", "label"}`` with the
+    label as a class index (a string label mapped through ``labels``)."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: expected a JSON object with fields 'text', 'label' and optionally "
+                         f"'text_pair', got {type(record).__name__}")
+    for name in ("text", "label"):
+        if name not in record:
+            raise ValueError(f"{where}: missing field {name!r} (a record needs a 'text' string, a "
+                             f"'label', and optionally a 'text_pair' string)")
+    text, pair, label = record["text"], record.get("text_pair"), record["label"]
+    for name, value in (("text", text), ("text_pair", pair)):
+        if not isinstance(value, str) and not (name == "text_pair" and value is None):
+            raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__} "
+                             f"({value!r:.60})")
+    if isinstance(label, str):
+        if labels is None:
+            raise ValueError(f"{where}: label {label!r} is a string; pass labels=[...] (the class "
+                             f"names, in class-index order) to map string labels to indices")
+        if label not in labels:
+            raise ValueError(f"{where}: unknown label {label!r}; the labels are {list(labels)}")
+        index = list(labels).index(label)
+    elif isinstance(label, int) and not isinstance(label, bool):
+        bound = len(labels) if labels is not None else num_labels
+        if label < 0 or (bound is not None and label >= bound):
+            valid = f"0..{bound - 1}" if bound is not None else "an integer >= 0"
+            raise ValueError(f"{where}: unknown label {label}; a class index must be {valid}")
+        index = label
+    else:
+        raise ValueError(f"{where}: field 'label' must be an integer class index or a class name, "
+                         f"got {type(label).__name__} ({label!r:.60})")
+    return {"text": text, "text_pair": pair, "label": index}
+
+
+def _check_label_names(labels: Sequence[str] | None, num_labels: int | None) -> list[str] | None:
+    """``labels`` as a list of distinct non-empty strings (or None), consistent with ``num_labels``."""
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
+                                   or num_labels < 2):
+        raise ValueError(f"num_labels must be an integer >= 2 or None, got {num_labels!r}")
+    if labels is None:
+        return None
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) < 2 \
+            or not all(isinstance(n, str) and n for n in labels):
+        raise ValueError(f"labels must be a list of at least two class names (strings), got {labels!r}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must not repeat a name, got {list(labels)}")
+    if num_labels is not None and num_labels != len(labels):
+        raise ValueError(f"num_labels={num_labels} disagrees with the {len(labels)} names in labels")
+    return list(labels)
+
+
+def _load_classification(source: RecordSource, name: str, labels: Sequence[str] | None,
+                         num_labels: int | None) -> tuple[list[ClassificationRecord], list[str]]:
+    items, wheres = _read_items(source, name)
+    records = [_check_classification_record(item, where, labels, num_labels)
+               for item, where in zip(items, wheres, strict=True)]
+    return records, wheres
+
+
+def load_classification_records(source: RecordSource, labels: Sequence[str] | None = None,
+                                num_labels: int | None = None) -> list[ClassificationRecord]:
+    """Load and validate classification records from a JSONL/JSON file or a list of mappings.
+
+    A record has a ``text`` string, an optional ``text_pair`` string (for sentence-pair tasks) and
+    a ``label``: an integer class index, or a class name when ``labels`` (the names, in index
+    order) is given. Each returned record is ``{"text", "text_pair" (None when absent), "label"
+    (int)}``. Bad JSON, a missing or mistyped field, or an unknown label (a name not in
+    ``labels``, an index outside ``0..num_labels-1``) raises a ValueError naming the file and line
+    (or the list index).
+    """
+    return _load_classification(source, "source", _check_label_names(labels, num_labels), num_labels)[0]
+
+
+def encode_classification_example(tokenizer: Any, record: Mapping[str, Any], max_length: int | None = None,
+                                  truncation: bool = True, *, where: str = "record") -> dict[str, Any]:
+    """Token ids of one checked record: ``tokenizer(text, text_pair)`` (with the tokenizer's special
+    tokens, e.g. ``[CLS] text [SEP] pair [SEP]``), plus its ``label``.
+
+    Returns ``input_ids``, ``token_type_ids`` when the tokenizer makes them, and ``label``. Longer
+    than ``max_length``: cut (longest part first) with ``truncation``, else a ValueError naming
+    ``where``.
+    """
+    pair = record.get("text_pair")
+    kwargs: dict[str, Any] = {}
+    if truncation and max_length is not None:
+        kwargs = {"truncation": "longest_first", "max_length": max_length}
+    encoded = tokenizer(record["text"], pair, **kwargs) if pair is not None \
+        else tokenizer(record["text"], **kwargs)
+    ids = list(encoded["input_ids"])
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_length={max_length}; "
+                         f"raise max_length or set truncation=True")
+    example: dict[str, Any] = {"input_ids": ids, "label": int(record["label"])}
+    if "token_type_ids" in encoded:
+        example["token_type_ids"] = list(encoded["token_type_ids"])
+    return example
+
+
+def collate_classification(examples: Sequence[Mapping[str, Any]],
+                           pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encoded classification examples to the longest one in the batch.
+
+    Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` (0 on padding),
+    ``token_type_ids`` (padded with 0; only when every example has them), each ``(batch, longest)``,
+    and ``labels`` ``(batch,)``: the keyword arguments of a Hugging Face sequence classifier.
+    """
+    if not examples:
+        raise ValueError("examples is empty; a batch needs at least one example")
+    if not isinstance(pad_token_id, int):
+        raise ValueError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    with_types = all("token_type_ids" in ex for ex in examples)
+    token_type_ids = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        if with_types:
+            token_type_ids[row, :n] = torch.as_tensor(ex["token_type_ids"], dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if with_types:
+        batch["token_type_ids"] = token_type_ids
+    batch["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
+    return batch
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Train/validation dataloaders of dynamically padded (sentence-pair) classification examples.
+
+    Records (see :func:`load_classification_records`) are loaded and validated when the module is
+    built, so a bad file fails at once with its line named, and tokenized in :meth:`setup`. The
+    validation set is ``val`` when given; otherwise a seeded random ``val_fraction`` of ``train``
+    (``0`` means no validation). Batches are :func:`collate_classification` dicts, ready for
+    :class:`~lightning_peft.tasks.SequenceClassificationModule`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        train: RecordSource,
+        val: RecordSource | None = None,
+        val_fraction: float = 0.0,
+        labels: Sequence[str] | None = None,
+        num_labels: int | None = None,
+        max_length: int = 128,
+        truncation: bool = True,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            tokenizer: A Hugging Face tokenizer. Padding uses its ``pad_token_id``, or the EOS id
+                when there is none (the attention mask marks the padding).
+            train: Training records: a JSONL/JSON path or a list of mappings.
+            val: Validation records, same forms; ``None`` to split them off ``train``.
+            val_fraction: Fraction of ``train`` held out for validation when ``val`` is None,
+                in ``[0, 1)``; must be 0 when ``val`` is given.
+            labels: Class names in index order; records may then give a name or an index as
+                ``label``. ``None``: labels are integer indices.
+            num_labels: Number of classes (with ``labels`` it must be ``len(labels)``). ``None``:
+                ``len(labels)``, or one more than the largest index in ``train`` and ``val``.
+            max_length: Longest example in tokens, special tokens included.
+            truncation: Cut longer examples to ``max_length`` (the longer of text and pair first);
+                when False an over-long example raises a ValueError naming its line.
+            batch_size: Examples per batch.
+            num_workers: DataLoader worker processes.
+            seed: Seed of the validation split and of the training shuffle.
+        """
+        super().__init__()
+        if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if val is not None and val_fraction > 0:
+            raise ValueError(f"give either val or val_fraction, not both (val_fraction={val_fraction})")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        names = _check_label_names(labels, num_labels)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_fraction = float(val_fraction)
+        self.pad_token_id = _pad_token_id(tokenizer)
+        self.labels: list[str] | None = names
+        """Class names in index order, or None when the records use indices only."""
+
+        records, wheres = _load_classification(train, "train", names, num_labels)
+        if val is not None:
+            val_records, val_wheres = _load_classification(val, "val", names, num_labels)
+        else:
+            records, wheres, val_records, val_wheres = _split_off_val(records, wheres, val_fraction, seed)
+        if names is not None:
+            num_labels = len(names)
+        elif num_labels is None:
+            num_labels = max(2, 1 + max(r["label"] for r in records + val_records))
+        self.num_labels: int = num_labels
+        """Number of classes: the classifier's ``num_labels``."""
+        self.train_records: list[ClassificationRecord] = records
+        """Training records (after the validation split), labels as indices."""
+        self.val_records: list[ClassificationRecord] = val_records
+        """Validation records, labels as indices."""
+        self._train_wheres = wheres
+        self._val_wheres = val_wheres
+        self.train_dataset: list[dict[str, Any]] | None = None
+        self.val_dataset: list[dict[str, Any]] | None = None
+
+    def _encode_all(self, records: list[ClassificationRecord], wheres: list[str]) -> list[dict[str, Any]]:
+        return [encode_classification_example(self.tokenizer, r, self.max_length, self.truncation, where=w)
+                for r, w in zip(records, wheres, strict=True)]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize the records (once; later calls reuse the encoded examples)."""
+        if self.train_dataset is None:
+            self.train_dataset = self._encode_all(self.train_records, self._train_wheres)
+            self.val_dataset = self._encode_all(self.val_records, self._val_wheres)
+
+    def _loader(self, dataset: list[dict[str, Any]], shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        collate_fn = functools.partial(collate_classification, pad_token_id=self.pad_token_id)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) batches of the training examples."""

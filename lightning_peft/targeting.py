@@ -236,3 +236,18 @@ def short_names(chosen: list[str], names: list[str], dotted: bool) -> list[str]:
         hits = {n for n in names if n == leaf or (n.endswith("." + leaf) if dotted else n.endswith(leaf))}
         out.add(leaf if hits <= chosen_set else name)
     return list(out)
+
+
+def check_module_spec(spec: object, arg: str) -> str | list[str] | None:
+    """``spec`` as a ``target_modules``-style value (None, a non-empty string, or a list of
+    non-empty strings; a tuple becomes a list), or a ``ValueError`` naming ``arg``."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if not spec:
+            raise ValueError(f"{arg} must not be an empty string")
+        return spec
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(e, str) and e for e in spec):
+        return list(spec)
+    raise ValueError(f"{arg} must be a list of module names, a regex string, 'all-linear' or None, "
+                     f"got {spec!r}")

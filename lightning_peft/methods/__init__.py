@@ -19,7 +19,7 @@ What the rest of the package does with an entry (no method-specific branch anywh
 
 - The config dataclass: a docstring under each field; ``__post_init__`` raises a ``ValueError``
   whose message starts with the field name and says what is valid (alpha finite, booleans real
-  bools, module specs through :func:`lightning_peft.methods.lora.check_module_spec`).
+  bools, module specs through :func:`lightning_peft.targeting.check_module_spec`).
 - The layers subclass :class:`lightning_peft._base.AdapterLayer`: ``adapter_parameters()``,
   ``adapter_buffers()``, ``file_key(name)`` (the tensor's key in the file, relative to the layer's
   path: HF PEFT's where PEFT has the method), ``reset_parameters()`` (skipped on meta tensors);

@@ -39,8 +39,13 @@ from lightning_peft._base import (
     wrap_modules_to_save,
 )
 from lightning_peft.methods import Method, register
-from lightning_peft.methods.lora import check_module_spec
-from lightning_peft.targeting import TargetSpec, conv1d_class, find_modules, find_targets
+from lightning_peft.targeting import (
+    TargetSpec,
+    check_module_spec,
+    conv1d_class,
+    find_modules,
+    find_targets,
+)
 
 EVERY_BIAS = ("all", None)
 """``target_modules`` values that select every bias of the model."""

@@ -41,9 +41,9 @@ from lightning_peft._base import (
     wrap_modules_to_save,
 )
 from lightning_peft.methods import Method, register
-from lightning_peft.methods.lora import check_module_spec
 from lightning_peft.targeting import (
     TargetSpec,
+    check_module_spec,
     conv1d_class,
     describe_linear_modules,
     find_modules,

@@ -38,6 +38,7 @@ from lightning_peft._base import (
 from lightning_peft.methods import Method, _grouping, register
 from lightning_peft.targeting import (
     TargetSpec,
+    check_module_spec,
     conv1d_class,
     find_modules,
     find_targets,
@@ -115,21 +116,6 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_module_spec(spec: object, arg: str) -> str | list[str] | None:
-    """``spec`` as a ``target_modules``-style value (None, a non-empty string, or a list of
-    non-empty strings; a tuple becomes a list), or a ``ValueError`` naming ``arg``."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        if not spec:
-            raise ValueError(f"{arg} must not be an empty string")
-        return spec
-    if isinstance(spec, (list, tuple)) and spec and all(isinstance(e, str) and e for e in spec):
-        return list(spec)
-    raise ValueError(f"{arg} must be a list of module names, a regex string, 'all-linear' or None, "
-                     f"got {spec!r}")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
