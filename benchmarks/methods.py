@@ -126,6 +126,9 @@ METHODS: list[MethodSpec] = [
           use_rslora=True),
     _spec("qlora_all", "QLoRA r=8 (all linear, NF4)", "qlora", 2e-3, r=8, alpha=16,
           target_modules="all-linear", compute_dtype="float32"),
+    _spec("ia3", "IA3 (k, v, down)", "ia3", 3e-3),
+    _spec("bitfit", "BitFit (zero biases added, all linear)", "bitfit", 1e-3, target_modules="all-linear",
+          add_missing_biases=True),
 ]
 """The methods compared, in table order."""
 
