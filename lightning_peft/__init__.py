@@ -28,9 +28,15 @@ _LAZY = {
     "adapter_state_dict": "lightning_peft.io",
     "load_adapter_state_dict": "lightning_peft.io",
     "InstructionDataModule": "lightning_peft.data",
+    "ClassificationDataModule": "lightning_peft.data",
+    "CausalLMModule": "lightning_peft.tasks",
+    "SequenceClassificationModule": "lightning_peft.tasks",
 }
 
 __all__ = [
+    "CausalLMModule",
+    "ClassificationDataModule",
+    "SequenceClassificationModule",
     "BitFitCallback",
     "BitFitConfig",
     "IA3Callback",
