@@ -159,7 +159,7 @@ def file_method(model: nn.Module) -> Method:
                          f"apply_lora(model, ...) or apply_peft(model, config)")
     if len(found) > 1:
         raise ValueError(f"{type(model).__name__} carries adapters of several methods "
-                         f"({[m.name for m in found]}); one adapter file holds one method")
+                         f"({sorted(m.name for m in found)}); one adapter file holds one method")
     return found[0]
 
 

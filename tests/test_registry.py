@@ -1,0 +1,157 @@
+"""The method registry: lookups, apply_peft, peft_callback, and what every registered method
+guarantees through it (a fit changes only what the method owns, files round-trip, a fresh
+adapter gives the base outputs, a bad file leaves the model as it was)."""
+
+import json
+
+import pytest
+import torch
+
+from lightning_peft import (
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    QLoRAConfig,
+    apply_peft,
+    load_adapter,
+    peft_callback,
+    save_adapter,
+)
+from lightning_peft._base import adapter_named_parameters, has_adapters
+from lightning_peft.methods import (
+    Method,
+    file_method,
+    get_method,
+    method_for_config,
+    method_for_peft_type,
+    methods,
+    methods_in,
+    register,
+)
+from tests import _lit, _tiny
+
+# every registered method, as a callback over the tiny Llama (no biases: BitFit adds them)
+CALLBACKS = {
+    "lora": dict(r=4, target_modules=["q_proj", "v_proj"]),
+    "qlora": dict(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="float32"),
+    "ia3": dict(),
+    "bitfit": dict(target_modules="all-linear", add_missing_biases=True),
+}
+CONFIGS = {
+    "lora": LoRAConfig(r=4),
+    "qlora": QLoRAConfig(r=4, compute_dtype="float32"),
+    "ia3": IA3Config(),
+    "bitfit": BitFitConfig(target_modules="all-linear", add_missing_biases=True),
+}
+
+
+def test_every_registered_method_is_covered_here():
+    assert sorted(m.name for m in methods()) == sorted(CALLBACKS) == sorted(CONFIGS)
+
+
+def test_lookups():
+    assert get_method("lora").peft_type == "LORA" and get_method("rslora") is get_method("lora")
+    assert method_for_peft_type("IA3") is get_method("ia3")
+    assert method_for_peft_type("LORA") is get_method("lora")  # QLoRA writes LoRA files
+    assert method_for_config(QLoRAConfig(r=4)) is get_method("qlora")  # the most derived class
+    assert method_for_config(LoRAConfig(r=4)) is get_method("lora")
+    with pytest.raises(ValueError, match=r"unknown PEFT method 'dora'; known methods: \['bitfit', 'ia3'"):
+        get_method("dora")
+    with pytest.raises(ValueError, match=r"peft_type is 'OFT'; this package loads \['BITFIT', 'IA3', 'LORA'\]"):
+        method_for_peft_type("OFT")
+    with pytest.raises(TypeError, match="config must be one of"):
+        method_for_config({"r": 8})
+
+
+def test_register_refuses_a_taken_name_or_peft_type():
+    lora = get_method("lora")
+    with pytest.raises(ValueError, match="a method named 'lora' is already registered"):
+        register(Method(**{**lora.__dict__, "aliases": ()}, ))
+    with pytest.raises(ValueError, match="peft_type 'LORA' is already registered"):
+        register(Method(**{**lora.__dict__, "name": "lora2", "aliases": ()}))
+    assert [m.name for m in methods()].count("lora") == 1
+
+
+def test_file_method_needs_exactly_one_method():
+    model = _tiny.llama()
+    with pytest.raises(ValueError, match="carries no adapter to save"):
+        file_method(model)
+    apply_peft(model, LoRAConfig(r=4))
+    assert file_method(model).name == "lora" and [m.name for m in methods_in(model)] == ["lora"]
+    apply_peft(model, BitFitConfig(target_modules=["gate_proj"], add_missing_biases=True))
+    with pytest.raises(ValueError, match=r"adapters of several methods \(\['bitfit', 'lora'\]\)"):
+        file_method(model)
+
+
+def test_peft_callback_builds_each_method_callback():
+    for name, kwargs in CALLBACKS.items():
+        callback = peft_callback(name, **kwargs)
+        assert type(callback).method == name and method_for_config(callback.config).name == name
+    with pytest.raises(ValueError, match="unknown PEFT method"):
+        peft_callback("prefix")
+    with pytest.raises(TypeError):
+        peft_callback("ia3", r=4)  # not an IA3 argument
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_fit_changes_only_what_the_method_owns(tmp_path, name):
+    module = _lit.TinyLM()
+    before = {n: t.detach().clone() for n, t in module.model.named_parameters()}
+    trainer = _lit.trainer(tmp_path, max_steps=4, callbacks=[peft_callback(name, **CALLBACKS[name])])
+    trainer.fit(module, _lit.loader())
+    owned = dict(adapter_named_parameters(module.model))
+    assert owned, "the method owns no tensor"
+    for n, param in module.model.named_parameters():
+        if n in owned:
+            continue
+        if n in before:  # a parameter of the base model
+            assert torch.equal(param, before[n]), f"{name} changed the frozen {n}"
+        assert not param.requires_grad, n
+    start = {n: before.get(n) for n in owned}
+    moved = [n for n, p in owned.items() if start[n] is None or not torch.equal(p, start[n])]
+    assert moved, f"{name}: no owned tensor changed in the fit"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fresh_adapter_gives_the_base_outputs_and_files_round_trip(tmp_path, name):
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = _tiny.llama(seed=2)
+    with torch.no_grad():
+        base = model(ids).logits
+    apply_peft(model, CONFIGS[name])
+    with torch.no_grad():
+        fresh = model(ids).logits
+    if name != "qlora":  # QLoRA starts from the 4-bit base, not the dense one
+        assert torch.equal(fresh, base)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, param in adapter_named_parameters(model):
+            param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * 0.1)
+        trained = model(ids).logits
+    assert not torch.equal(trained, fresh)
+    save_adapter(model, tmp_path / name)
+    other = _tiny.llama(seed=2)
+    if name == "qlora":
+        apply_peft(other, CONFIGS[name])  # the 4-bit base first; the LoRA file loads into it
+    load_adapter(other, tmp_path / name)
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, trained)
+
+    # a bad file (a NaN in one tensor) is refused and the fresh model stays bit for bit
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / name / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights))  # no metadata: as if HF PEFT had written it
+    victim = _tiny.llama(seed=2)
+    state = {n: t.clone() for n, t in victim.state_dict().items()}
+    with pytest.raises(ValueError, match=r"non-finite"):
+        load_adapter(victim, tmp_path / name)
+    assert victim.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in victim.state_dict().items())
+    assert not has_adapters(victim) and not methods_in(victim)  # nothing was injected
+    config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+    assert method_for_peft_type(config["peft_type"]).name == ("lora" if name == "qlora" else name)
