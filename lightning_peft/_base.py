@@ -4,6 +4,7 @@ structure, freezing, and parameter counts. Plain PyTorch."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -38,6 +39,41 @@ class AdapterLayer(nn.Module):
         ``adapter_model.safetensors``: HF PEFT's key where PEFT has the method (LoRA's ``lora_A``
         is ``lora_A.weight``, IA3's ``ia3_l`` is ``ia3_l``). Default: ``name`` itself."""
         return name
+
+
+class LinearAdapterLayer(AdapterLayer):
+    """An adapter layer around a frozen linear ``base_layer`` (``nn.Linear``, GPT-2 ``Conv1D`` read
+    transposed through ``fan_in_fan_out``, or a 4-bit layer). A subclass that merges sets
+    ``merged`` and defines ``merge()``/``unmerge()``; a cast or move of a merged layer
+    (``.half()``, ``.to(...)``) is then done unmerged: the update is taken out exactly first and
+    merged again afterwards, so a later ``unmerge()`` restores ``W0`` exactly in the new dtype or
+    on the new device."""
+
+    base_layer: nn.Module
+    fan_in_fan_out: bool = False
+    merged: bool = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight as (out, in) (a transposed view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def _apply(self, fn, recurse: bool = True):
+        if not self.merged:
+            return super()._apply(fn, recurse)
+        self.unmerge()
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a 4-bit base re-quantizes: warned at merge()
+                self.merge()
+        return result
 
 
 class ModulesToSave(AdapterLayer):

@@ -26,7 +26,7 @@ import functools
 import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +249,40 @@ def _pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-class InstructionDataModule(L.LightningDataModule):
+class _BatchesDataModule(L.LightningDataModule):
+    """The loaders both data modules share: seeded shuffled training batches, validation batches
+    in order (``[]`` without validation records), collated by :attr:`collate_fn` with the
+    tokenizer's ``pad_token_id``."""
+
+    collate_fn: Callable[..., dict[str, Any]]
+    batch_size: int
+    num_workers: int
+    seed: int
+    pad_token_id: int
+    train_dataset: list | None
+    val_dataset: list | None
+    val_records: list
+
+    def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=functools.partial(type(self).collate_fn, pad_token_id=self.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) batches of the training examples."""
+        self.setup()
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of the validation examples in order; ``[]`` when there is no validation."""
+        if not self.val_records:
+            return []
+        self.setup()
+        return self._loader(self.val_dataset, shuffle=False)
+
+
+class InstructionDataModule(_BatchesDataModule):
     """Train/validation dataloaders of masked, dynamically padded instruction examples.
 
     Records are loaded and validated when the module is built (so a bad file fails at once) and
@@ -258,6 +291,8 @@ class InstructionDataModule(L.LightningDataModule):
     ``input_ids``, ``attention_mask`` and ``labels``, ready for ``model(**batch).loss`` of a
     Hugging Face causal LM.
     """
+
+    collate_fn = staticmethod(collate)
 
     def __init__(
         self,
@@ -336,30 +371,6 @@ class InstructionDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset = self._encode_all(self.train_records, self._train_wheres)
             self.val_dataset = self._encode_all(self.val_records, self._val_wheres)
-
-    def _loader(self, dataset: list[dict[str, list[int]]], shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=functools.partial(collate, pad_token_id=self.pad_token_id),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) batches of the training examples."""
-        self.setup()
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Batches of the validation examples in order; ``[]`` when there is no validation."""
-        if not self.val_records:
-            return []
-        self.setup()
-        return self._loader(self.val_dataset, shuffle=False)
 
 
 # --- Sequence classification -------------------------------------------------------------------
@@ -497,7 +508,7 @@ def collate_classification(examples: Sequence[Mapping[str, Any]],
     return batch
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(_BatchesDataModule):
     """Train/validation dataloaders of dynamically padded (sentence-pair) classification examples.
 
     Records (see :func:`load_classification_records`) are loaded and validated when the module is
@@ -506,6 +517,8 @@ class ClassificationDataModule(L.LightningDataModule):
     (``0`` means no validation). Batches are :func:`collate_classification` dicts, ready for
     :class:`~lightning_peft.tasks.SequenceClassificationModule`.
     """
+
+    collate_fn = staticmethod(collate_classification)
 
     def __init__(
         self,
@@ -594,22 +607,3 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset = self._encode_all(self.train_records, self._train_wheres)
             self.val_dataset = self._encode_all(self.val_records, self._val_wheres)
-
-    def _loader(self, dataset: list[dict[str, Any]], shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        collate_fn = functools.partial(collate_classification, pad_token_id=self.pad_token_id)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_fn)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) batches of the training examples."""
-        self.setup()
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Batches of the validation examples in order; ``[]`` when there is no validation."""
-        if not self.val_records:
-            return []
-        self.setup()
-        return self._loader(self.val_dataset, shuffle=False)

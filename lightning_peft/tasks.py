@@ -32,6 +32,7 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -311,59 +312,35 @@ def _type_error(kind: str, text: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"must be {kind}, got {text!r}")
 
 
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1 (steps, batch size, rank, counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise _type_error("a positive integer", text) from None
-    if value < 1:
-        raise _type_error("a positive integer", text)
-    return value
+def _number_type(name: str, convert: Callable[[str], Any], kind: str,
+                 ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An ``argparse`` type: ``convert(text)`` when it succeeds and ``ok`` holds, else an error
+    that says ``must be <kind>``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise _type_error(kind, text) from None
+        if not ok(value):
+            raise _type_error(kind, text)
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """``argparse`` type: an integer >= 0 (warmup steps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise _type_error("an integer >= 0", text) from None
-    if value < 0:
-        raise _type_error("an integer >= 0", text)
-    return value
-
-
-def _seed(text: str) -> int:
-    """``argparse`` type: a seed numpy accepts, ``0 <= seed < 2**32``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise _type_error("an integer in [0, 2**32)", text) from None
-    if not 0 <= value < 2**32:
-        raise _type_error("an integer in [0, 2**32)", text)
-    return value
-
-
-def positive_float(text: str) -> float:
-    """``argparse`` type: a finite number > 0 (learning rate, LoRA alpha); rejects nan and inf."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise _type_error("a finite number > 0", text) from None
-    if not (math.isfinite(value) and value > 0):
-        raise _type_error("a finite number > 0", text)
-    return value
-
-
-def probability(text: str) -> float:
-    """``argparse`` type: a number in ``[0, 1)`` (dropout); rejects nan."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise _type_error("a number in [0, 1)", text) from None
-    if not 0.0 <= value < 1.0:
-        raise _type_error("a number in [0, 1)", text)
-    return value
+positive_int = _number_type("positive_int", int, "a positive integer", lambda v: v >= 1)
+"""``argparse`` type: an integer >= 1 (steps, batch size, rank, counts)."""
+non_negative_int = _number_type("non_negative_int", int, "an integer >= 0", lambda v: v >= 0)
+"""``argparse`` type: an integer >= 0 (warmup steps)."""
+_seed = _number_type("seed", int, "an integer in [0, 2**32)", lambda v: 0 <= v < 2**32)
+"""``argparse`` type: a seed numpy accepts."""
+positive_float = _number_type("positive_float", float, "a finite number > 0",
+                              lambda v: math.isfinite(v) and v > 0)
+"""``argparse`` type: a finite number > 0 (learning rate, LoRA alpha); rejects nan and inf."""
+probability = _number_type("probability", float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+"""``argparse`` type: a number in ``[0, 1)`` (dropout); rejects nan."""
 
 
 def module_names(text: str) -> str | list[str]:

@@ -34,6 +34,7 @@ import kernels
 from kernels.ia3 import ia3_linear
 from lightning_peft._base import (
     AdapterLayer,
+    LinearAdapterLayer,
     ModulesToSave,
     freeze_all_but_adapters,
     inside_any,
@@ -211,7 +212,7 @@ def _quantized(weight: Any) -> bool:
     return isinstance(weight, kernels.NF4Tensor) or getattr(weight, "quant_state", None) is not None
 
 
-class IA3Linear(AdapterLayer):
+class IA3Linear(LinearAdapterLayer):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (kept as ``base_layer``) whose output
     (``is_feedforward=False``) or input (``True``) is scaled by the learned vector ``ia3_l``.
 
@@ -270,16 +271,6 @@ class IA3Linear(AdapterLayer):
         """float32 for a vector kept in fp32 whatever the base is cast to
         (``autocast_adapter_dtype``); None when it follows the model's casts."""
         return self._adapter_dtype
-
-    @property
-    def weight(self) -> Tensor:
-        """The base weight as (out, in) (a transposed view for Conv1D)."""
-        w = self.base_layer.weight
-        return w.t() if self.fan_in_fan_out else w
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -344,18 +335,6 @@ class IA3Linear(AdapterLayer):
             bias.copy_(old_b)
         self._restore = None
         self.merged = False
-
-    def _apply(self, fn, recurse: bool = True):
-        """A cast or move of a merged layer is done unmerged: ``l`` is taken out exactly first and
-        merged again afterwards, so :meth:`unmerge` later restores the base in its new dtype /
-        on its new device."""
-        if not self.merged:
-            return super()._apply(fn, recurse)
-        self.unmerge()
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self.merge()
 
     def extra_repr(self) -> str:
         kind = "input (feed-forward)" if self.is_feedforward else "output"

@@ -28,6 +28,7 @@ import kernels
 from lightning_peft._base import (
     TRAIN_BIAS_ATTR,
     AdapterLayer,
+    LinearAdapterLayer,
     ModulesToSave,
     first_names,
     freeze_all_but_adapters,
@@ -153,7 +154,7 @@ def _set_quantized_base_weight(base: nn.Module, q: kernels.NF4Tensor) -> None:
         base.quant_state = state
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(LinearAdapterLayer):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (kept as ``base_layer``) plus ``lora_A``/``lora_B``.
 
     ``Conv1D`` stores its weight (in, out); the layer reads it transposed (``fan_in_fan_out``),
@@ -219,31 +220,6 @@ class LoRALinear(AdapterLayer):
         """float32 for fp32 adapters kept over a dense base (``autocast_adapter_dtype``); None
         over a 4-bit base, whose adapters follow its ``compute_dtype``."""
         return None if _quantized_base_weight(self.base_layer) is not None else self._adapter_dtype
-
-    def _apply(self, fn, recurse: bool = True):
-        """A cast or move (``.half()``, ``.to(...)``) of a merged layer is done unmerged: the
-        update is taken out exactly first and merged again afterwards, so :meth:`unmerge` later
-        restores ``W0`` exactly in the new dtype / on the new device."""
-        if not self.merged:
-            return super()._apply(fn, recurse)
-        self.unmerge()
-        try:
-            result = super()._apply(fn, recurse)
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a 4-bit base re-quantizes: warned at merge()
-                self.merge()
-        return result
-
-    @property
-    def weight(self) -> Tensor:
-        """The base weight as (out, in) (a transposed view for Conv1D)."""
-        w = self.base_layer.weight
-        return w.t() if self.fan_in_fan_out else w
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -453,27 +429,6 @@ def _to_json(root: nn.Module) -> dict[str, Any]:
         "layers_pattern": None,
         "layer_replication": None,
     }
-
-
-def _bias_mode(root: nn.Module, layers: list[tuple[str, LoRALinear]], saved: list[str]) -> str:
-    """``"none"``, ``"all"`` or ``"lora_only"``: which biases of ``root`` were made trainable."""
-    inside = [s + "." for s in saved]
-    candidates, marked = set(), set()
-    for name, module in root.named_modules():
-        if isinstance(module, AdapterLayer) or any(name.startswith(p) for p in inside):
-            continue
-        if isinstance(getattr(module, "bias", None), nn.Parameter):
-            candidates.add(name)
-            if getattr(module, TRAIN_BIAS_ATTR, False):
-                marked.add(name)
-    if not marked:
-        return "none"
-    if marked == candidates:
-        return "all"
-    if marked == {f"{n}.base_layer" for n, m in layers if m.base_layer.bias is not None}:
-        return "lora_only"
-    raise ValueError(f"the trainable biases ({first_names(sorted(marked))}) are neither all biases nor those "
-                     f"of the LoRA layers, which adapter_config.json's bias cannot express")
 
 
 def _bias_mode(root: nn.Module, layers: list[tuple[str, LoRALinear]], saved: list[str]) -> str:
