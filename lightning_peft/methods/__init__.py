@@ -169,18 +169,15 @@ def apply_peft(model: nn.Module, config: Any) -> nn.Module:
     return method_for_config(config).apply(model, config=config)
 
 
-_BUILTIN = ("lightning_peft.methods.lora", "lightning_peft.methods.qlora", "lightning_peft.methods.ia3",
-            "lightning_peft.methods.bitfit")
-
-
 def _load_builtin() -> None:
-    """Import the built-in method files (each registers its ``METHOD``) on first use."""
+    """Import every method file of this package (each registers its ``METHOD``) on first use:
+    adding a method is adding its file."""
     import importlib
-    import importlib.util
+    import pkgutil
 
-    for module in _BUILTIN:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 __all__ = ["Method", "apply_peft", "file_method", "get_method", "method_for_config", "method_for_peft_type",
