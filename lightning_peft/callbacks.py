@@ -440,6 +440,66 @@ class BitFitCallback(PEFTCallback):
                                    add_missing_biases=add_missing_biases)
 
 
+class DyLoRACallback(PEFTCallback):
+    """Fine-tune with DyLoRA: ``Trainer(callbacks=[DyLoRACallback(r=8, r_min=1)])``: every training
+    batch runs at one rank ``b`` drawn in ``[r_min, r]`` for the whole model, so that afterwards
+    ``truncate_rank(model, b)`` gives a working rank-``b`` adapter for any ``b``.
+
+    Arguments are those of :func:`lightning_peft.apply_dylora` plus ``merge_on_fit_end`` (merge at
+    the full rank when ``fit`` ends) and ``adapter_dir`` (write the adapter there when ``fit``
+    ends, on rank 0). ``b`` is drawn in ``on_train_batch_start`` by
+    :func:`~lightning_peft.methods.dylora.dylora_sample_rank` with a generator seeded with
+    ``seed`` (the same on every process, so DDP ranks agree); its state is checkpointed, so a
+    resumed run continues the sequence. Validation runs at the full rank; when training ends the
+    layers are set back to it.
+    """
+
+    method = "dylora"
+    free_fields = ("dropout", "init", "autocast_adapter_dtype", "r_min", "distribution", "seed")
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, r_min: int = 1, distribution: str = "uniform",
+                 seed: int = 0, dropout: float = 0.0, target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 modules_to_save: list[str] | None = None, use_rslora: bool = False,
+                 init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
+                 merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
+        import torch
+
+        from lightning_peft.methods.dylora import DyLoRAConfig
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = DyLoRAConfig(r=r, alpha=alpha, r_min=r_min, distribution=distribution, seed=seed,
+                                   dropout=dropout, target_modules=target_modules,
+                                   exclude_modules=exclude_modules, modules_to_save=modules_to_save,
+                                   use_rslora=use_rslora, init=init, bias=bias,
+                                   autocast_adapter_dtype=autocast_adapter_dtype)
+        self.generator = torch.Generator().manual_seed(seed)  # draws each step's rank (CPU)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        from lightning_peft.methods.dylora import dylora_sample_rank
+
+        dylora_sample_rank(pl_module, self.generator)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_peft.methods.dylora import dylora_layers, dylora_set_rank
+
+        if dylora_layers(pl_module):
+            dylora_set_rank(pl_module, None)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if isinstance(state_dict.get("generator"), Tensor):
+            self.generator.set_state(state_dict["generator"])
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

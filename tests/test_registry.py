@@ -36,12 +36,14 @@ CALLBACKS = {
     "qlora": dict(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="float32"),
     "ia3": dict(),
     "bitfit": dict(target_modules="all-linear", add_missing_biases=True),
+    "dylora": dict(r=4, r_min=2, target_modules=["q_proj", "v_proj"]),
 }
 CONFIGS = {
     "lora": LoRAConfig(r=4),
     "qlora": QLoRAConfig(r=4, compute_dtype="float32"),
     "ia3": IA3Config(),
     "bitfit": BitFitConfig(target_modules="all-linear", add_missing_biases=True),
+    "dylora": get_method("dylora").config_class(r=4),
 }
 
 
