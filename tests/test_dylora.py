@@ -389,9 +389,15 @@ def test_a_bad_config_file_is_refused_naming_the_field_and_the_model_is_unchange
     assert all(torch.equal(v, state[k]) for k, v in victim.state_dict().items())
 
 
-def test_dylora_layer_wraps_only_dense_linear_layers():
+def test_dylora_layer_wraps_only_dense_linear_layers_and_checks_its_arguments():
     with pytest.raises(ValueError, match="wraps a dense nn.Linear"):
         DyLoRALinear(nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="r_min must be at most r=2"):
+        DyLoRALinear(nn.Linear(4, 3), r=2, r_min=3)
+    with pytest.raises(ValueError, match="1 <= r_min <= r"):
+        draw_rank(3, 2, "uniform")
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        draw_rank(1, 2, "normal")
     layer = DyLoRALinear(nn.Linear(4, 3).to(torch.bfloat16), r=2)
     assert layer.lora_A.dtype == torch.float32 and layer.adapter_dtype == torch.float32
     assert layer(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -167,6 +167,8 @@ class DyLoRALinear(LinearAdapterLayer):
                  distribution: str = "uniform", dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming", autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
+        DyLoRAConfig(r=r, alpha=alpha, r_min=r_min, distribution=distribution, dropout=dropout,
+                     use_rslora=use_rslora, init=init, autocast_adapter_dtype=autocast_adapter_dtype)
         if not is_linear_like(base_layer) or _is_quantized(base_layer):
             raise ValueError(f"DyLoRALinear wraps a dense nn.Linear or transformers Conv1D, got "
                              f"{type(base_layer).__name__}")
@@ -363,6 +365,8 @@ def _layers_or_raise(model: nn.Module) -> list[tuple[str, DyLoRALinear]]:
 def draw_rank(r_min: int, r: int, distribution: str, generator: torch.Generator | None = None) -> int:
     """One rank ``b`` in ``[r_min, r]`` from ``distribution`` (see :data:`DISTRIBUTIONS`), drawn
     on the CPU with ``generator`` (the global generator when ``None``)."""
+    if not _is_int(r_min) or not _is_int(r) or not 1 <= r_min <= r:
+        raise ValueError(f"r_min and r must be integers with 1 <= r_min <= r, got r_min={r_min!r}, r={r!r}")
     if distribution == "uniform":
         return int(torch.randint(r_min, r + 1, (1,), generator=generator))
     if distribution == "log-uniform":
