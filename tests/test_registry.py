@@ -37,6 +37,7 @@ CALLBACKS = {
     "qlora": dict(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="float32"),
     "ia3": dict(),
     "bitfit": dict(target_modules="all-linear", add_missing_biases=True),
+    "adalora": dict(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"]),
     "dylora": dict(r=4, r_min=2, target_modules=["q_proj", "v_proj"]),
 }
 CONFIGS = {
@@ -44,6 +45,7 @@ CONFIGS = {
     "qlora": QLoRAConfig(r=4, compute_dtype="float32"),
     "ia3": IA3Config(),
     "bitfit": BitFitConfig(target_modules="all-linear", add_missing_biases=True),
+    "adalora": get_method("adalora").config_class(init_r=4, target_r=2, total_step=10),
     "dylora": get_method("dylora").config_class(r=4),
 }
 
