@@ -93,6 +93,9 @@ def test_importance_scores_follow_the_paper_in_float64():
                 sens = (p.detach().double() * p.grad.double()).abs()          # I = |θ·∇θ|
                 ema_i[key] = 0.7 * ema_i.get(key, 0) + 0.3 * sens             # Ī
                 ema_u[key] = 0.6 * ema_u.get(key, 0) + 0.4 * (sens - ema_i[key]).abs()  # Ū
+    for layer in layers:  # a step with a non-finite gradient (skipped by fp16's GradScaler) is ignored
+        layer.lora_A.grad[0, 0] = float("inf")
+    adalora_update_and_allocate(model, 3)
     for layer in layers:
         s = {name: ema_i[(id(layer), name)] * ema_u[(id(layer), name)]
              for name in ("lora_A", "lora_E", "lora_B")}
@@ -227,6 +230,11 @@ def test_files_both_ways_with_a_rank_pattern(tmp_path):
     again = load_adapter(_tiny.llama(), tmp_path / "ours")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, want_ours)
+        for _, layer in adalora_layers(again):
+            layer.lora_E.zero_()
+    load_adapter(again, tmp_path / "ours")  # into the layers it already has
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want_ours)
 
 
 def test_a_bad_rank_pattern_is_refused_and_the_model_is_unchanged(tmp_path):
@@ -329,6 +337,11 @@ def test_allocation_needs_total_step_and_gradients(tmp_path):
     with pytest.raises(ValueError, match="total_step is not known"):
         adalora_update_and_allocate(model, 0)
     with pytest.raises(ValueError, match="needs the gradients"):
+        adalora_update_and_allocate(model, 0, total_step=10)
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+        adalora_update_and_allocate(model, -1, total_step=10)
+    adalora_layers(model)[0][1].merge()
+    with pytest.raises(ValueError, match="the AdaLoRA layers are merged"):
         adalora_update_and_allocate(model, 0, total_step=10)
     with pytest.raises(ValueError, match="tinit \\+ tfinal must be less than total_step"):
         trainer = _lit.trainer(tmp_path, max_steps=3, callbacks=[AdaLoRACallback(tinit=2, tfinal=1)])

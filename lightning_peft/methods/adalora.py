@@ -450,7 +450,8 @@ def budget_schedule(step: int, init_budget: int, target_budget: int, tinit: int,
 
 def _update_importance(layers: list[AdaLoRALinear], beta1: float, beta2: float) -> None:
     """Ī ← β1·Ī + (1 − β1)·|θ·g| and Ū ← β2·Ū + (1 − β2)·||θ·g| − Ī| for every entry of every
-    ``Q``, ``Λ``, ``P`` (one batched op per step for all layers)."""
+    ``Q``, ``Λ``, ``P`` (one batched op per step for all layers). Gradients with an inf or NaN (an
+    fp16 step the GradScaler skipped) leave the scores as they are."""
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_E, layer.lora_B)]
     missing = [p for p in params if p.grad is None]
     if missing:
@@ -458,6 +459,8 @@ def _update_importance(layers: list[AdaLoRALinear], beta1: float, beta2: float) 
                          "loss.backward() (and optimizer.step()), before optimizer.zero_grad()")
     with torch.no_grad():
         grads = [p.grad for p in params]
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return  # an fp16 step the GradScaler skipped: its inf/NaN would poison the averages
         ipt = torch._foreach_mul(params, grads)
         torch._foreach_abs_(ipt)
         for i, layer in enumerate(layers):
@@ -522,6 +525,9 @@ def adalora_update_and_allocate(model: nn.Module, step: int, total_step: int | N
     check_schedule(config.tinit, config.tfinal, total)
     if not _is_int(step) or step < 0:
         raise ValueError(f"step must be a non-negative integer (optimizer steps from 0), got {step!r}")
+    merged = [layer for layer in layers if layer.merged]
+    if merged:
+        raise ValueError("the AdaLoRA layers are merged; unmerge_adapters(model) before training them")
     for layer in layers:
         layer.total_step = total
     init_budget = sum(layer.r for layer in layers)
@@ -620,6 +626,11 @@ def _to_json(root: nn.Module) -> dict[str, Any]:
     if len(init_r) > 1:
         raise ValueError(f"the AdaLoRA layers have different init_r ({sorted(init_r)}), which "
                          f"adapter_config.json cannot express")
+    alphas, dropouts = {m.scaling for _, m in layers}, {m.dropout for _, m in layers}
+    if len(alphas) > 1 or len(dropouts) > 1:
+        raise ValueError(f"the AdaLoRA layers have different alphas ({sorted(alphas)}) or dropouts "
+                         f"({sorted(dropouts)}), which adapter_config.json cannot express")
+    alpha = alphas.pop()
     patterned = any(m.pattern is not None for _, m in layers)
     saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
     free = names_outside_adapters(root)
@@ -627,8 +638,8 @@ def _to_json(root: nn.Module) -> dict[str, Any]:
         "r": 8,  # unused by AdaLoRA (PEFT's LoraConfig default)
         "init_r": init_r.pop(),
         "target_r": config.target_r,
-        "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else float(config.alpha),
-        "lora_dropout": config.dropout,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+        "lora_dropout": dropouts.pop(),
         "tinit": config.tinit,
         "tfinal": config.tfinal,
         "deltaT": config.deltaT,
