@@ -55,6 +55,7 @@ from kernels import _backend
 from kernels.lora import _branch_dtype
 
 __all__ = [
+    "dora_linear_triton",
     "dropout_keep_mask",
     "lora_linear_grouped",
     "lora_linear_grouped_reference",
@@ -221,26 +222,31 @@ _GEMM_MIN_BM = min(c.kwargs["BM"] for c in _GEMM_CONFIGS)
 @triton.autotune(
     configs=_GEMM_CONFIGS,
     key=["M_BUCKET", "N", "K", "RP", "NEED_OUT", "HAS_LOWRANK", "HAS_BIAS", "ACCUMULATE",
-         "DROPOUT", "NEED_DA"],
+         "DROPOUT", "NEED_DA", "HAS_SCALE", "STORE_U"],
     reset_to_zero=["da_ptr"],
     restore_value=["out_ptr"],
 )
 @triton.jit
 def _lora_gemm_kernel(
-    a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, xl_ptr, da_ptr, seed_ptr,
+    a_ptr, w_ptr, p_ptr, q_ptr, bias_ptr, out_ptr, xl_ptr, da_ptr, seed_ptr, scale_ptr, u_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_wk, stride_wn, stride_pm, stride_pr, stride_qr, stride_qn,
     stride_om, stride_on, stride_xm, stride_xn, stride_dap, stride_dar, stride_dan, stride_bias,
+    stride_um, stride_un,
     alpha, threshold,
     NEED_OUT: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr, NEED_DA: tl.constexpr,
+    HAS_SCALE: tl.constexpr, STORE_U: tl.constexpr,
     DA_ATOMIC: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     LR_PRECISION: tl.constexpr, RP: tl.constexpr,
     RB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """On one (BM, BN) tile: out = alpha·keep⊙(P·Q) + Am·W (+ bias) (+ out),
+    """On one (BM, BN) tile: out = g⊙(alpha·keep⊙(P·Q) + Am·W) (+ bias) (+ out),
     and dA (+)= Pᵀ·(keep⊙XL).
+
+    DoRA (HAS_SCALE): g = m/||W0 + s·B·A|| (N,) scales the columns in the epilogue, and with
+    STORE_U the unscaled sum u is stored as well (backward's dm = Σ dY⊙u / norm).
 
     Forward: Am = x, W = W0ᵀ, P = S, Q = Bᵀ, alpha = s. Backward: Am = dY, W = W0, P = dS,
     Q = A, XL = x, alpha = 1. The accumulator starts at the low-rank term, so the output is
@@ -307,6 +313,12 @@ def _lora_gemm_kernel(
             w = tl.load(w_ptr + rk[:, None] * stride_wk + rwn[None, :] * stride_wn,
                         mask=k_ok[:, None], other=0.0)                          # (BK, BN)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if STORE_U:                               # DoRA: u = x·W0ᵀ + s·S·Bᵀ, before the scale
+            tl.store(u_ptr + rm[:, None] * stride_um + rn[None, :] * stride_un,
+                     acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if HAS_SCALE:                             # DoRA: y = g⊙u (+ b), one g per column
+            g = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)                     # (BN,)
+            acc = acc * g.to(tl.float32)[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rn * stride_bias, mask=n_ok, other=0.0)      # (BN,)
             acc += bias.to(tl.float32)[None, :]
@@ -490,10 +502,12 @@ def _lora_dy(dy: Tensor, b: Tensor, s: Tensor, scaling: float, ds_scale: float, 
 def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = None,
                q: Tensor | None = None, alpha: float = 1.0, bias: Tensor | None = None,
                accumulate: bool = False, xl: Tensor | None = None, need_out: bool = True,
-               dropout_p: float = 0.0, seed: Tensor | None = None) -> Tensor | None:
-    """out (M, N) = alpha·keep⊙(p·q) + a·w (+ bias) (+ out); returns dA = pᵀ·(keep⊙xl) (r, N)
-    in p's dtype when ``xl`` (M, N) is given. ``a`` (M, K), ``w`` (K, N), ``p`` (M, r),
-    ``q`` (r, N). With ``need_out=False`` only dA is computed and ``out`` may be None."""
+               dropout_p: float = 0.0, seed: Tensor | None = None, row_scale: Tensor | None = None,
+               u: Tensor | None = None) -> Tensor | None:
+    """out (M, N) = g⊙(alpha·keep⊙(p·q) + a·w) (+ bias) (+ out); returns dA = pᵀ·(keep⊙xl)
+    (r, N) in p's dtype when ``xl`` (M, N) is given. ``a`` (M, K), ``w`` (K, N), ``p`` (M, r),
+    ``q`` (r, N), ``row_scale`` g (N,) or None (DoRA), ``u`` (M, N) or None: receives the sum
+    before the scale. With ``need_out=False`` only dA is computed and ``out`` may be None."""
     M, N = out.shape if out is not None else xl.shape
     K = a.shape[1]
     has_lowrank = need_out and q is not None
@@ -517,6 +531,7 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
                 a, w, p_, q_, a if bias is None else bias, out if need_out else dummy, xl_,
                 da_buf,
                 a if seed is None else seed,
+                a if row_scale is None else row_scale, a if u is None else u,
                 M, N, K, R, _m_bucket(M),
                 a.stride(0), a.stride(1), w.stride(0), w.stride(1), p_.stride(0), p_.stride(1),
                 q_.stride(0), q_.stride(1), *(out.stride() if need_out else (0, 0)),
@@ -524,11 +539,13 @@ def _lora_gemm(a: Tensor, w: Tensor, out: Tensor | None, *, p: Tensor | None = N
                 da_buf.stride(0) if da_buf.dim() == 3 else 0,
                 da_buf.stride(-2) if da_buf.dim() >= 2 else 0, da_buf.stride(-1),
                 0 if bias is None else bias.stride(0),
+                *((0, 0) if u is None else u.stride()),
                 alpha, _threshold(dropout_p),
                 NEED_OUT=need_out, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
                 ACCUMULATE=accumulate, DROPOUT=dropout_p > 0.0, NEED_DA=need_da,
+                HAS_SCALE=row_scale is not None, STORE_U=u is not None,
                 DA_ATOMIC=not deterministic,
-                INT64=_needs_int64(a, w, p, q, out, xl, da), PRECISION=_precision(a.dtype),
+                INT64=_needs_int64(a, w, p, q, out, xl, da, u), PRECISION=_precision(a.dtype),
                 LR_PRECISION=_precision(p_.dtype),
                 RP=_pad_rank(R), RB=_rank_block(R))
     if da is None:
@@ -660,6 +677,78 @@ def lora_linear_triton(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor
     ``x.dtype`` by the caller. ``x`` (..., K), ``weight`` (N, K), ``lora_a`` (r, K),
     ``lora_b`` (N, r), ``bias`` (N,) or None."""
     return _apply(x, [weight], lora_a, [lora_b], [scaling], [bias], dropout_p, generator)[0]
+
+
+@_op("lightning_peft::dora_linear_fwd")
+def _dora_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+              row_scale: Tensor, bias: Tensor | None, dropout_p: float, seed: Tensor | None,
+              store_u: bool) -> list[Tensor]:
+    """[y, S, u] of DoRA on 2-D x: ``S = keep⊙x·Aᵀ/(1-p)`` (M, r), ``y = g⊙(x·W0ᵀ + s·S·Bᵀ) + b``
+    (M, N) with ``g = row_scale`` applied in the GEMM's epilogue, and the unscaled ``u`` (M, N)
+    when ``store_u`` (else an empty tensor)."""
+    s_lora = _lora_down(x, lora_a, dropout_p, seed)                             # (M, r)
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)  # (M, N)
+    u = torch.empty_like(y) if store_u else x.new_empty(0)                      # (M, N)
+    _lora_gemm(x, weight.t(), y, p=s_lora, q=lora_b.t(), alpha=scaling, bias=bias,
+               dropout_p=0.0, seed=None, row_scale=row_scale, u=u if store_u else None)
+    return [y, s_lora, u]
+
+
+class _DoRATriton(torch.autograd.Function):
+    # forward: the fused LoRA GEMM with DoRA's column scale g = m/||W0 + s·B·A|| as its epilogue
+    # backward: dm = Σ_m dY⊙u / norm, then the fused LoRA backward of dU = g⊙dY
+    @staticmethod
+    def forward(ctx, x2, weight, lora_a, lora_b, scaling, magnitude, bias, dropout_p, generator,
+                weight_norm_sq):
+        from kernels.lora import dora_weight_norm
+
+        norm = dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)  # (N,) detached
+        g = magnitude.detach().to(norm.dtype) / norm                             # (N,)
+        seed = _draw_seed(generator, x2.device) if dropout_p > 0.0 else None
+        need_m = ctx.needs_input_grad[5]
+        y, s_lora, u = torch.ops.lightning_peft.dora_linear_fwd(
+            x2, weight, lora_a, lora_b, scaling, g, bias, dropout_p, seed, need_m)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, s_lora, seed, g, norm,
+                              u if need_m else None)
+        ctx.scaling, ctx.dropout_p, ctx.magnitude_dtype = scaling, dropout_p, magnitude.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, lora_a, lora_b, s_lora, seed, g, norm, u = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, _, need_m, need_bias = ctx.needs_input_grad[:7]
+        dy = grad_out                                                           # (M, N)
+        grad_x = grad_w = grad_a = grad_b = grad_m = grad_bias = None
+        if need_m:
+            grad_m = torch.einsum("mn,mn->n", dy.to(norm.dtype), u.to(norm.dtype)).div_(norm)
+            grad_m = grad_m.to(ctx.magnitude_dtype)
+        if need_bias:
+            grad_bias = dy.sum(0)
+        if need_x or need_w or need_a or need_b:
+            du = dy * g.to(dy.dtype)                                            # (M, N) g⊙dY
+            if need_x or need_a or need_b:
+                dx, da, db = torch.ops.lightning_peft.lora_linear_bwd(
+                    [du], x2, [weight], lora_a, [lora_b], s_lora, [ctx.scaling], ctx.dropout_p,
+                    seed, need_x, need_a, need_b)
+                grad_x = dx if need_x else None
+                grad_a = da if need_a else None
+                grad_b = db if need_b else None
+            if need_w:
+                grad_w = torch.mm(du.t(), x2)                                   # (N, K)
+        return grad_x, grad_w, grad_a, grad_b, None, grad_m, grad_bias, None, None, None
+
+
+def dora_linear_triton(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                       magnitude: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0,
+                       generator: torch.Generator | None = None,
+                       weight_norm_sq: Tensor | None = None) -> Tensor:
+    """The Triton path of :func:`kernels.lora.dora_linear`: arguments already checked and cast by
+    the caller. ``x`` (..., K), ``weight`` (N, K), ``lora_a`` (r, K), ``lora_b`` (N, r),
+    ``magnitude`` (N,), ``bias`` (N,) or None."""
+    shape = x.shape
+    y = _DoRATriton.apply(x.reshape(-1, shape[-1]), weight, lora_a, lora_b, float(scaling),
+                          magnitude, bias, float(dropout_p), generator, weight_norm_sq)  # (M, N)
+    return y.view(*shape[:-1], y.shape[-1])
 
 
 def _check_grouped(x, weights, lora_as, lora_bs, scalings, biases, dropout_p) -> None:

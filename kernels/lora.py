@@ -26,6 +26,10 @@ view made inside the autograd Function), so models may edit them in place (Falco
 ``mlp_output += attention_output``). The Triton kernels of
 :mod:`kernels._lora_triton` implement the same contract; this file is their specification and the
 CPU fallback.
+
+DoRA (Liu et al. 2024, arXiv 2402.09353), :func:`dora_linear`, is the same op with a per-output
+scale ``g = m/||W0 + s·B·A||`` (the norm from low-rank algebra, detached) applied where the output
+is written: ``y = g⊙(x·W0ᵀ + s·S·Bᵀ) + b``; its backward runs the LoRA backward on ``g⊙dY``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from kernels import _backend
 
 __all__ = [
     "bernoulli_positions",
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_weight_norm",
     "dropout_keep_mask",
     "dropout_positions",
     "lora_linear",
@@ -181,29 +188,40 @@ class _LoRALinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, lora_a, lora_b, s_lora, drop, weight = ctx.saved_tensors   # s_lora holds s·S
         weight = ctx.weight if weight is None else weight
-        s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad[:6]
         dy = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, N)
-        branch = lora_a.dtype
-        dy_b = dy.to(branch) if need_b or need_x or need_a else None    # dY in the branch dtype
-        grad_x = grad_w = grad_a = grad_b = grad_bias = None
-        if need_b:
-            grad_b = torch.mm(s_lora.t(), dy_b).t()                     # (s·Sᵀ·dY)ᵀ (N, r)
-        if need_x or need_a:
-            d_s = torch.mm(dy_b, lora_b).mul_(s if drop is None else s / (1.0 - p))  # (M, r)
-            if need_a:
-                grad_a = torch.mm(d_s.t(), _dropped(x2, drop, branch))  # (r, K)
-            if need_x:
-                grad_x = torch.mm(d_s, lora_a).to(dy.dtype)             # (M, K) dS·A
-                if drop is not None:
-                    _zero_dropped_(grad_x, drop)                        # ⊙ mask
-                grad_x.addmm_(dy, _dense(weight, dy.dtype))             # += dY·W0
-                grad_x = grad_x.view(ctx.shape)
-        if need_w:
-            grad_w = torch.mm(dy.t(), x2)                               # (N, K)
-        if need_bias:
-            grad_bias = dy.sum(0)
+        grad_x, grad_w, grad_a, grad_b = _lowrank_backward(
+            dy, x2, weight, lora_a, lora_b, s_lora, drop, ctx.scaling, ctx.dropout_p,
+            need_x, need_w, need_a, need_b)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.shape)
+        grad_bias = dy.sum(0) if need_bias else None
         return grad_x, grad_w, grad_a, grad_b, None, grad_bias, None, None
+
+
+def _lowrank_backward(dy: Tensor, x2: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor,
+                      s_lora: Tensor, drop: Tensor | None, s: float, p: float, need_x: bool,
+                      need_w: bool, need_a: bool, need_b: bool
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dX (M, K), dW0 (N, K), dA (r, K), dB (N, r))`` of ``y = x·W0ᵀ + s_lora·Bᵀ`` given
+    ``dY`` (M, N) (each ``None`` unless needed); ``s_lora = s·dropout(x)·Aᵀ`` from forward."""
+    branch = lora_a.dtype
+    dy_b = dy.to(branch) if need_b or need_x or need_a else None        # dY in the branch dtype
+    grad_x = grad_w = grad_a = grad_b = None
+    if need_b:
+        grad_b = torch.mm(s_lora.t(), dy_b).t()                         # (s·Sᵀ·dY)ᵀ (N, r)
+    if need_x or need_a:
+        d_s = torch.mm(dy_b, lora_b).mul_(s if drop is None else s / (1.0 - p))  # (M, r)
+        if need_a:
+            grad_a = torch.mm(d_s.t(), _dropped(x2, drop, branch))      # (r, K)
+        if need_x:
+            grad_x = torch.mm(d_s, lora_a).to(dy.dtype)                 # (M, K) dS·A
+            if drop is not None:
+                _zero_dropped_(grad_x, drop)                            # ⊙ mask
+            grad_x.addmm_(dy, _dense(weight, dy.dtype))                 # += dY·W0
+    if need_w:
+        grad_w = torch.mm(dy.t(), x2)                                   # (N, K)
+    return grad_x, grad_w, grad_a, grad_b
 
 
 def _dropped(x2: Tensor, drop: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -413,3 +431,161 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
         _check_args(x, w, a, b, None if biases is None else biases[i], dropout_p)
     return lora_linear_grouped_reference(x, weights, lora_as, lora_bs, scalings, biases, dropout_p,
                                          generator)
+
+
+# ------------------------------------------------------------------------------------------ DoRA
+
+
+def dora_weight_norm(weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                     weight_norm_sq: Tensor | None = None) -> Tensor:
+    """``||W0_i + s·B_i·A||`` for every output feature ``i``, (out,), without building the
+    (out, in) update (DoRA, arXiv 2402.09353):
+
+        ||W0_i + s·B_i·A||² = ||W0_i||² + 2s·B_i·(A·W0_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ
+
+    at ``r·in·out + r²·in`` multiply-adds (``A·W0ᵀ`` and ``A·Aᵀ``). ``weight_norm_sq`` is
+    ``||W0_i||²`` (out,), cached by a caller while ``W0`` is frozen; computed here when ``None``.
+    The result is in float32 at least (float64 for float64 inputs), detached from autograd;
+    negative rounding residues are clamped to zero."""
+    with torch.no_grad():
+        adapters = _branch_dtype(lora_a.dtype, lora_a, lora_b)
+        compute = torch.promote_types(adapters, torch.float32)
+        w = _dense(weight, compute if not isinstance(weight, Tensor) else weight.dtype)  # (N, K)
+        compute = torch.promote_types(compute, w.dtype)
+        if weight_norm_sq is None:
+            weight_norm_sq = torch.linalg.vector_norm(w, dim=1, dtype=compute).square()  # (N,)
+        a, b = lora_a.detach().to(compute), lora_b.detach().to(compute)  # (r, K), (N, r)
+        if w.dtype == compute:
+            aw = torch.mm(w, a.t())                                     # (N, r) = (A·W0ᵀ)ᵀ
+        else:  # a half-precision W0 is not copied to fp32: the product accumulates in fp32
+            aw = torch.mm(w, a.t().to(w.dtype)).to(compute)
+        cross = torch.linalg.vecdot(b, aw, dim=1)                       # (N,) B_i·(A·W0_iᵀ)
+        quad = torch.linalg.vecdot(torch.mm(b, torch.mm(a, a.t())), b, dim=1)  # (N,) B_i·AAᵀ·B_iᵀ
+        norm_sq = weight_norm_sq.to(compute) + (2.0 * scaling) * cross + (scaling * scaling) * quad
+        return norm_sq.clamp_min_(0.0).sqrt_()
+
+
+class _DoRALinear(torch.autograd.Function):
+    # forward   u = x·W0ᵀ + s·S·Bᵀ (the LoRA op), y = g⊙u + b with g = m/||W0 + s·B·A|| (N,)
+    #           applied as the epilogue that writes y: one pass over the (M, N) output
+    # backward  dm = Σ_m dY⊙u / ||W0 + s·B·A||, then the LoRA backward of dU = g⊙dY
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, magnitude, bias, dropout_p, generator,
+                weight_norm_sq):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
+        w = _dense(weight, x.dtype)                                     # (N, K)
+        norm = dora_weight_norm(w, lora_a, lora_b, scaling, weight_norm_sq)  # (N,) detached
+        g = magnitude.detach().to(norm.dtype) / norm                    # (N,) m/||W0 + s·B·A||
+        branch = lora_a.dtype
+        drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
+            else None
+        xd = _dropped(x2, drop, branch)                                 # (M, K)
+        s_lora = torch.mm(xd, lora_a.t()).mul_(scaling / (1.0 - dropout_p))  # s·S (M, r)
+        del xd
+        u = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)  # (M, N)
+        _lowrank_into(u, s_lora, lora_b, None)                          # s·S·Bᵀ
+        u.addmm_(x2, w.t())                                             # u += x·W0ᵀ
+        y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)  # fresh
+        y2 = y.view(u.shape)
+        gx = g.to(x.dtype)
+        if bias is None:
+            torch.mul(u, gx, out=y2)                                    # y = g⊙u
+        else:
+            torch.addcmul(bias, u, gx, out=y2)                          # y = g⊙u + b
+        need_m = ctx.needs_input_grad[5]
+        ctx.save_for_backward(x2, lora_a, lora_b, s_lora, drop,
+                              weight if isinstance(weight, Tensor) else None, g, norm,
+                              u if need_m else None)
+        ctx.weight = None if isinstance(weight, Tensor) else weight
+        ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, shape
+        ctx.magnitude_dtype = magnitude.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, lora_a, lora_b, s_lora, drop, weight, g, norm, u = ctx.saved_tensors
+        weight = ctx.weight if weight is None else weight
+        need_x, need_w, need_a, need_b, _, need_m, need_bias = ctx.needs_input_grad[:7]
+        dy = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, N)
+        grad_m = grad_bias = None
+        if need_m:                                                      # Σ_m dY⊙u / ||·||
+            grad_m = torch.einsum("mn,mn->n", dy.to(norm.dtype), u.to(norm.dtype)).div_(norm)
+            grad_m = grad_m.to(ctx.magnitude_dtype)
+        if need_bias:
+            grad_bias = dy.sum(0)
+        grad_x = grad_w = grad_a = grad_b = None
+        if need_x or need_w or need_a or need_b:
+            du = dy * g.to(dy.dtype)                                    # (M, N) g⊙dY
+            grad_x, grad_w, grad_a, grad_b = _lowrank_backward(
+                du, x2, weight, lora_a, lora_b, s_lora, drop, ctx.scaling, ctx.dropout_p,
+                need_x, need_w, need_a, need_b)
+            if grad_x is not None:
+                grad_x = grad_x.view(ctx.shape)
+        return grad_x, grad_w, grad_a, grad_b, None, grad_m, grad_bias, None, None, None
+
+
+def dora_linear_reference(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                          magnitude: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0,
+                          generator: torch.Generator | None = None,
+                          weight_norm_sq: Tensor | None = None) -> Tensor:
+    """The pure-PyTorch DoRA op (see :func:`dora_linear`); arguments already checked and cast."""
+    return _DoRALinear.apply(x, weight, lora_a, lora_b, float(scaling), magnitude, bias,
+                             float(dropout_p), generator, weight_norm_sq)
+
+
+def dora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                magnitude: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0,
+                generator: torch.Generator | None = None,
+                weight_norm_sq: Tensor | None = None) -> Tensor:
+    """DoRA linear (Liu et al. 2024, arXiv 2402.09353), with autograd, on any leading batch dims:
+
+        y = m / ||W0 + s·B·A|| ⊙ (x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ) + b
+
+    the norm taken per output feature (row of ``W0 + s·B·A``, (out,)) and detached from autograd
+    (the paper's section 4.3), so only ``m`` (out,) and ``A``, ``B`` get gradients through it.
+    The norm comes from low-rank algebra (:func:`dora_weight_norm`; ``||W0_i||²`` may be passed
+    as ``weight_norm_sq`` (out,) while ``W0`` is frozen), and ``m/norm`` is applied by the fused
+    LoRA op's epilogue, the one pass that writes the output. Saved for backward besides LoRA's
+    ``x``, ``S`` and dropped positions: the pre-scale output ``u`` (tokens, out) when ``m``
+    requires a gradient (``dm = Σ dY⊙u / norm``), and two (out,) vectors. Without dropout (and in
+    eval) this is HF PEFT's DoRA; with dropout, dropout acts on the low-rank branch only, as in
+    :func:`lora_linear` (HF PEFT also runs ``W0`` on the dropped input, a second base GEMM); both
+    have the same expectation. ``weight`` may be quantized (:class:`kernels.NF4Tensor`). Dtypes,
+    autocast and the fresh output as in :func:`lora_linear`; ``m`` follows the adapters' dtype.
+    The Triton backend runs the fused LoRA GEMM with ``g`` as its epilogue (which also stores
+    ``u``) and the fused LoRA backward on ``g⊙dY`` (:mod:`kernels._lora_triton`); a quantized
+    ``weight`` runs the PyTorch path on every backend.
+    """
+    _check_args(x, weight, lora_a, lora_b, bias, dropout_p)
+    out_features = weight.shape[0]
+    if not isinstance(magnitude, Tensor) or tuple(magnitude.shape) != (out_features,):
+        raise ValueError(f"magnitude must be a ({out_features},) tensor, one entry per output "
+                         f"feature, got {tuple(getattr(magnitude, 'shape', ())) or type(magnitude).__name__}")
+    if weight_norm_sq is not None and (not isinstance(weight_norm_sq, Tensor)
+                                       or tuple(weight_norm_sq.shape) != (out_features,)):
+        got = tuple(getattr(weight_norm_sq, "shape", ())) or type(weight_norm_sq).__name__
+        raise ValueError(f"weight_norm_sq must be None or a ({out_features},) tensor of ||W0_i||², "
+                         f"got {got}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, lora_a, lora_b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        if isinstance(weight, Tensor):
+            weight = weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return dora_linear(x, weight, lora_a, lora_b, scaling, magnitude, bias, dropout_p,
+                               generator, weight_norm_sq)
+    branch = _branch_dtype(x.dtype, lora_a, lora_b)
+    lora_a, lora_b = lora_a.to(branch), lora_b.to(branch)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    if isinstance(weight, Tensor) and _backend.use_triton(x, weight, lora_a, lora_b):
+        from kernels import _lora_triton
+
+        return _lora_triton.dora_linear_triton(x, weight, lora_a, lora_b, float(scaling), magnitude,
+                                               bias, float(dropout_p), generator, weight_norm_sq)
+    return dora_linear_reference(x, weight, lora_a, lora_b, scaling, magnitude, bias, dropout_p,
+                                 generator, weight_norm_sq)

@@ -111,9 +111,12 @@ class SharedInputGroup:
 
 
 def groupable(layer: LoRALinear) -> bool:
-    """Plain dense bases only (a quantized base runs its own path)."""
+    """Plain LoRA on dense bases only: a quantized base runs its own path, and a DoRA layer
+    (``use_dora``) runs :func:`kernels.lora.dora_linear` alone (the grouped op has no DoRA
+    epilogue)."""
     weight = getattr(layer.base_layer, "weight", None)
-    return isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point
+    return isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point \
+        and not getattr(layer, "use_dora", False)
 
 
 def attach(model: nn.Module) -> None:

@@ -9,6 +9,21 @@ so training starts from the base model exactly. rsLoRA (Kalajdzievski, 2023, arX
 keeps the update's scale stable as r grows. Merging writes ``W0 + s·B·A`` into the base weight
 (zero inference overhead); unmerging restores ``W0`` bit for bit. The op itself is
 :func:`kernels.lora_linear`.
+
+DoRA (Liu et al., 2024, arXiv 2402.09353; ``use_dora=True``, HF PEFT's spelling) splits the
+adapted weight into a trainable magnitude ``m`` (out,) and a direction:
+
+    W' = m ⊙ (W0 + s·B·A) / ||W0 + s·B·A||     (norm per output feature, detached: section 4.3)
+    y  = m/||W0 + s·B·A|| ⊙ (W0·x + s·B·A·dropout(x)) + b
+
+``m`` starts at ``||W0_i||``, so training starts from the base model exactly. The norms come from
+low-rank algebra (``||W0_i||²`` cached while ``W0`` is frozen) and the per-row scale is the
+epilogue of the fused op, :func:`kernels.lora.dora_linear`; the (out, in) update is never built
+in forward or backward. The tensor ``m`` is saved as HF PEFT's ``lora_magnitude_vector``.
+
+    x ──┬──────────── W0 ────────────┐
+        │                            + ──> ⊙ m/||W0 + s·B·A|| ──> + b ──> y
+        └─ dropout ─ A ─ B ─ ·s ─────┘        (DoRA only)
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
+from kernels.lora import dora_linear, dora_weight_norm
 from lightning_peft._base import (
     TRAIN_BIAS_ATTR,
     AdapterLayer,
@@ -77,6 +93,10 @@ class LoRAConfig:
     """Which biases train: ``"none"``, ``"all"`` (every bias of the model) or ``"lora_only"``
     (the biases of adapted layers)."""
 
+    use_dora: bool = False
+    """DoRA (arXiv 2402.09353): also learn a magnitude per output feature, ``W' = m ⊙ (W0 + s·B·A)
+    / ||W0 + s·B·A||``; files carry ``use_dora`` and ``lora_magnitude_vector`` as HF PEFT's."""
+
     autocast_adapter_dtype: bool = True
     """Keep ``A`` and ``B`` in float32 when the base weight is half precision (fp16/bf16), and
     after Lightning's "bf16-true"/"16-true" cast of the whole model, as HF PEFT's
@@ -93,7 +113,7 @@ class LoRAConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        for flag in ("use_rslora", "autocast_adapter_dtype"):
+        for flag in ("use_rslora", "use_dora", "autocast_adapter_dtype"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool (True or False), got {getattr(self, flag)!r}")
         if not isinstance(self.init, str) or self.init not in INITS:
@@ -165,8 +185,10 @@ class LoRALinear(LinearAdapterLayer):
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
-                 autocast_adapter_dtype: bool = True) -> None:
+                 autocast_adapter_dtype: bool = True, use_dora: bool = False) -> None:
         super().__init__()
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be a bool (True or False), got {use_dora!r}")
         weight = getattr(base_layer, "weight", None)
         if not is_linear_like(base_layer) and not isinstance(weight, kernels.NF4Tensor):
             raise ValueError(f"LoRALinear wraps nn.Linear, transformers Conv1D or NF4Linear, "
@@ -194,8 +216,14 @@ class LoRALinear(LinearAdapterLayer):
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))   # (r, in)
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
+        self.use_dora = use_dora
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:  # DoRA's magnitude m, one per output feature
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))  # (out,)
         self.merged = False
-        self._restore: tuple[Tensor, Tensor] | kernels.NF4Tensor | None = None
+        self._restore: tuple[Tensor | None, Tensor] | kernels.NF4Tensor | None = None
+        self._dora_scale: Tensor | None = None  # m/||W0 + s·B·A|| (out,) used by merge()
+        self._norm_sq_cache: tuple[tuple, Tensor] | None = None  # (key of W0, ||W0_i||² (out,))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -208,12 +236,56 @@ class LoRALinear(LinearAdapterLayer):
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+        self.reset_magnitude()
+
+    def reset_magnitude(self) -> None:
+        """DoRA: set ``m`` to ``||W0_i + s·B_i·A||`` (``||W0_i||`` right after
+        :meth:`reset_parameters`), so the layer gives the LoRA layer's output; call it again after
+        the base weight changed (e.g. was quantized). Nothing for plain LoRA, on meta tensors, or
+        while merged."""
+        m = self.lora_magnitude_vector
+        if m is None or m.is_meta or self.merged:
+            return
+        with torch.no_grad():
+            m.copy_(dora_weight_norm(self._dense_weight(), self.lora_A, self.lora_B, self.scaling))
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        params = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_magnitude_vector is not None:
+            params["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return params
 
     def file_key(self, name: str) -> str:
+        if name == "lora_magnitude_vector":
+            return name  # HF PEFT's key has no ".weight"
         return f"{name}.weight"  # HF PEFT's lora_A.weight / lora_B.weight
+
+    def _dense_weight(self) -> Tensor:
+        """``W0`` (out, in): the base weight (a transposed view for Conv1D), dequantized to fp32
+        for a 4-bit base."""
+        q = _quantized_base_weight(self.base_layer)
+        return self.weight if q is None else q.dequantize(torch.float32)
+
+    def _weight_norm_sq(self) -> Tensor | None:
+        """``||W0_i||²`` (out,) in fp32 (fp64 for an fp64 base), cached while ``W0`` is unchanged
+        (same tensor, storage, version, dtype and device); ``None`` under ``torch.compile`` (the op
+        then computes it) and while ``W0`` trains."""
+        if torch.compiler.is_compiling():
+            return None
+        q = _quantized_base_weight(self.base_layer)
+        if q is None:
+            w = self.base_layer.weight
+            if w.requires_grad:
+                return None
+            key: tuple = (id(w), w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        else:
+            key = (id(q), q.packed.data_ptr(), q.packed._version, q.packed.device)
+        if self._norm_sq_cache is None or self._norm_sq_cache[0] != key:
+            with torch.no_grad():
+                w = self._dense_weight()
+                dtype = torch.promote_types(w.dtype, torch.float32)
+                self._norm_sq_cache = (key, torch.linalg.vector_norm(w, dim=1, dtype=dtype).square())
+        return self._norm_sq_cache[1]
 
     @property
     def adapter_dtype(self) -> torch.dtype | None:
@@ -236,6 +308,13 @@ class LoRALinear(LinearAdapterLayer):
         q = _quantized_base_weight(self.base_layer)
         compute = None if q is None else getattr(self.base_layer, "compute_dtype", None)
         xc = x if compute is None or torch.is_autocast_enabled(x.device.type) else x.to(compute)
+        if self.use_dora:
+            y = dora_linear(
+                xc, self.weight if q is None else q, self.lora_A, self.lora_B, self.scaling,
+                self.lora_magnitude_vector, bias=self.base_layer.bias,
+                dropout_p=self.dropout if self.training else 0.0,
+                weight_norm_sq=self._weight_norm_sq())
+            return y if xc is x else y.to(x.dtype)
         y = kernels.lora_linear(xc, self.weight if q is None else q, self.lora_A, self.lora_B,
                                 self.scaling, bias=self.base_layer.bias,
                                 dropout_p=self.dropout if self.training else 0.0)
@@ -267,17 +346,47 @@ class LoRALinear(LinearAdapterLayer):
                           "exactly. For a full-precision merged model use "
                           "lightning_peft.merge_and_dequantize(model, dtype)", stacklevel=2)
             merged = q.dequantize(torch.float32).add_(self.delta_weight())  # (out, in) fp32
+            if self.use_dora:  # W' = m/||W0 + s·B·A|| ⊙ (W0 + s·B·A), rows
+                merged.mul_(self._dora_merge_scale(q).to(torch.float32)[:, None])
             _set_quantized_base_weight(self.base_layer, kernels.quantize_nf4(
                 merged.to(q.dtype), blocksize=q.blocksize, double_quant=q.double_quant))
             self._restore, self.merged = q, True
             return
         weight = self.base_layer.weight
         delta = self.delta_weight()
-        merged = weight + delta
-        drift = ((merged - delta) != weight).reshape(-1).nonzero().squeeze(1)
-        self._restore = (drift, weight.reshape(-1)[drift].clone())
+        if self.use_dora:
+            merged, drift = self._dora_merged(weight, delta)
+        else:
+            merged = weight + delta
+            drift = ((merged - delta) != weight).reshape(-1).nonzero().squeeze(1)
+        if drift.numel() * 3 > weight.numel():  # most elements drift (DoRA's scaling): keep W0
+            self._restore = (None, weight.detach().clone())
+        else:
+            self._restore = (drift, weight.reshape(-1)[drift].clone())
         weight.copy_(merged)
         self.merged = True
+
+    def _dora_merge_scale(self, q: kernels.NF4Tensor | None = None) -> Tensor:
+        """DoRA's ``m/||W0 + s·B·A||`` (out,) from the unmerged base weight, remembered for
+        :meth:`unmerge`; fp32 at least."""
+        w = self.weight if q is None else q.dequantize(torch.float32)  # (out, in)
+        norm = dora_weight_norm(w, self.lora_A, self.lora_B, self.scaling, self._weight_norm_sq())
+        self._dora_scale = self.lora_magnitude_vector.detach().to(norm.dtype) / norm  # (out,)
+        return self._dora_scale
+
+    def _dora_scale_view(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The merge scale shaped to multiply the base weight in its own layout."""
+        g = self._dora_scale.to(device, dtype)
+        return g[None, :] if self.fan_in_fan_out else g[:, None]
+
+    def _dora_merged(self, weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g ⊙ (W0 + ΔW), flat indices where unmerging it would not give W0 back)``."""
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        self._dora_merge_scale()
+        g = self._dora_scale_view(compute, weight.device)
+        merged = ((weight.to(compute) + delta.to(compute)) * g).to(weight.dtype)
+        back = (merged.to(compute) / g - delta.to(compute)).to(weight.dtype)
+        return merged, (back != weight).reshape(-1).nonzero().squeeze(1)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -287,22 +396,30 @@ class LoRALinear(LinearAdapterLayer):
             return
         if isinstance(self._restore, kernels.NF4Tensor):  # 4-bit base: the weight before merge()
             _set_quantized_base_weight(self.base_layer, self._restore)
-            self._restore, self.merged = None, False
+            self._restore, self._dora_scale, self.merged = None, None, False
             return
         weight = self.base_layer.weight
         # computed aside and written in one copy, so a failure leaves the weight and the flag as
         # they were; the remembered elements are cast in case the weight was cast behind our back
-        restored = weight - self.delta_weight()
-        if self._restore is not None:
-            index, values = self._restore
+        index, values = self._restore if self._restore is not None else (None, None)
+        if index is None and values is not None:  # the whole original weight was kept
+            restored = values.to(weight.device, weight.dtype)
+        elif self.use_dora:
+            compute = torch.promote_types(weight.dtype, torch.float32)
+            restored = (weight.to(compute) / self._dora_scale_view(compute, weight.device)
+                        - self.delta_weight().to(compute)).to(weight.dtype)
+        else:
+            restored = weight - self.delta_weight()
+        if index is not None:
             restored.view(-1)[index.to(restored.device)] = values.to(restored.device, restored.dtype)
         weight.copy_(restored)
-        self._restore = None
+        self._restore, self._dora_scale = None, None
         self.merged = False
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
-                f"scaling={self.scaling:.4g}, dropout={self.dropout}, rslora={self.use_rslora}")
+                f"scaling={self.scaling:.4g}, dropout={self.dropout}, rslora={self.use_rslora}"
+                + (", dora=True" if self.use_dora else ""))
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -314,7 +431,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
                modules_to_save: Sequence[str] | None = None, use_rslora: bool = False,
                init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
-               config: LoRAConfig | None = None) -> nn.Module:
+               use_dora: bool = False, config: LoRAConfig | None = None) -> nn.Module:
     """Inject LoRA into ``model`` in place, freeze everything else, and return ``model``.
 
     Arguments are the fields of :class:`LoRAConfig` (or pass ``config=``). Layers that already
@@ -323,13 +440,15 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     ``modules_to_save`` is trained in full and gets no LoRA inside it: ``"all-linear"`` (or the
     default targets) skip it and everything under it (a one-Linear classification head, or
     RoBERTa's two-layer ``classifier``); naming it in ``target_modules`` as well is an error.
-    Everything is checked before the model is changed.
+    Everything is checked before the model is changed. ``use_dora=True`` injects DoRA layers
+    (a magnitude per output feature as well; see the module docstring).
     """
     if config is None:
         config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             exclude_modules=exclude_modules,
                             modules_to_save=modules_to_save, use_rslora=use_rslora, init=init,
-                            bias=bias, autocast_adapter_dtype=autocast_adapter_dtype)
+                            bias=bias, autocast_adapter_dtype=autocast_adapter_dtype,
+                            use_dora=use_dora)
     elif not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     targets = find_targets(model, config.target_modules, config.exclude_modules)
@@ -351,7 +470,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         parent, child = get_parent(model, name)
         layer = LoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout,
                            use_rslora=config.use_rslora, init=config.init,
-                           autocast_adapter_dtype=config.autocast_adapter_dtype)
+                           autocast_adapter_dtype=config.autocast_adapter_dtype,
+                           use_dora=config.use_dora)
         setattr(parent, child, layer)
     wrap_modules_to_save(model, saved)
     if config.bias == "all":
@@ -376,7 +496,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
 # PEFT options this package does not implement: loading a file that uses one would silently give
 # a different model, so it is refused. A falsy value (None, False, [], {}) means "not used".
 _UNSUPPORTED_OPTIONS = (
-    "use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication",
+    "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication",
     "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
     "use_bdlora", "megatron_config", "arrow_config", "kasa_config", "monteclora_config",
 )
@@ -405,6 +525,11 @@ def _to_json(root: nn.Module) -> dict[str, Any]:
         mixed = [n for n, m in layers if m.use_rslora]
         raise ValueError(f"the LoRA layers mix use_rslora=True ({first_names(mixed)}) and False, which "
                          f"adapter_config.json cannot express")
+    dora = {m.use_dora for _, m in layers}
+    if len(dora) > 1:
+        mixed = [n for n, m in layers if m.use_dora]
+        raise ValueError(f"the LoRA layers mix use_dora=True ({first_names(mixed)}) and False, which "
+                         f"adapter_config.json cannot express")
     r = _most_common(m.r for _, m in layers)
     alpha = _most_common(m.alpha for _, m in layers)
     saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
@@ -419,7 +544,7 @@ def _to_json(root: nn.Module) -> dict[str, Any]:
         "modules_to_save": sorted(short_names(saved, free, dotted=False)) or None,
         "bias": _bias_mode(root, layers, saved),
         "use_rslora": rslora.pop(),
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "lora_bias": False,
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
         "init_lora_weights": True if _most_common(m.init for _, m in layers) == "kaiming" else "gaussian",
@@ -586,7 +711,7 @@ def _inject(root: nn.Module, config: dict[str, Any], groups: dict[tuple[int, flo
             target_modules="|".join(re.escape(n) for n in names),
             modules_to_save=list(saved) if i == 0 and saved else None,
             use_rslora=bool(config.get("use_rslora", False)), init=init,
-            bias=config.get("bias") or "none"))
+            bias=config.get("bias") or "none", use_dora=bool(config.get("use_dora", False))))
 
 
 def _planned_scalings(root: nn.Module, config: dict[str, Any]) -> dict[LoRALinear, tuple[float, bool, float]]:
@@ -614,6 +739,11 @@ def _update_from_json(model: nn.Module, config: dict[str, Any], where: str) -> C
     """Check the LoRA fields of ``config`` for a model that has LoRA already; return the setter of
     the layers' alpha and rsLoRA setting (hence scaling), run once every check has passed."""
     _check_json(config, where)
+    dora = bool(config.get("use_dora", False))
+    differ = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.use_dora != dora]
+    if differ:
+        raise ValueError(f"{where}: use_dora is {dora} but the model's LoRA layers {first_names(differ)} "
+                         f"have use_dora={not dora}; load it into a model without this adapter")
     plan = _planned_scalings(model, config)
 
     def update() -> None:
