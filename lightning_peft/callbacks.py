@@ -339,9 +339,10 @@ def _adapter_data(module: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: ``Trainer(callbacks=[LoRACallback(r=8)])``.
 
-    Arguments are those of :func:`lightning_peft.apply_lora` plus ``merge_on_fit_end`` (merge the
-    adapters into the base weights when ``fit`` ends) and ``adapter_dir`` (write the adapter there
-    in HF PEFT format when ``fit`` ends, on rank 0).
+    Arguments are those of :func:`lightning_peft.apply_lora` (``use_dora=True``: DoRA, as HF PEFT
+    spells it) plus ``merge_on_fit_end`` (merge the adapters into the base weights when ``fit``
+    ends) and ``adapter_dir`` (write the adapter there in HF PEFT format when ``fit`` ends, on
+    rank 0).
     """
 
     method = "lora"
@@ -351,12 +352,13 @@ class LoRACallback(PEFTCallback):
                  exclude_modules: str | list[str] | None = None,
                  modules_to_save: list[str] | None = None, use_rslora: bool = False,
                  init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
-                 merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
+                 use_dora: bool = False, merge_on_fit_end: bool = False,
+                 adapter_dir: str | None = None) -> None:
         super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
         self.config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                                  exclude_modules=exclude_modules, modules_to_save=modules_to_save,
                                  use_rslora=use_rslora, init=init, bias=bias,
-                                 autocast_adapter_dtype=autocast_adapter_dtype)
+                                 autocast_adapter_dtype=autocast_adapter_dtype, use_dora=use_dora)
 
 
 class QLoRACallback(PEFTCallback):
