@@ -641,6 +641,196 @@ class AdaLoRACallback(PEFTCallback):
         super().on_fit_end(trainer, pl_module)
 
 
+class ReLoRACallback(PEFTCallback):
+    """Train with ReLoRA (arXiv 2307.05695): ``Trainer(callbacks=[ReLoRACallback(r=8, reset_every=200)])``.
+
+    LoRA trains in cycles of ``reset_every`` optimizer steps; after the optimizer step that
+    completes a cycle the callback calls :func:`lightning_peft.methods.relora.relora_reset` (merge
+    ``s·B·A`` into the base weight, re-initialise A and B, keep the ``optimizer_keep`` largest
+    entries of the adapters' optimizer state, zero the rest). The new A after the reset at step t
+    is drawn from ``seed + t``, the run's seed drawn on rank 0 and checkpointed: every DDP rank
+    draws the same A, and a resumed run the A the interrupted one would have drawn.
+
+    Learning rate: with ``lr_schedule="jagged_cosine"`` (default) the callback installs, when
+    ``fit`` starts, the paper's jagged cosine on every optimizer (stepped every optimizer step:
+    ``warmup_steps`` of warmup, a cosine down to ``min_lr_ratio`` over ``total_steps``, by default
+    ``trainer.estimated_stepping_batches``, and ``restart_warmup`` steps of warmup after each
+    reset), replacing any scheduler the module configured (with a warning). With
+    ``lr_schedule="module"`` the module's own scheduler is kept: return
+    ``jagged_cosine_schedule(optimizer, ...)`` from ``configure_optimizers`` to keep the restarts.
+
+    Checkpoints hold the adapter and the base weights of the adapted layers, which the resets
+    change, so a run resumes exactly; loading a checkpoint without them is refused. The product of
+    ReLoRA is the merged full model (``merge_on_fit_end=True``, or ``merge_adapters``); the
+    adapter written to ``adapter_dir`` (HF PEFT's LoRA format) is, after a reset, the last
+    cycle's LoRA over the merged base, and a warning says so. The other arguments are those of
+    :func:`lightning_peft.methods.relora.apply_relora`. A 4-bit base is refused.
+    """
+
+    method = "relora"
+    LR_SCHEDULES = ("jagged_cosine", "module")
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 modules_to_save: list[str] | None = None, use_rslora: bool = False,
+                 init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
+                 reset_every: int = 1000, optimizer_keep: float = 0.01, restart_warmup: int = 50,
+                 lr_schedule: str = "jagged_cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                 total_steps: int | None = None, merge_on_fit_end: bool = False,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.relora import JaggedCosine, ReLoRAConfig
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = ReLoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                                   exclude_modules=exclude_modules, modules_to_save=modules_to_save,
+                                   use_rslora=use_rslora, init=init, bias=bias,
+                                   autocast_adapter_dtype=autocast_adapter_dtype, reset_every=reset_every,
+                                   optimizer_keep=optimizer_keep, restart_warmup=restart_warmup)
+        if lr_schedule not in self.LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {self.LR_SCHEDULES}, got {lr_schedule!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) \
+                or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")
+        if total_steps is not None:
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+                raise ValueError(f"total_steps must be a positive integer or None (the trainer's "
+                                 f"estimated_stepping_batches), got {total_steps!r}")
+            JaggedCosine(total_steps, reset_every, restart_warmup, warmup_steps, min_lr_ratio)  # checks
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
+        self.min_lr_ratio, self.total_steps = float(min_lr_ratio), total_steps
+        self._last_reset: int | None = None
+        self._seed: int | None = None
+        """The run's seed of the re-initialised A (drawn on rank 0 when fit starts; the reset at
+        step t draws from ``seed + t``), checkpointed, so a resumed run draws the same A."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        from lightning_peft.methods.relora import relora_resets
+
+        resets = relora_resets(self._module) if self._module is not None else 0
+        return {**super().state_dict(), "resets": resets, "seed": self._seed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from lightning_peft.methods.relora import _set_resets
+
+        super().load_state_dict(state_dict)
+        resets = state_dict.get("resets")
+        if self._module is not None and isinstance(resets, int) and not isinstance(resets, bool):
+            _set_resets(self._module, resets)
+        seed = state_dict.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            self._seed = seed
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch
+
+        super().on_fit_start(trainer, pl_module)
+        self._last_reset = None
+        if self._seed is None:
+            self._seed = int(trainer.strategy.broadcast(int(torch.randint(0, 2**31 - 1, ()).item()), src=0))
+        if self.lr_schedule == "jagged_cosine":
+            self._install_schedule(trainer)
+
+    def _install_schedule(self, trainer: pl.Trainer) -> None:
+        """Put a jagged cosine ``LambdaLR`` on every optimizer, in place of the module's schedulers
+        (Lightning restores a resumed run's scheduler state into it afterwards)."""
+        from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+        from lightning_peft.methods.relora import jagged_cosine_schedule
+
+        total = self.total_steps
+        if total is None:
+            estimated = trainer.estimated_stepping_batches
+            if estimated == float("inf") or estimated <= 0:
+                raise ValueError("ReLoRACallback: the jagged cosine needs the number of optimizer steps; "
+                                 "set Trainer(max_steps=...) or max_epochs, or pass total_steps")
+            total = int(estimated)
+        replaced = sorted({type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs})
+        if replaced:
+            rank_zero_warn(f"ReLoRACallback replaces the module's learning-rate scheduler "
+                           f"({', '.join(replaced)}) by the jagged cosine; pass lr_schedule='module' "
+                           f"to keep yours")
+        trainer.strategy.lr_scheduler_configs = [
+            LRSchedulerConfig(jagged_cosine_schedule(optimizer, total, self.config.reset_every,
+                                                     self.config.restart_warmup, self.warmup_steps,
+                                                     self.min_lr_ratio),
+                              name="relora-jagged-cosine" if i == 0 else f"relora-jagged-cosine-{i}",
+                              interval="step")
+            for i, optimizer in enumerate(trainer.optimizers)]
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        """After the optimizer step that completes a cycle (once, also under gradient
+        accumulation): the reset, with A drawn from ``seed + step`` on every rank."""
+        import torch
+
+        from lightning_peft.methods.relora import relora_reset, relora_resets
+
+        step = trainer.global_step
+        if step == 0 or step % self.config.reset_every or step == self._last_reset:
+            return
+        self._last_reset = step
+        seed = (self._seed or 0) + step
+        cuda = sorted({p.device.index or 0 for p in pl_module.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            relora_reset(pl_module, trainer.optimizers, self.config.optimizer_keep)
+        for logger in trainer.loggers:
+            logger.log_metrics({"relora/resets": relora_resets(pl_module)}, step=step)
+
+    @staticmethod
+    def _base_weights(pl_module: nn.Module) -> dict[str, Tensor]:
+        """``{state-dict name: weight}`` of the base weights of the ReLoRA layers."""
+        from lightning_peft.methods.relora import relora_layers
+
+        return {f"{name}.base_layer.weight": layer.base_layer.weight
+                for name, layer in relora_layers(pl_module)}
+
+    @staticmethod
+    @override
+    def _filter_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """The adapter, plus the base weights of the adapted layers (the resets change them)."""
+        state = checkpoint.get("state_dict")
+        PEFTCallback._filter_checkpoint(pl_module, checkpoint)
+        if state is None:
+            return
+        for name in ReLoRACallback._base_weights(pl_module):
+            if name in state:
+                checkpoint["state_dict"][name] = state[name]
+
+    @override
+    def _check_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """The adapter check, then the adapted layers' base weights: all present, shaped as in the
+        model, finite; before anything is loaded."""
+        super()._check_checkpoint(pl_module, checkpoint)
+        expected = self._base_weights(pl_module)
+        state = checkpoint["state_dict"]
+        _validate(expected, {k: state[k] for k in expected if k in state}, strict=True, where="checkpoint",
+                  hint=" A ReLoRA checkpoint also holds the base weights of the adapted layers (each reset "
+                       "changes them): use one written with ReLoRACallback.")
+
+    @override
+    def save_adapter(self, directory: str | Path) -> Path | None:
+        """Write the adapter as a LoRA adapter (HF PEFT format); after a reset, warn that it is the
+        last cycle's LoRA over the merged base, not the trained model over the original base."""
+        from lightning_peft.methods.relora import relora_resets
+
+        resets = relora_resets(self._module) if self._module is not None else 0
+        if resets:
+            rank_zero_warn(f"ReLoRACallback: {resets} reset(s) merged their updates into the base weights, "
+                           f"so the adapter written to {str(directory)!r} is the last cycle's LoRA over that "
+                           f"merged base, not the trained model over the original base. The product of "
+                           f"ReLoRA is the merged full model: merge_adapters(model), then save the model "
+                           f"(save_pretrained)")
+        return super().save_adapter(directory)
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

@@ -39,6 +39,7 @@ CALLBACKS = {
     "bitfit": dict(target_modules="all-linear", add_missing_biases=True),
     "adalora": dict(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"]),
     "dylora": dict(r=4, r_min=2, target_modules=["q_proj", "v_proj"]),
+    "relora": dict(r=4, target_modules=["q_proj", "v_proj"], reset_every=100, restart_warmup=10),
 }
 CONFIGS = {
     "lora": LoRAConfig(r=4),
@@ -47,6 +48,7 @@ CONFIGS = {
     "bitfit": BitFitConfig(target_modules="all-linear", add_missing_biases=True),
     "adalora": get_method("adalora").config_class(init_r=4, target_r=2, total_step=10),
     "dylora": get_method("dylora").config_class(r=4),
+    "relora": get_method("relora").config_class(r=4, reset_every=100, restart_warmup=10),
 }
 
 
@@ -161,4 +163,4 @@ def test_fresh_adapter_gives_the_base_outputs_and_files_round_trip(tmp_path, nam
     assert all(torch.equal(v, state[k]) for k, v in victim.state_dict().items())
     assert not has_adapters(victim) and not methods_in(victim)  # nothing was injected
     config = json.loads((tmp_path / name / "adapter_config.json").read_text())
-    assert method_for_peft_type(config["peft_type"]).name == ("lora" if name == "qlora" else name)
+    assert method_for_peft_type(config["peft_type"]).name == (get_method(name).file_format or name)
