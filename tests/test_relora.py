@@ -442,3 +442,13 @@ def test_reset_on_a_bf16_base_rounds_once():
     assert not torch.equal(expected, twice)  # rounding the update first would differ
     relora_reset(model)
     assert torch.equal(layer.base_layer.weight, expected)
+
+
+def test_dora_is_refused():
+    with pytest.raises(ValueError, match="^use_dora must be False for ReLoRA"):
+        ReLoRAConfig(use_dora=True)
+    model = apply_lora(_tiny.llama(), r=2, use_dora=True)
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*: DoRA layers; a ReLoRA reset"):
+        apply_relora(model, r=2)
+    assert not relora_layers(model) and all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
