@@ -720,7 +720,7 @@ class _DoRATriton(torch.autograd.Function):
         dy = grad_out                                                           # (M, N)
         grad_x = grad_w = grad_a = grad_b = grad_m = grad_bias = None
         if need_m:
-            grad_m = torch.einsum("mn,mn->n", dy.to(norm.dtype), u.to(norm.dtype)).div_(norm)
+            grad_m = torch.linalg.vecdot(dy.to(norm.dtype), u.to(norm.dtype), dim=0).div_(norm)  # (N,)
             grad_m = grad_m.to(ctx.magnitude_dtype)
         if need_bias:
             grad_bias = dy.sum(0)

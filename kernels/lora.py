@@ -510,7 +510,7 @@ class _DoRALinear(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1])                   # (M, N)
         grad_m = grad_bias = None
         if need_m:                                                      # Σ_m dY⊙u / ||·||
-            grad_m = torch.einsum("mn,mn->n", dy.to(norm.dtype), u.to(norm.dtype)).div_(norm)
+            grad_m = torch.linalg.vecdot(dy.to(norm.dtype), u.to(norm.dtype), dim=0).div_(norm)  # (N,)
             grad_m = grad_m.to(ctx.magnitude_dtype)
         if need_bias:
             grad_bias = dy.sum(0)
