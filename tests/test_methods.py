@@ -1,13 +1,56 @@
-"""The methods comparison harness (benchmarks/methods.py) on a tiny random Llama, two rows."""
+"""The methods comparison harness (benchmarks/methods.py): the causal task on a tiny random Llama,
+the classify task on a tiny random BERT classifier, a few rows each."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from benchmarks import methods
 from tests.test_example import save_tiny_model
+
+PAIRS = [
+    {"text": "Nadia sold a bike to Omar.", "text_pair": "Omar bought a bike from Nadia.", "label": 1},
+    {"text": "Nadia sold a bike to Omar.", "text_pair": "Nadia bought a bike from Omar.", "label": 0},
+    {"text": "Omar is taller than Nadia.", "text_pair": "Nadia is shorter than Omar.", "label": 1},
+    {"text": "Omar is taller than Nadia.", "text_pair": "Omar is shorter than Nadia.", "label": 0},
+    {"text": "Lena taught Omar chess.", "text_pair": "Omar learned chess from Lena.", "label": 1},
+    {"text": "Lena taught Omar chess.", "text_pair": "Lena learned chess from Omar.", "label": 0},
+]
+HIDDEN, LAYERS, FFN, LABELS = 24, 2, 48, 2
+
+
+def _save_tiny_bert(directory: Path) -> Path:
+    """A tiny random BertForSequenceClassification and a WordPiece tokenizer over PAIRS' words,
+    saved as a Hugging Face model directory."""
+    words = sorted({w for r in PAIRS for k in ("text", "text_pair")
+                    for w in r[k].lower().replace(".", " . ").split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=2, intermediate_size=FFN, max_position_embeddings=64,
+                                     num_labels=LABELS)
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def classify_files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("classify")
+    return {"model": str(_save_tiny_bert(root / "tiny_bert")),
+            "train": str(_write_jsonl(root / "train.jsonl", PAIRS)),
+            "eval": str(_write_jsonl(root / "eval.jsonl", PAIRS[:5]))}
 
 
 def test_two_methods_give_table_json_and_chart(tmp_path, capsys):
@@ -78,3 +121,138 @@ def test_bad_arguments_are_refused(argv, message, capsys):
         methods.parse_args(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# --- --task classify ---------------------------------------------------------------------------
+
+
+def _base_counts(model_dir: str) -> tuple[int, int]:
+    """(every parameter, every bias outside the head) of the saved tiny BERT."""
+    model = transformers.BertForSequenceClassification.from_pretrained(model_dir)
+    biases = sum(p.numel() for n, p in model.named_parameters()
+                 if n.endswith(".bias") and not n.startswith("classifier."))
+    return sum(p.numel() for p in model.parameters()), biases
+
+
+def test_classify_rows_give_table_json_and_chart(tmp_path, capsys, classify_files):
+    out = tmp_path / "results"
+    common = ["--task", "classify", "--model", classify_files["model"], "--train", classify_files["train"],
+              "--eval", classify_files["eval"], "--steps", "2", "--batch-size", "3", "--warmup", "1",
+              "--threads", "1", "--out", str(out)]
+    rows = methods.main([*common, "--methods", "lora_qv,head,bitfit"])
+    printed = capsys.readouterr().out
+    assert [r["key"] for r in rows] == ["head", "bitfit", "lora_qv"]  # table order, not command order
+    head, bitfit, lora = rows
+    total, biases = _base_counts(classify_files["model"])
+    head_params = HIDDEN * LABELS + LABELS
+    assert head["trainable_params"] == head_params and head["total_params"] == total
+    # BitFit: every bias (LayerNorm's included) + a trainable copy of the head
+    assert bitfit["trainable_params"] == biases + head_params
+    assert bitfit["total_params"] == total + head_params
+    # LoRA r=8 on query and value (24 -> 24) in 2 layers, + the head copy
+    assert lora["trainable_params"] == LAYERS * 2 * 8 * (HIDDEN + HIDDEN) + head_params
+    assert lora["total_params"] == total + lora["trainable_params"]
+    assert [r["saved_file"] for r in rows] == ["head.safetensors", "adapter_model.safetensors",
+                                               "adapter_model.safetensors"]
+    assert head["saved_bytes"] < lora["saved_bytes"]
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["eval_records"] == 5
+        assert "exact_match" not in row and "sample" not in row
+        assert row["train_seconds"] >= 0 and row["peak_rss_growth_mib"] >= 0  # a tiny model: ~0.0 s
+        assert row["memory_method"] == "VmHWM reset at fit start"
+        assert row["hparams"] == next(m for m in methods.CLASSIFY_METHODS if m.key == row["key"]).hparams
+
+    for line in ("Head only (frozen encoder)", "BitFit (all biases + head)", "Accuracy"):
+        assert line in printed
+    assert sorted(p.name for p in out.iterdir()) == ["methods_classify.json", "methods_classify.md",
+                                                     "methods_classify.png"]
+    markdown = (out / "methods_classify.md").read_text()
+    assert "roles task" in markdown and "| Method | Trainable params | Trainable % | Accuracy |" in markdown
+    assert f"| LoRA r=8 (query, value) | {lora['trainable_params']:,} |" in markdown
+    assert f"| {head['accuracy']:.1%} |" in markdown
+    saved = json.loads((out / "methods_classify.json").read_text())
+    assert saved["rows"] == rows and saved["settings"]["task"] == "classify"
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["eval_limit"] is None
+    assert (out / "methods_classify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --update adds IA3 (PEFT's BERT defaults: key, value, output.dense) and keeps the other rows
+    with pytest.raises(SystemExit, match="other settings.*batch_size: 3 there, 2 now"):
+        methods.main([*common, "--batch-size", "2", "--methods", "ia3", "--update"])
+    updated = methods.main([*common, "--methods", "ia3", "--update"])
+    assert [r["key"] for r in updated] == ["head", "bitfit", "lora_qv", "ia3"] and updated[:3] == rows
+    # output scaling on key, value (24) and attention.output.dense (input 24, as PEFT's suffix match
+    # makes it feed-forward), input scaling on output.dense (48), in 2 layers, + the head copy
+    assert updated[3]["trainable_params"] == LAYERS * (HIDDEN + HIDDEN + HIDDEN + FFN) + head_params
+    assert "| IA3 (key, value, ffn) |" in (out / "methods_classify.md").read_text()
+
+
+def test_full_fine_tuning_row_of_classify_trains_everything(tmp_path, classify_files):
+    (row,) = methods.main(["--task", "classify", "--model", classify_files["model"], "--train",
+                           classify_files["train"], "--eval", classify_files["eval"], "--eval-limit", "3",
+                           "--steps", "2", "--batch-size", "3", "--threads", "1", "--methods", "full",
+                           "--out", str(tmp_path)])
+    assert row["trainable_params"] == row["total_params"] == _base_counts(classify_files["model"])[0]
+    assert row["saved_file"] == "model.safetensors" and row["eval_records"] == 3
+
+
+def test_head_only_freezes_all_but_the_head_and_saves_it(tmp_path, classify_files):
+    import lightning as L
+
+    from lightning_peft import SequenceClassificationModule
+
+    model = transformers.BertForSequenceClassification.from_pretrained(classify_files["model"])
+    spec = next(m for m in methods.CLASSIFY_METHODS if m.key == "head")
+    (callback,) = spec.callbacks()
+    callback.setup(L.Trainer(accelerator="cpu", logger=False), SequenceClassificationModule(model), "fit")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight",
+                                                                           "classifier.bias"}
+    path = spec.save(model, tmp_path / "head")
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    assert path.name == "head.safetensors" and set(tensors) == {"classifier.weight", "classifier.bias"}
+    assert torch.equal(tensors["classifier.weight"], model.classifier.weight)
+    # a model without that head, or with two, is refused
+    with pytest.raises(ValueError, match="exactly one module named 'classifier', found \\[\\]"):
+        callback.setup(None, SequenceClassificationModule(torch.nn.Linear(2, 2), num_labels=2), "fit")
+
+
+def test_classify_rows_are_registry_rows_except_full_and_head():
+    keys = [m.key for m in methods.CLASSIFY_METHODS]
+    assert keys == ["full", "head", "bitfit", "lora_qv", "ia3"]
+    for spec in methods.CLASSIFY_METHODS[2:]:
+        (callback,) = spec.callbacks()
+        assert callback.method == spec.hparams["method"]
+        saved = getattr(callback.config, "modules_to_save", None) or callback.config.trainable_modules
+        assert saved == ["classifier"]
+    assert methods.TASKS["causal"].methods is methods.METHODS and methods.TASKS["causal"].stem == "methods"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "glue"], "argument --task: invalid choice: 'glue'"),
+    (["--task", "classify", "--methods", "lora_all"],
+     "--methods: unknown ['lora_all'] for --task classify ('lora_all' is a row of --task causal)"),
+    (["--task", "classify", "--methods", "head,qlora_all,dora"], "unknown ['qlora_all', 'dora']"),
+    (["--methods", "head"], "unknown ['head'] for --task causal ('head' is a row of --task classify)"),
+    (["--task", "classify", "--eval", "examples/data/triples_eval.jsonl"], "--eval: examples/data/"),
+    (["--task", "classify", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--task", "classify", "--model", "examples/data"], "--model: 'examples/data' is not a Hugging Face"),
+])
+def test_bad_classify_arguments_are_refused(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(methods.ROOT)
+    with pytest.raises(SystemExit) as info:
+        methods.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_classify_defaults():
+    args = methods.parse_args(["--task", "classify", "--threads", "1"])
+    assert (args.steps, args.batch_size, args.warmup, args.eval_limit) == (300, 32, 30, None)
+    assert Path(args.train).name == "roles_train.jsonl" and Path(args.eval).name == "roles_eval.jsonl"
+    assert args.methods == ["full", "head", "bitfit", "lora_qv", "ia3"]
+    causal = methods.parse_args(["--threads", "1"])  # the causal task's defaults are unchanged
+    assert (causal.task, causal.steps, causal.batch_size, causal.warmup, causal.eval_limit) == \
+        ("causal", 60, 4, 4, 100)
+    assert Path(causal.train).name == "triples_train.jsonl"
+    assert causal.methods == [m.key for m in methods.METHODS]
