@@ -121,10 +121,38 @@ class MethodSpec:
     """Method settings shown in the JSON (r, alpha, targets, ...)."""
 
 
-def _spec(key: str, label: str, method: str, lr: float, **hparams: Any) -> MethodSpec:
-    """A row trained by the callback of the registered ``method``, built from ``hparams``."""
-    return MethodSpec(key, label, _callback(method, **hparams), lr=lr, merge=_export(method),
-                      hparams={"method": method, **hparams})
+def _spec(key: str, label: str, method: str, lr: float, truncate_to: int | None = None,
+          **hparams: Any) -> MethodSpec:
+    """A row trained by the callback of the registered ``method``, built from ``hparams``;
+    ``truncate_to``: evaluate a DyLoRA adapter truncated to that rank without retraining."""
+    export = _export(method)
+    merge = export if truncate_to is None else _truncated(truncate_to, export)
+    return MethodSpec(key, label, _callback(method, **hparams), lr=lr, merge=merge,
+                      hparams={"method": method, **hparams,
+                               **({"truncate_to": truncate_to} if truncate_to else {})})
+
+
+def _truncated(rank: int, export: Callable[[Any], None]) -> Callable[[Any], None]:
+    def run(model: Any) -> None:
+        from lightning_peft.methods.dylora import truncate_rank
+
+        truncate_rank(model, rank)
+        export(model)
+
+    return run
+
+
+def _cpu() -> str:
+    """The CPU model name (rows measured on different machines are not comparable in time)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 _QV = ["q_proj", "v_proj"]
@@ -138,6 +166,16 @@ METHODS: list[MethodSpec] = [
     _spec("qlora_all", "QLoRA r=8 (all linear, NF4)", "qlora", 2e-3, r=8, alpha=16,
           target_modules="all-linear", compute_dtype="float32"),
     _spec("ia3", "IA3 (k, v, down)", "ia3", 3e-3),
+    _spec("dora_qv", "DoRA r=8 (q, v)", "lora", 2e-3, r=8, alpha=16, target_modules=_QV, use_dora=True),
+    _spec("adalora_qv", "AdaLoRA r 12->8 (q, v)", "adalora", 2e-3, init_r=12, target_r=8, alpha=16,
+          target_modules=_QV, tinit=6, tfinal=12, deltaT=3),
+    _spec("relora_qv", "ReLoRA r=8 (q, v), reset every 20", "relora", 2e-3, r=8, alpha=16,
+          target_modules=_QV, reset_every=20, restart_warmup=4),
+    _spec("dylora_qv", "DyLoRA r=8 (q, v)", "dylora", 2e-3, r=8, alpha=16, r_min=1, target_modules=_QV),
+    _spec("dylora_qv_r4", "DyLoRA r=8 truncated to 4", "dylora", 2e-3, truncate_to=4, r=8, alpha=16,
+          r_min=1, target_modules=_QV),
+    _spec("dylora_qv_r2", "DyLoRA r=8 truncated to 2", "dylora", 2e-3, truncate_to=2, r=8, alpha=16,
+          r_min=1, target_modules=_QV),
     _spec("bitfit", "BitFit (zero biases added, all linear)", "bitfit", 1e-3, target_modules="all-linear",
           add_missing_biases=True),
 ]
@@ -192,6 +230,7 @@ def _save_head(head: str) -> Callable[[Any, Path], Path]:
 
 
 _HEAD = "classifier"
+_QV_BERT = ["query", "value"]
 CLASSIFY_METHODS: list[MethodSpec] = [
     MethodSpec("full", "Full fine-tuning", lambda: [], lr=1e-4, save=_save_full_model, merge=None),
     MethodSpec("head", "Head only (frozen encoder)", _freeze_all_but(_HEAD), lr=5e-3,
@@ -200,6 +239,17 @@ CLASSIFY_METHODS: list[MethodSpec] = [
     _spec("lora_qv", "LoRA r=8 (query, value)", "lora", 2e-3, r=8, alpha=16,
           target_modules=["query", "value"], modules_to_save=[_HEAD]),
     _spec("ia3", "IA3 (key, value, ffn)", "ia3", 3e-3, modules_to_save=[_HEAD]),
+    _spec("dora_qv", "DoRA r=8 (query, value)", "lora", 2e-3, r=8, alpha=16, target_modules=_QV_BERT,
+          modules_to_save=[_HEAD], use_dora=True),
+    _spec("adalora_qv", "AdaLoRA r 12->8 (query, value)", "adalora", 2e-3, init_r=12, target_r=8, alpha=16,
+          target_modules=_QV_BERT, modules_to_save=[_HEAD], tinit=30, tfinal=60, deltaT=10),
+    _spec("relora_qv", "ReLoRA r=8 (query, value), reset every 100", "relora", 2e-3, r=8, alpha=16,
+          target_modules=_QV_BERT, modules_to_save=[_HEAD], reset_every=100, restart_warmup=10),
+    *(_spec(f"dylora_qv{suffix}", label, "dylora", 2e-3, truncate_to=rank, r=8, alpha=16, r_min=1,
+            target_modules=_QV_BERT, modules_to_save=[_HEAD])
+      for suffix, label, rank in (("", "DyLoRA r=8 (query, value)", None),
+                                  ("_r4", "DyLoRA r=8 truncated to 4", 4),
+                                  ("_r2", "DyLoRA r=8 truncated to 2", 2))),
 ]
 """The methods compared on the sequence-classification task (``--task classify``), in table order.
 Learning rates: full fine-tuning, LoRA and the head as measured on this task; BitFit 1e-3 (the
@@ -410,7 +460,7 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
         **scores, "eval_seconds": round(eval_s, 1),
         "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / args.steps, 2),
         "peak_rss_growth_mib": round((peak - rss0) / MiB, 1), "rss_at_fit_start_mib": round(rss0 / MiB, 1),
-        "memory_method": memory_method, "saved_file": saved.name,
+        "memory_method": memory_method, "cpu": _cpu(), "saved_file": saved.name,
         "saved_mib": round(saved.stat().st_size / MiB, 4), "saved_bytes": saved.stat().st_size,
         "train_loss_first": losses[0], "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         **({"sample": sample} if sample is not None else {}),
@@ -625,6 +675,15 @@ def write_results(out: Path, rows: list[dict[str, Any]], args: argparse.Namespac
     load = (f"1-minute load average between {min(min(v) for v in loads):.1f} and "
             f"{max(max(v) for v in loads):.1f} while the methods ran")
     commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
+    cpus = {r["method"]: r.get("cpu", "not recorded (rows of an earlier run)") for r in rows}
+    if len(set(cpus.values())) > 1:
+        by_cpu: dict[str, list[str]] = {}
+        for method, cpu in cpus.items():
+            by_cpu.setdefault(cpu, []).append(method)
+        load += (". The rows were measured on different CPUs, so train times compare only within one: "
+                 + "; ".join(f"{cpu}: {', '.join(names)}" for cpu, names in by_cpu.items()))
+    elif cpus:
+        load += f"; CPU: {next(iter(cpus.values()))}"
     print(f"{format_table(rows, task=task.name)}\n\n{settings}\nPeak RSS growth: {memory}, fresh process "
           f"per method.\n{load}")
     (out / f"{task.stem}.md").write_text(
