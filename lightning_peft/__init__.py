@@ -9,15 +9,27 @@ from importlib import import_module
 
 from lightning_peft._base import merge_adapters, trainable_parameters, unmerge_adapters
 from lightning_peft.methods import apply_peft
+from lightning_peft.methods.adalora import (
+    AdaLoRAConfig,
+    adalora_orthogonal_penalty,
+    adalora_prune,
+    adalora_update_and_allocate,
+    apply_adalora,
+)
 from lightning_peft.methods.bitfit import BitFitConfig, apply_bitfit
+from lightning_peft.methods.dylora import DyLoRAConfig, apply_dylora, dylora_sample_rank, truncate_rank
 from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear, apply_lora
 from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
+from lightning_peft.methods.relora import ReLoRAConfig, apply_relora, jagged_cosine_schedule, relora_reset
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AdaLoRACallback": "lightning_peft.callbacks",
     "BitFitCallback": "lightning_peft.callbacks",
+    "DyLoRACallback": "lightning_peft.callbacks",
+    "ReLoRACallback": "lightning_peft.callbacks",
     "IA3Callback": "lightning_peft.callbacks",
     "LoRACallback": "lightning_peft.callbacks",
     "peft_callback": "lightning_peft.callbacks",
@@ -34,11 +46,14 @@ _LAZY = {
 }
 
 __all__ = [
-    "CausalLMModule",
-    "ClassificationDataModule",
-    "SequenceClassificationModule",
+    "AdaLoRACallback",
+    "AdaLoRAConfig",
     "BitFitCallback",
     "BitFitConfig",
+    "CausalLMModule",
+    "ClassificationDataModule",
+    "DyLoRACallback",
+    "DyLoRAConfig",
     "IA3Callback",
     "IA3Config",
     "IA3Linear",
@@ -50,19 +65,32 @@ __all__ = [
     "PEFTCallback",
     "QLoRACallback",
     "QLoRAConfig",
+    "ReLoRACallback",
+    "ReLoRAConfig",
+    "SequenceClassificationModule",
+    "adalora_orthogonal_penalty",
+    "adalora_prune",
+    "adalora_update_and_allocate",
     "adapter_state_dict",
+    "apply_adalora",
     "apply_bitfit",
+    "apply_dylora",
     "apply_ia3",
     "apply_lora",
     "apply_peft",
     "apply_qlora",
+    "apply_relora",
+    "dylora_sample_rank",
+    "jagged_cosine_schedule",
     "load_adapter",
     "load_adapter_state_dict",
     "merge_adapters",
     "merge_and_dequantize",
     "peft_callback",
+    "relora_reset",
     "save_adapter",
     "trainable_parameters",
+    "truncate_rank",
     "unmerge_adapters",
 ]
 
