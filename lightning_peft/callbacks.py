@@ -502,145 +502,6 @@ class DyLoRACallback(PEFTCallback):
             self.generator.set_state(state_dict["generator"])
 
 
-class AdaLoRACallback(PEFTCallback):
-    """Fine-tune with AdaLoRA (arXiv 2303.10512): ``Trainer(callbacks=[AdaLoRACallback(init_r=12,
-    target_r=4, tinit=100, tfinal=200)])``: SVD-form adapters whose triplets are pruned by
-    importance to a global budget that falls cubically from ``init_r`` to ``target_r`` per layer.
-
-    Arguments are those of :func:`lightning_peft.apply_adalora` plus ``adapter_dir`` (write the
-    adapter in HF PEFT's AdaLoRA format, with its ``rank_pattern``, when ``fit`` ends, on rank 0)
-    and ``merge_on_fit_end``. ``total_step`` defaults to ``trainer.estimated_stepping_batches``.
-    Each optimizer step, once the gradients are complete (``on_before_optimizer_step``, after
-    AMP's unscaling, before clipping), the gradient of the orthogonality penalty is added (the
-    module computes its own loss; ``adalora/orth_penalty`` is logged); after the step, with the
-    gradients still there, :func:`lightning_peft.adalora_update_and_allocate` updates the
-    importance and masks to the budget (``adalora/budget`` is logged), as HF PEFT and the paper's
-    Algorithm 1 order it, so a masked triplet stays zero. When ``fit`` ends the masked triplets
-    are dropped (:func:`lightning_peft.adalora_prune`) and the per-layer ranks are logged
-    (``adalora/rank/<layer>``) and saved with the adapter.
-    """
-
-    method = "adalora"
-
-    def __init__(self, init_r: int = 12, target_r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 target_modules: str | list[str] | None = None,
-                 exclude_modules: str | list[str] | None = None,
-                 modules_to_save: list[str] | None = None, tinit: int = 0, tfinal: int = 0,
-                 deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,  # noqa: N803
-                 orth_reg_weight: float = 0.5, total_step: int | None = None,
-                 autocast_adapter_dtype: bool = True, merge_on_fit_end: bool = False,
-                 adapter_dir: str | None = None) -> None:
-        from lightning_peft.methods.adalora import AdaLoRAConfig
-
-        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
-        self.config = AdaLoRAConfig(init_r=init_r, target_r=target_r, alpha=alpha, dropout=dropout,
-                                    target_modules=target_modules, exclude_modules=exclude_modules,
-                                    modules_to_save=modules_to_save, tinit=tinit, tfinal=tfinal,
-                                    deltaT=deltaT, beta1=beta1, beta2=beta2,
-                                    orth_reg_weight=orth_reg_weight, total_step=total_step,
-                                    autocast_adapter_dtype=autocast_adapter_dtype)
-        self.total_step: int | None = total_step
-        self._stepped = -1
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_peft.methods.adalora import check_schedule
-
-        super().on_fit_start(trainer, pl_module)
-        total = self.config.total_step
-        if total is None:
-            estimated = trainer.estimated_stepping_batches
-            if estimated == float("inf"):
-                raise ValueError(f"total_step was not given and the trainer cannot estimate its steps "
-                                 f"({estimated}); pass AdaLoRACallback(total_step=...) or set max_steps")
-            total = int(estimated)
-        self.total_step = check_schedule(self.config.tinit, self.config.tfinal, total)
-        self._stepped = trainer.global_step
-        self._restore_masks(pl_module)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The config, and the triplets the allocation keeps in each layer (a run resumed in the
-        final phase keeps its mask)."""
-        from lightning_peft.methods.adalora import adalora_layers
-
-        masks = {} if self._module is None else {
-            name: layer.rank_mask.tolist() for name, layer in adalora_layers(self._module)
-            if layer.rank_mask is not None}
-        return {**super().state_dict(), "rank_masks": masks}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        masks = state_dict.get("rank_masks")
-        self._pending_masks = masks if isinstance(masks, dict) else None
-
-    def _restore_masks(self, pl_module: pl.LightningModule) -> None:
-        """Put back the masks of the checkpoint this run resumes from (checked against the layers)."""
-        import torch
-
-        from lightning_peft.methods.adalora import adalora_layers
-
-        masks, self._pending_masks = getattr(self, "_pending_masks", None), None
-        if not masks:
-            return
-        layers = dict(adalora_layers(pl_module))
-        wrong = [n for n, m in masks.items() if n not in layers or not isinstance(m, list)
-                 or len(m) != layers[n].r or not all(isinstance(b, bool) for b in m)]
-        if wrong:
-            raise ValueError(f"the checkpoint's AdaLoRA rank masks do not fit this model's layers: "
-                             f"{wrong[:5]}")
-        for name, mask in masks.items():
-            layer = layers[name]
-            layer.rank_mask = torch.tensor(mask, dtype=torch.bool, device=layer.lora_E.device)
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: Any) -> None:
-        from lightning_peft.methods.adalora import adalora_orthogonal_penalty
-
-        if self.config.orth_reg_weight == 0 or not trainer.training:
-            return
-        import torch
-
-        from lightning_peft.methods.adalora import adalora_layers
-
-        params = [p for _, layer in adalora_layers(pl_module) for p in (layer.lora_A, layer.lora_B)]
-        with torch.enable_grad():
-            penalty = adalora_orthogonal_penalty(pl_module)
-            # autograd.grad, not backward: DDP's gradient hooks must not fire a second time
-            grads = torch.autograd.grad(penalty, params)
-        with torch.no_grad():
-            for param, grad in zip(params, grads, strict=True):
-                if param.grad is None:
-                    param.grad = grad.to(param.dtype)
-                else:
-                    param.grad.add_(grad.to(param.grad.dtype))
-        pl_module.log("adalora/orth_penalty", penalty.detach(), on_step=True, on_epoch=False)
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        from lightning_peft.methods.adalora import adalora_update_and_allocate
-
-        if trainer.global_step == self._stepped:  # no optimizer step in this batch (accumulation)
-            return
-        self._stepped = trainer.global_step
-        budget = adalora_update_and_allocate(pl_module, trainer.global_step - 1, self.total_step)
-        pl_module.log("adalora/budget", float(budget), on_step=True, on_epoch=False)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_peft.methods.adalora import adalora_prune
-
-        ranks = adalora_prune(pl_module)
-        rank_zero_info(f"{type(self).__name__}: final ranks {ranks} (total {sum(ranks.values())})")
-        for logger in trainer.loggers:
-            logger.log_metrics({f"adalora/rank/{name}": r for name, r in ranks.items()},
-                               step=trainer.global_step)
-        super().on_fit_end(trainer, pl_module)
-
-
 class ReLoRACallback(PEFTCallback):
     """Train with ReLoRA (arXiv 2307.05695): ``Trainer(callbacks=[ReLoRACallback(r=8, reset_every=200)])``.
 
@@ -829,6 +690,145 @@ class ReLoRACallback(PEFTCallback):
                            f"ReLoRA is the merged full model: merge_adapters(model), then save the model "
                            f"(save_pretrained)")
         return super().save_adapter(directory)
+
+
+class AdaLoRACallback(PEFTCallback):
+    """Fine-tune with AdaLoRA (arXiv 2303.10512): ``Trainer(callbacks=[AdaLoRACallback(init_r=12,
+    target_r=4, tinit=100, tfinal=200)])``: SVD-form adapters whose triplets are pruned by
+    importance to a global budget that falls cubically from ``init_r`` to ``target_r`` per layer.
+
+    Arguments are those of :func:`lightning_peft.apply_adalora` plus ``adapter_dir`` (write the
+    adapter in HF PEFT's AdaLoRA format, with its ``rank_pattern``, when ``fit`` ends, on rank 0)
+    and ``merge_on_fit_end``. ``total_step`` defaults to ``trainer.estimated_stepping_batches``.
+    Each optimizer step, once the gradients are complete (``on_before_optimizer_step``, after
+    AMP's unscaling, before clipping), the gradient of the orthogonality penalty is added (the
+    module computes its own loss; ``adalora/orth_penalty`` is logged); after the step, with the
+    gradients still there, :func:`lightning_peft.adalora_update_and_allocate` updates the
+    importance and masks to the budget (``adalora/budget`` is logged), as HF PEFT and the paper's
+    Algorithm 1 order it, so a masked triplet stays zero. When ``fit`` ends the masked triplets
+    are dropped (:func:`lightning_peft.adalora_prune`) and the per-layer ranks are logged
+    (``adalora/rank/<layer>``) and saved with the adapter.
+    """
+
+    method = "adalora"
+
+    def __init__(self, init_r: int = 12, target_r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 modules_to_save: list[str] | None = None, tinit: int = 0, tfinal: int = 0,
+                 deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,  # noqa: N803
+                 orth_reg_weight: float = 0.5, total_step: int | None = None,
+                 autocast_adapter_dtype: bool = True, merge_on_fit_end: bool = False,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.adalora import AdaLoRAConfig
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = AdaLoRAConfig(init_r=init_r, target_r=target_r, alpha=alpha, dropout=dropout,
+                                    target_modules=target_modules, exclude_modules=exclude_modules,
+                                    modules_to_save=modules_to_save, tinit=tinit, tfinal=tfinal,
+                                    deltaT=deltaT, beta1=beta1, beta2=beta2,
+                                    orth_reg_weight=orth_reg_weight, total_step=total_step,
+                                    autocast_adapter_dtype=autocast_adapter_dtype)
+        self.total_step: int | None = total_step
+        self._stepped = -1
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_peft.methods.adalora import check_schedule
+
+        super().on_fit_start(trainer, pl_module)
+        total = self.config.total_step
+        if total is None:
+            estimated = trainer.estimated_stepping_batches
+            if estimated == float("inf"):
+                raise ValueError(f"total_step was not given and the trainer cannot estimate its steps "
+                                 f"({estimated}); pass AdaLoRACallback(total_step=...) or set max_steps")
+            total = int(estimated)
+        self.total_step = check_schedule(self.config.tinit, self.config.tfinal, total)
+        self._stepped = trainer.global_step
+        self._restore_masks(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The config, and the triplets the allocation keeps in each layer (a run resumed in the
+        final phase keeps its mask)."""
+        from lightning_peft.methods.adalora import adalora_layers
+
+        masks = {} if self._module is None else {
+            name: layer.rank_mask.tolist() for name, layer in adalora_layers(self._module)
+            if layer.rank_mask is not None}
+        return {**super().state_dict(), "rank_masks": masks}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        masks = state_dict.get("rank_masks")
+        self._pending_masks = masks if isinstance(masks, dict) else None
+
+    def _restore_masks(self, pl_module: pl.LightningModule) -> None:
+        """Put back the masks of the checkpoint this run resumes from (checked against the layers)."""
+        import torch
+
+        from lightning_peft.methods.adalora import adalora_layers
+
+        masks, self._pending_masks = getattr(self, "_pending_masks", None), None
+        if not masks:
+            return
+        layers = dict(adalora_layers(pl_module))
+        wrong = [n for n, m in masks.items() if n not in layers or not isinstance(m, list)
+                 or len(m) != layers[n].r or not all(isinstance(b, bool) for b in m)]
+        if wrong:
+            raise ValueError(f"the checkpoint's AdaLoRA rank masks do not fit this model's layers: "
+                             f"{wrong[:5]}")
+        for name, mask in masks.items():
+            layer = layers[name]
+            layer.rank_mask = torch.tensor(mask, dtype=torch.bool, device=layer.lora_E.device)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        from lightning_peft.methods.adalora import adalora_orthogonal_penalty
+
+        if self.config.orth_reg_weight == 0 or not trainer.training:
+            return
+        import torch
+
+        from lightning_peft.methods.adalora import adalora_layers
+
+        params = [p for _, layer in adalora_layers(pl_module) for p in (layer.lora_A, layer.lora_B)]
+        with torch.enable_grad():
+            penalty = adalora_orthogonal_penalty(pl_module)
+            # autograd.grad, not backward: DDP's gradient hooks must not fire a second time
+            grads = torch.autograd.grad(penalty, params)
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                if param.grad is None:
+                    param.grad = grad.to(param.dtype)
+                else:
+                    param.grad.add_(grad.to(param.grad.dtype))
+        pl_module.log("adalora/orth_penalty", penalty.detach(), on_step=True, on_epoch=False)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        from lightning_peft.methods.adalora import adalora_update_and_allocate
+
+        if trainer.global_step == self._stepped:  # no optimizer step in this batch (accumulation)
+            return
+        self._stepped = trainer.global_step
+        budget = adalora_update_and_allocate(pl_module, trainer.global_step - 1, self.total_step)
+        pl_module.log("adalora/budget", float(budget), on_step=True, on_epoch=False)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_peft.methods.adalora import adalora_prune
+
+        ranks = adalora_prune(pl_module)
+        rank_zero_info(f"{type(self).__name__}: final ranks {ranks} (total {sum(ranks.values())})")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"adalora/rank/{name}": r for name, r in ranks.items()},
+                               step=trainer.global_step)
+        super().on_fit_end(trainer, pl_module)
 
 
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
