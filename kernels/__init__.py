@@ -1,5 +1,5 @@
-"""Ops for parameter-efficient fine-tuning: fused LoRA matmul, (IA)³ scaling and NF4 4-bit
-quantization.
+"""Ops for parameter-efficient fine-tuning: fused LoRA matmul (and DoRA's), (IA)³ scaling and NF4
+4-bit quantization.
 
 Every op has a pure-PyTorch reference (the CPU fallback and the specification) and a Triton
 kernel; :func:`set_backend` picks between them. Only torch is imported here; triton is imported
@@ -8,12 +8,14 @@ lazily on the Triton path.
 
 from kernels._backend import get_backend, set_backend, use_backend
 from kernels.ia3 import ia3_linear
-from kernels.lora import lora_linear, lora_linear_grouped
+from kernels.lora import dora_linear, dora_weight_norm, lora_linear, lora_linear_grouped
 from kernels.nf4 import NF4Tensor, dequantize_nf4, nf4_linear, quantize_nf4
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "dora_linear",
+    "dora_weight_norm",
     "NF4Tensor",
     "dequantize_nf4",
     "get_backend",

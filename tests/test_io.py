@@ -396,7 +396,7 @@ def test_non_strict_loading(tmp_path: Path) -> None:
 
 CONFIG_ERRORS = {
     "peft_type": (dict(peft_type="OFT"), ValueError, "peft_type is 'OFT'; this package loads"),
-    "dora": (dict(use_dora=True), ValueError, "use_dora=True"),
+    "dora": (dict(use_dora=True), ValueError, r"missing .*lora_magnitude_vector"),
     "pissa": (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'"),
     "rank": (dict(r=0), ValueError, "r must be a positive integer"),
     "target": (dict(target_modules=["no_such_layer"]), ValueError, "no_such_layer"),

@@ -915,3 +915,19 @@ def test_example_trains_qlora_and_reports_memory(tmp_path):
     assert result["eval_records"] == 2 and 0.0 <= result["exact_match"] <= 1.0
     config = json.loads((tmp_path / "out" / "qlora" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+def test_qlora_with_dora_starts_at_the_4bit_base_and_trains():
+    """``apply_qlora(..., use_dora=True)``: the magnitude is the norm of the 4-bit weight's rows,
+    so a fresh model gives the QLoRA base's logits; the magnitude and the adapters train."""
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    plain, dora = _tiny.llama(), _tiny.llama()
+    apply_qlora(plain, r=4, target_modules=["q_proj", "v_proj"], compute_dtype="float32")
+    apply_qlora(dora, r=4, target_modules=["q_proj", "v_proj"], compute_dtype="float32", use_dora=True)
+    with torch.no_grad():
+        torch.testing.assert_close(dora(ids).logits, plain(ids).logits, rtol=0, atol=2e-5)
+    layer = dora.model.layers[0].self_attn.q_proj
+    assert layer.lora_magnitude_vector.requires_grad and layer.lora_magnitude_vector.dtype == torch.float32
+    loss = dora(ids, labels=ids).loss
+    loss.backward()
+    assert layer.lora_magnitude_vector.grad is not None and layer.lora_A.grad is not None

@@ -313,7 +313,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
                 modules_to_save: Sequence[str] | None = None, use_rslora: bool = False,
                 init: str = "kaiming", bias: str = "none", double_quant: bool = True,
                 compute_dtype: torch.dtype | str = torch.bfloat16, blocksize: int = 64,
-                config: QLoRAConfig | None = None) -> nn.Module:
+                use_dora: bool = False, config: QLoRAConfig | None = None) -> nn.Module:
     """Quantize the targeted layers of ``model`` to NF4, inject LoRA in ``compute_dtype`` and
     freeze everything else, in place; returns ``model``.
 
@@ -331,7 +331,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
                              exclude_modules=exclude_modules,
                              modules_to_save=list(modules_to_save) if modules_to_save else None,
                              use_rslora=use_rslora, init=init, bias=bias, double_quant=double_quant,
-                             compute_dtype=compute_dtype, blocksize=blocksize)
+                             compute_dtype=compute_dtype, blocksize=blocksize, use_dora=use_dora)
     elif not isinstance(config, QLoRAConfig):
         raise TypeError(f"config must be a QLoRAConfig, got {type(config).__name__}")
     names = find_targets(model, config.target_modules, config.exclude_modules)
@@ -360,10 +360,11 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
                     raise type(err)(f"apply_qlora could not quantize {name}: {err}") from err
                 layer.base_layer = base
                 layer.fan_in_fan_out = False  # the NF4 weight is (out, in) even for a Conv1D
-            for attr in ("lora_A", "lora_B"):
-                param = getattr(layer, attr)
-                if param.dtype != dtype:
+            for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                param = getattr(layer, attr, None)
+                if param is not None and param.dtype != dtype:
                     setattr(layer, attr, nn.Parameter(param.detach().to(dtype)))
+            layer.reset_magnitude()  # DoRA: m = ||W0_i|| of the 4-bit weight, so it starts at the base
         _ungroup_quantized(model)
         freeze_all_but_adapters(model)
     except BaseException:
