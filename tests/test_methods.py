@@ -219,7 +219,10 @@ def test_head_only_freezes_all_but_the_head_and_saves_it(tmp_path, classify_file
 
 def test_classify_rows_are_registry_rows_except_full_and_head():
     keys = [m.key for m in methods.CLASSIFY_METHODS]
-    assert keys == ["full", "head", "bitfit", "lora_qv", "ia3"]
+    assert keys[:5] == ["full", "head", "bitfit", "lora_qv", "ia3"]
+    assert {"dora_qv", "adalora_qv", "relora_qv", "dylora_qv", "dylora_qv_r4", "dylora_qv_r2"} <= set(keys)
+    truncated = [m for m in methods.CLASSIFY_METHODS if m.hparams.get("truncate_to")]
+    assert sorted(m.hparams["truncate_to"] for m in truncated) == [2, 4]
     for spec in methods.CLASSIFY_METHODS[2:]:
         (callback,) = spec.callbacks()
         assert callback.method == spec.hparams["method"]
@@ -250,7 +253,7 @@ def test_classify_defaults():
     args = methods.parse_args(["--task", "classify", "--threads", "1"])
     assert (args.steps, args.batch_size, args.warmup, args.eval_limit) == (300, 32, 30, None)
     assert Path(args.train).name == "roles_train.jsonl" and Path(args.eval).name == "roles_eval.jsonl"
-    assert args.methods == ["full", "head", "bitfit", "lora_qv", "ia3"]
+    assert args.methods == [m.key for m in methods.CLASSIFY_METHODS]  # every row of the task by default
     causal = methods.parse_args(["--threads", "1"])  # the causal task's defaults are unchanged
     assert (causal.task, causal.steps, causal.batch_size, causal.warmup, causal.eval_limit) == \
         ("causal", 60, 4, 4, 100)
