@@ -57,7 +57,6 @@ from lightning_peft import ClassificationDataModule, SequenceClassificationModul
 from lightning_peft.tasks import (
     DefaultsHelpFormatter,
     StepProgressBar,
-    _seed,
     check_targets,
     idle_cpu_threads,
     module_names,
@@ -66,6 +65,7 @@ from lightning_peft.tasks import (
     positive_float,
     positive_int,
     probability,
+    random_seed,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + ",".join(LORA_DEFAULTS["targets"]) + ")")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: the idle cores, from the load average)")
-    p.add_argument("--seed", type=_seed, default=0,
+    p.add_argument("--seed", type=random_seed, default=0,
                    help="random seed (the fresh head, the shuffle), in [0, 2**32)")
     p.add_argument("--out", type=output_dir, default=None,
                    help="output directory (default: out/finetune_classifier/METHOD)")

@@ -334,7 +334,7 @@ positive_int = _number_type("positive_int", int, "a positive integer", lambda v:
 """``argparse`` type: an integer >= 1 (steps, batch size, rank, counts)."""
 non_negative_int = _number_type("non_negative_int", int, "an integer >= 0", lambda v: v >= 0)
 """``argparse`` type: an integer >= 0 (warmup steps)."""
-_seed = _number_type("seed", int, "an integer in [0, 2**32)", lambda v: 0 <= v < 2**32)
+random_seed = _number_type("random_seed", int, "an integer in [0, 2**32)", lambda v: 0 <= v < 2**32)
 """``argparse`` type: a seed numpy accepts."""
 positive_float = _number_type("positive_float", float, "a finite number > 0",
                               lambda v: math.isfinite(v) and v > 0)
@@ -392,7 +392,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, data_dir: Path) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="generation length limit")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: the idle cores, from the load average)")
-    parser.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
+    parser.add_argument("--seed", type=random_seed, default=0, help="random seed, in [0, 2**32)")
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
