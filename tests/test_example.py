@@ -251,7 +251,8 @@ def test_qlora_example_exits_with_a_failed_child_status_without_a_traceback(monk
 
     monkeypatch.setattr(example.subprocess, "run", child)
     with pytest.raises(SystemExit) as info:
-        example.main(["--methods", "qlora,lora", "--out", str(tmp_path / "out")])
+        example.main(["--methods", "qlora,lora", "--out", str(tmp_path / "out"),
+                      "--model", str(save_tiny_model(tmp_path / "tiny"))])
     assert info.value.code == 2 and len(calls) == 1  # the second method does not start
     assert "qlora" in capsys.readouterr().err
     assert not (tmp_path / "out" / "finetune_qlora.json").exists()
