@@ -249,12 +249,14 @@ def test_bad_classify_arguments_are_refused(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
-def test_classify_defaults():
-    args = methods.parse_args(["--task", "classify", "--threads", "1"])
+def test_classify_defaults(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model directory: the defaults hold for any model
+    model = ["--model", str(tmp_path)]
+    args = methods.parse_args(["--task", "classify", "--threads", "1", *model])
     assert (args.steps, args.batch_size, args.warmup, args.eval_limit) == (300, 32, 30, None)
     assert Path(args.train).name == "roles_train.jsonl" and Path(args.eval).name == "roles_eval.jsonl"
     assert args.methods == [m.key for m in methods.CLASSIFY_METHODS]  # every row of the task by default
-    causal = methods.parse_args(["--threads", "1"])  # the causal task's defaults are unchanged
+    causal = methods.parse_args(["--threads", "1", *model])  # the causal task's defaults are unchanged
     assert (causal.task, causal.steps, causal.batch_size, causal.warmup, causal.eval_limit) == \
         ("causal", 60, 4, 4, 100)
     assert Path(causal.train).name == "triples_train.jsonl"
