@@ -1,16 +1,18 @@
-"""Adapter state dicts and adapter files in HF PEFT's format (safetensors + JSON, never pickle).
+"""Adapter state dicts and adapter files for every registered method (safetensors + JSON, never
+pickle). Nothing here knows a method by name: the registry (:mod:`lightning_peft.methods`) says
+which method a model or a file carries, how its ``adapter_config.json`` is written and read, and
+each adapter layer names its tensors (``AdapterLayer.file_key``).
 
-A directory written by :func:`save_adapter` is what ``PeftModel.save_pretrained`` writes, so
-``PeftModel.from_pretrained(base, directory)`` loads it, and :func:`load_adapter` loads
-directories HF PEFT wrote:
+A directory written by :func:`save_adapter` holds two files, in HF PEFT's layout (so a method PEFT
+has loads in ``PeftModel.from_pretrained``, and :func:`load_adapter` loads directories PEFT wrote):
 
-- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``,
-  ``rank_pattern``/``alpha_pattern`` (per-layer ranks and alphas), ``use_rslora``, ``bias``,
-  ``modules_to_save``, ... The model is self-describing: the config is rebuilt from its layers.
-- ``adapter_model.safetensors``: for a module at ``<path>`` of the transformers model,
-  ``base_model.model.<path>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r); a module
-  trained in full (``modules_to_save``) as ``base_model.model.<path>.<param>``; trainable biases
-  as ``base_model.model.<path>.bias`` (``<path>.base_layer.bias`` for an adapted layer).
+- ``adapter_config.json``: ``peft_type`` (``"LORA"``, ``"IA3"``, ``"ADALORA"``, or our own name for
+  a method PEFT does not have), ``task_type``, ``base_model_name_or_path`` and the method's own
+  fields, rebuilt from the model itself by the method's ``to_json``.
+- ``adapter_model.safetensors``: for an adapter layer at ``<path>`` of the transformers model, each
+  of its tensors as ``base_model.model.<path>.<file_key>`` (LoRA ``lora_A.weight``, IA3
+  ``ia3_l``); a module trained in full (``modules_to_save``) as ``base_model.model.<path>.<param>``
+  (persistent buffers included); trainable biases as ``base_model.model.<path>.bias``.
 
 ``<path>`` is relative to the transformers model: when ``model`` wraps one (a LightningModule, a
 DDP or compiled wrapper), the outermost ``PreTrainedModel`` holding every adapter layer is the
@@ -313,21 +315,22 @@ def _name_or_path(root: nn.Module) -> str | None:
 
 
 def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -> nn.Module:
-    """Load the LoRA adapter in ``directory`` (written by :func:`save_adapter` or by HF PEFT's
-    ``save_pretrained``) into ``model`` and return ``model``.
+    """Load the adapter in ``directory`` (written by :func:`save_adapter` or by HF PEFT's
+    ``save_pretrained``) into ``model`` and return ``model``. The method is the one the registry
+    holds for the file's ``peft_type``.
 
-    When ``model`` has no adapter layers yet, the adapter the config describes is injected first
-    (``target_modules``, ``rank_pattern``/``alpha_pattern``, ``use_rslora``, ``lora_dropout``,
-    ``modules_to_save``, ``bias``), as :func:`~lightning_peft.methods.lora.apply_lora` does. When it has,
-    the tensors are loaded into the existing layers, whose ``alpha``/``use_rslora`` (hence
-    scaling) are set from the config. Tensors are cast to each parameter's dtype and device.
+    When ``model`` carries no adapter yet, the adapter the config describes is injected first (the
+    method's ``from_json``, checked on a meta-device copy of the model). When it carries the same
+    method's adapter, the tensors are loaded into the existing layers and the method's non-tensor
+    settings (LoRA's alpha and rsLoRA) are set from the config; another method's adapter is an
+    error. Tensors are cast to each parameter's dtype and device.
 
     ``strict=False`` tolerates missing and unexpected tensors (never mis-shaped, wrongly typed or
     non-finite ones). Errors: ``FileNotFoundError`` for a missing directory or file,
-    ``ValueError`` for a malformed or non-LoRA config (every field is checked: JSON types,
-    positive finite ``r``/``lora_alpha``/pattern values, valid pattern keys), an unsupported PEFT
-    option, a config that disagrees with the one recorded in the weights, and tensors that do not
-    match the model or hold NaN/inf. On any error the model is left exactly as it was.
+    ``ValueError`` for an unknown ``peft_type``, a malformed config (every field is checked by the
+    method, naming the field), an unsupported PEFT option, a config that disagrees with the one
+    recorded in the weights, and tensors that do not match the model or hold NaN/inf. On any
+    error the model is left exactly as it was.
     """
     config, tensors, where = _read_adapter(directory)
     config_where = str(Path(directory) / ADAPTER_CONFIG_NAME)

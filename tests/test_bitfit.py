@@ -579,9 +579,7 @@ def test_a_bad_file_is_refused_and_the_model_stays_bit_identical(problem, unbind
 
 
 def test_callback_trains_only_biases(tmp_path):
-    callbacks = pytest.importorskip("lightning_peft.callbacks")
-    if not hasattr(callbacks, "BitFitCallback"):
-        pytest.skip("BitFitCallback is not in lightning_peft.callbacks yet")
+    from lightning_peft import callbacks
     from tests import _lit
 
     module = _lit.TinyLM()
@@ -604,9 +602,7 @@ def test_callback_trains_only_biases(tmp_path):
 
 
 def test_callback_checkpoint_holds_only_biases_and_resumes(tmp_path):
-    callbacks = pytest.importorskip("lightning_peft.callbacks")
-    if not hasattr(callbacks, "BitFitCallback"):
-        pytest.skip("BitFitCallback is not in lightning_peft.callbacks yet")
+    from lightning_peft import callbacks
     from tests import _lit
 
     def callback():

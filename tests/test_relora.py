@@ -409,7 +409,7 @@ def test_checkpoints_hold_the_merged_bases_and_resume_exactly(tmp_path):
     assert relora_resets(resumed) == 2
 
     # a checkpoint without the merged bases is refused before anything loads
-    broken = torch.load(ckpt.last_model_path, weights_only=False)
+    broken = torch.load(ckpt.last_model_path, weights_only=True)
     missing = sorted(adapted)[0]
     del broken["state_dict"][missing]
     torch.save(broken, tmp_path / "broken.ckpt")

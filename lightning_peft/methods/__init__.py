@@ -163,6 +163,18 @@ def file_method(model: nn.Module) -> Method:
     return found[0]
 
 
+def planned_injection(model: nn.Module, config: Any, where: str, plan: Callable[[nn.Module, Any], Any],
+                      apply: Callable[..., nn.Module]) -> Callable[[nn.Module], None]:
+    """The usual ``from_json`` tail: ``plan(model, config)`` checks the injection against the
+    model (read only; its ``ValueError`` is re-raised naming ``where``), and the returned function
+    applies ``config`` with ``apply(target, config=config)``."""
+    try:
+        plan(model, config)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return lambda target: apply(target, config=config)
+
+
 def apply_peft(model: nn.Module, config: Any) -> nn.Module:
     """Inject any registered method's adapter into ``model`` from its config object (e.g.
     ``LoRAConfig(r=8)``, ``IA3Config()``, ``BitFitConfig()``), freeze the rest, return ``model``."""
@@ -181,4 +193,4 @@ def _load_builtin() -> None:
 
 
 __all__ = ["Method", "apply_peft", "file_method", "get_method", "method_for_config", "method_for_peft_type",
-           "methods", "methods_in", "register"]
+           "methods", "methods_in", "planned_injection", "register"]

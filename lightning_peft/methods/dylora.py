@@ -52,7 +52,7 @@ from lightning_peft._base import (
     names_outside_adapters,
     wrap_modules_to_save,
 )
-from lightning_peft.methods import Method, register
+from lightning_peft.methods import Method, planned_injection, register
 from lightning_peft.methods.lora import BIAS_MODES, INITS, _bias_mode, lora_scaling
 from lightning_peft.targeting import (
     TargetSpec,
@@ -596,16 +596,7 @@ def _config_from_json(model: nn.Module, config: dict[str, Any], where: str) -> D
 
 def _from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[nn.Module], None]:
     """Check ``config`` and plan its injection into ``model`` (read only); return the injection."""
-    dylora = _config_from_json(model, config, where)
-    try:
-        _plan(model, dylora)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-
-    def inject(target: nn.Module) -> None:
-        apply_dylora(target, config=dylora)
-
-    return inject
+    return planned_injection(model, _config_from_json(model, config, where), where, _plan, apply_dylora)
 
 
 def _update_from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[], None]:

@@ -41,7 +41,7 @@ from lightning_peft._base import (
     names_outside_adapters,
     wrap_modules_to_save,
 )
-from lightning_peft.methods import Method, register
+from lightning_peft.methods import Method, planned_injection, register
 from lightning_peft.targeting import (
     TargetSpec,
     check_module_spec,
@@ -584,16 +584,7 @@ def _config_from_json(model: nn.Module, config: dict[str, Any], where: str) -> I
 
 def _from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[nn.Module], None]:
     """Check ``config`` and plan its injection into ``model`` (read only); return the injection."""
-    ia3 = _config_from_json(model, config, where)
-    try:
-        _plan(model, ia3)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-
-    def inject(target: nn.Module) -> None:
-        apply_ia3(target, config=ia3)
-
-    return inject
+    return planned_injection(model, _config_from_json(model, config, where), where, _plan, apply_ia3)
 
 
 def _update_from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[], None]:
