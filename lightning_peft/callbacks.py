@@ -336,6 +336,48 @@ def _adapter_data(module: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
     return kept
 
 
+def fisher_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, count: int,
+                   loss_fn: Any = None) -> tuple[list[Any], Any]:
+    """``(batches, loss)`` for estimating the Fisher information inside a Lightning run (the
+    callbacks of Child-tuning's task-driven mode and FishMask): the first ``count`` batches of the
+    run's training data (the datamodule's, the module's or those passed to ``fit``), moved to the
+    run's device (the module is moved there too), and ``loss(batch)``, a scalar.
+
+    ``loss`` is ``loss_fn(pl_module, batch)`` when given, else ``pl_module.loss(batch)`` where the
+    module has one (the shipped tasks do), else its ``training_step(batch, i)`` (its ``"loss"``
+    entry for a dict) with ``self.log`` silenced, since no loop is running yet."""
+    source = trainer.fit_loop._data_source
+    if source.instance is None:
+        raise ValueError("the Fisher information needs training data: call trainer.fit(model, "
+                         "datamodule=...) or pass train_dataloaders")
+    loader = source.dataloader()
+    device = trainer.strategy.root_device
+    pl_module.to(device)
+    batches = []
+    for i, batch in enumerate(loader):
+        if i >= count:
+            break
+        batches.append(trainer.strategy.batch_to_device(batch, device))
+    if not batches:
+        raise ValueError("the training data gave no batch to estimate the Fisher information from")
+    if loss_fn is not None:
+        return batches, lambda batch: loss_fn(pl_module, batch)
+    if callable(getattr(pl_module, "loss", None)):
+        return batches, pl_module.loss
+    steps = iter(range(len(batches)))
+
+    def step_loss(batch: Any) -> Tensor:
+        pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *a, **k: None
+        try:
+            out = pl_module.training_step(batch, next(steps))
+        finally:
+            pl_module.__dict__.pop("log", None)
+            pl_module.__dict__.pop("log_dict", None)
+        return out["loss"] if isinstance(out, dict) else out
+
+    return batches, step_loss
+
+
 class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: ``Trainer(callbacks=[LoRACallback(r=8)])``.
 

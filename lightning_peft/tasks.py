@@ -168,9 +168,13 @@ class CausalLMModule(_ScheduledAdamWModule):
         """Number of label tokens in the loss (the HF loss is their mean)."""
         return int((batch["labels"][:, 1:] != -100).sum())
 
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean next-token loss of a batch (what training minimises)."""
+        return self.model(**batch).loss
+
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss = self.loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.history["train_loss"].append((self.global_step, float(loss.detach())))
         return loss
@@ -510,6 +514,10 @@ class SequenceClassificationModule(_ScheduledAdamWModule):
         labels = batch["labels"]
         logits = self(**inputs)
         return logits, labels, F.cross_entropy(logits.float(), labels)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean cross-entropy of a batch (what training minimises)."""
+        return self._logits_loss(batch)[2]
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
