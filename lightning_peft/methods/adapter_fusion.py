@@ -367,7 +367,8 @@ def apply_adapter_fusion(
     """Load the bottleneck adapters saved in ``adapter_dirs`` into ``model`` (frozen) and add a
     trainable fusion at every site; freeze everything else; return ``model``. Every directory is
     read and checked (same sites, placement and activation; tensors that fit the model) before
-    the model changes. A model that already carries this fusion is returned as it is."""
+    the model changes. The adapters' module paths are those of the transformers model inside
+    ``model`` (a LightningModule holding one works too), as in their files. A model that already carries this fusion is returned as it is."""
     if config is None:
         config = AdapterFusionConfig(
             adapter_dirs=list(adapter_dirs) if adapter_dirs is not None else None,
@@ -378,8 +379,11 @@ def apply_adapter_fusion(
         raise TypeError(f"config must be an AdapterFusionConfig, got {type(config).__name__}")
     if any(isinstance(m, AdapterFusionLayer) for m in model.modules()):
         return model
-    fields, tensors = _plan(model, config)
-    _inject(model, fields, tensors)
+    from lightning_peft.io import _transformers_root
+
+    _, root = _transformers_root(model)  # the files' module paths are relative to it
+    fields, tensors = _plan(root, config)
+    _inject(root, fields, tensors)
     return model
 
 
