@@ -269,7 +269,7 @@ def test_fusion_forward_matches_the_formula(tmp_path, arch, placement):
     model = apply_adapter_fusion(make(), dirs, temperature=2.0)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # a trained-looking fusion
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.3)
     fusion = {n: m for n, m in model.named_modules() if type(m).__name__ == "AdapterFusionLayer"}
@@ -357,8 +357,8 @@ def test_fusion_refuses_adapters_that_do_not_fit_together(tmp_path):
 def test_fusion_callback_trains_through_lightning(tmp_path):
     dirs = _saved_adapters(tmp_path, _tiny.llama)
     module = _lit.TinyLM()
-    trainer = _lit.trainer(tmp_path, max_steps=3, callbacks=[AdapterFusionCallback(adapter_dirs=dirs,
-                                                                                   adapter_dir=str(tmp_path / "out"))])
+    callback = AdapterFusionCallback(adapter_dirs=dirs, adapter_dir=str(tmp_path / "out"))
+    trainer = _lit.trainer(tmp_path, max_steps=3, callbacks=[callback])
     trainer.fit(module, _lit.loader())
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     other = _tiny.llama()

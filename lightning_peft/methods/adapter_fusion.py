@@ -368,7 +368,8 @@ def apply_adapter_fusion(
     trainable fusion at every site; freeze everything else; return ``model``. Every directory is
     read and checked (same sites, placement and activation; tensors that fit the model) before
     the model changes. The adapters' module paths are those of the transformers model inside
-    ``model`` (a LightningModule holding one works too), as in their files. A model that already carries this fusion is returned as it is."""
+    ``model`` (a LightningModule holding one works too), as in their files. A model that already
+    carries this fusion is returned as it is."""
     if config is None:
         config = AdapterFusionConfig(
             adapter_dirs=list(adapter_dirs) if adapter_dirs is not None else None,
