@@ -18,6 +18,7 @@ from lightning_peft.methods.adalora import (
 )
 from lightning_peft.methods.bitfit import BitFitConfig, apply_bitfit
 from lightning_peft.methods.dylora import DyLoRAConfig, apply_dylora, dylora_sample_rank, truncate_rank
+from lightning_peft.methods.fishmask import FishMaskConfig, SparseUpdate, apply_fishmask, fishmask_scores
 from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear, apply_lora
 from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
@@ -29,6 +30,7 @@ _LAZY = {
     "AdaLoRACallback": "lightning_peft.callbacks",
     "BitFitCallback": "lightning_peft.callbacks",
     "DyLoRACallback": "lightning_peft.callbacks",
+    "FishMaskCallback": "lightning_peft.callbacks",
     "ReLoRACallback": "lightning_peft.callbacks",
     "IA3Callback": "lightning_peft.callbacks",
     "LoRACallback": "lightning_peft.callbacks",
@@ -54,6 +56,8 @@ __all__ = [
     "ClassificationDataModule",
     "DyLoRACallback",
     "DyLoRAConfig",
+    "FishMaskCallback",
+    "FishMaskConfig",
     "IA3Callback",
     "IA3Config",
     "IA3Linear",
@@ -68,6 +72,7 @@ __all__ = [
     "ReLoRACallback",
     "ReLoRAConfig",
     "SequenceClassificationModule",
+    "SparseUpdate",
     "adalora_orthogonal_penalty",
     "adalora_prune",
     "adalora_update_and_allocate",
@@ -75,12 +80,14 @@ __all__ = [
     "apply_adalora",
     "apply_bitfit",
     "apply_dylora",
+    "apply_fishmask",
     "apply_ia3",
     "apply_lora",
     "apply_peft",
     "apply_qlora",
     "apply_relora",
     "dylora_sample_rank",
+    "fishmask_scores",
     "jagged_cosine_schedule",
     "load_adapter",
     "load_adapter_state_dict",

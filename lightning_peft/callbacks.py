@@ -873,6 +873,142 @@ class AdaLoRACallback(PEFTCallback):
         super().on_fit_end(trainer, pl_module)
 
 
+class FishMaskCallback(PEFTCallback):
+    """Fine-tune with FishMask: ``Trainer(callbacks=[FishMaskCallback(keep=0.005)])``: the
+    ``k = max(1, round(keep · candidates))`` weights with the largest Fisher information,
+    estimated when ``fit`` sets up from the run's first ``fisher_batches`` training batches
+    (``lightning_peft.callbacks.fisher_batches``: the module's ``loss(batch)``, else its
+    ``training_step``), are the only ones that train; rank 0's selection is broadcast, so every
+    rank trains the same weights.
+
+    Arguments are the fields of :class:`lightning_peft.FishMaskConfig` plus ``merge_on_fit_end``
+    and ``adapter_dir`` (write the adapter there when ``fit`` ends, on rank 0). Checkpoints hold
+    the selected indices (buffers) and values: a run that loads one (``ckpt_path``, also for
+    ``validate``/``test``/``predict``) re-creates its mask from it before the optimizer is built.
+    ``validate``/``test``/``predict`` on a module without FishMask and without a checkpoint are
+    refused (there is no training data to choose the weights from).
+    """
+
+    method = "fishmask"
+    free_fields = (*PEFTCallback.free_fields, "fisher_batches")
+
+    def __init__(self, keep: float = 0.005, fisher_batches: int = 8,
+                 target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 trainable_modules: list[str] | None = None, merge_on_fit_end: bool = False,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.fishmask import FishMaskConfig
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = FishMaskConfig(keep=keep, fisher_batches=fisher_batches,
+                                     target_modules=target_modules, exclude_modules=exclude_modules,
+                                     trainable_modules=trainable_modules)
+        self._stage: str | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def apply(self, module: nn.Module) -> nn.Module:
+        from lightning_peft.methods.fishmask import (
+            _trainable,
+            fishmask_layers,
+            fishmask_scores,
+            inject_fishmask,
+            select_fishmask,
+        )
+
+        if fishmask_layers(module):
+            return module
+        trainer = self._trainer
+        if trainer is None:
+            raise ValueError("FishMaskCallback chooses its weights from the training data of a Lightning "
+                             "run: pass it to Trainer(callbacks=[...]) and call fit, or use "
+                             "apply_fishmask(model, batches=..., loss_fn=...) directly")
+        if self._stage != "fit":
+            return module  # no training data: the mask comes from the checkpoint, if any
+        batches, loss = fisher_batches(trainer, module, self.config.fisher_batches)
+        fisher = fishmask_scores(module, batches, loss, self.config)
+        selection = trainer.strategy.broadcast(select_fishmask(module, fisher, self.config), src=0)
+        inject_fishmask(module, selection, _trainable(module, self.config), keep=self.config.keep)
+        return module
+
+    def _require_adapter(self, pl_module: nn.Module, stage: str) -> None:
+        from lightning_peft.methods.fishmask import fishmask_layers
+
+        if not fishmask_layers(pl_module):
+            raise ValueError(f"FishMaskCallback: {stage} on a module without a FishMask adapter; the mask "
+                             f"is chosen from training data, which only fit has: run trainer.fit first, "
+                             f"pass ckpt_path= of a checkpoint written with FishMaskCallback, or "
+                             f"load_adapter(module, directory) before {stage}")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_adapter(pl_module, "validate")
+        super().on_validation_start(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_adapter(pl_module, "test")
+        super().on_test_start(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_adapter(pl_module, "predict")
+        super().on_predict_start(trainer, pl_module)
+
+    def _check_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Re-create the checkpoint's mask (its ``fishmask_indices_*`` buffers) where the module
+        carries another one or none, then check the checkpoint as every PEFT callback does."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            self._rebuild(pl_module, state)
+        super()._check_checkpoint(pl_module, checkpoint)
+
+    def _rebuild(self, pl_module: nn.Module, state: dict[str, Any]) -> None:
+        import torch
+
+        from lightning_peft.methods.fishmask import (
+            _INDICES,
+            SparseUpdate,
+            _trainable,
+            check_indices,
+            fishmask_layers,
+            inject_fishmask,
+        )
+        from lightning_peft.targeting import get_parent
+
+        selection: dict[str, dict[str, Tensor]] = {}
+        for key, value in state.items():
+            path, _, leaf = key.rpartition(".") if isinstance(key, str) else ("", "", "")
+            if path and leaf.startswith(_INDICES) and isinstance(value, Tensor):
+                selection.setdefault(path, {})[leaf[len(_INDICES):]] = value
+        if not selection:
+            return  # the common check names what is missing
+        current = {n: {p: m.indices(p) for p in m.param_names} for n, m in fishmask_layers(pl_module)}
+        if current.keys() == selection.keys() and all(
+                current[n].keys() == selection[n].keys()
+                and all(torch.equal(current[n][p].cpu(), selection[n][p].cpu()) for p in current[n])
+                for n in current):
+            return
+        modules = dict(pl_module.named_modules())
+        for path, params in selection.items():
+            module = modules.get(path)
+            base = module.base_layer if isinstance(module, SparseUpdate) else module
+            for name, idx in params.items():
+                param = None if base is None else base._parameters.get(name)
+                if param is None or not param.is_floating_point():
+                    raise ValueError(f"checkpoint: {path}.{_INDICES}{name} names no floating-point "
+                                     f"parameter of the module. Nothing was loaded.")
+                check_indices(idx, param.numel(), f"checkpoint: {path}.{_INDICES}{name}")
+        for name, layer in fishmask_layers(pl_module):  # the mask this run chose gives way
+            parent, child = get_parent(pl_module, name)
+            setattr(parent, child, layer.base_layer)
+        inject_fishmask(pl_module, selection, _trainable(pl_module, self.config), keep=self.config.keep)
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

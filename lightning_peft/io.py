@@ -27,7 +27,8 @@ loading refuses a config file that disagrees with it (files of two saves, or an 
 field. Files HF PEFT wrote have no such record and load as before.
 
 Loading is all or nothing: every config field (types, ranges, pattern syntax) and every tensor
-(name, shape, dtype, finiteness after the cast to the model's dtype) is checked against the model
+(name, shape, dtype, finiteness after the cast to the model's dtype, and the method's own
+``check_tensors``, e.g. FishMask's indices in range and increasing) is checked against the model
 (against a copy of its structure on the meta device when the adapter still has to be injected)
 before anything is changed; on a problem a ``ValueError`` names the fields or tensors and the
 model is left exactly as it was, LoRA settings (alpha, rsLoRA) included.
@@ -365,6 +366,9 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
     checked = dict(_validate({prefix + k: v[1] for k, v in expected.items()},
                              {**{prefix + k: v for k, v in by_key.items()}, **foreign}, strict, where,
                              keys=True))
+    if method.check_tensors is not None:  # the method's own checks (e.g. FishMask's indices)
+        method.check_tensors(root, {k[len(prefix):]: v for k, v in checked.items() if k.startswith(prefix)},
+                             where)
 
     if inject:
         injector(root)

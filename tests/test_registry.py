@@ -37,6 +37,7 @@ CALLBACKS = {
     "qlora": dict(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="float32"),
     "ia3": dict(),
     "bitfit": dict(target_modules="all-linear", add_missing_biases=True),
+    "fishmask": dict(keep=0.01, fisher_batches=2),
     "adalora": dict(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"]),
     "dylora": dict(r=4, r_min=2, target_modules=["q_proj", "v_proj"]),
     "relora": dict(r=4, target_modules=["q_proj", "v_proj"], reset_every=100, restart_warmup=10),
@@ -46,6 +47,7 @@ CONFIGS = {
     "qlora": QLoRAConfig(r=4, compute_dtype="float32"),
     "ia3": IA3Config(),
     "bitfit": BitFitConfig(target_modules="all-linear", add_missing_biases=True),
+    "fishmask": get_method("fishmask").config_class(keep=0.01),
     "adalora": get_method("adalora").config_class(init_r=4, target_r=2, total_step=10),
     "dylora": get_method("dylora").config_class(r=4),
     "relora": get_method("relora").config_class(r=4, reset_every=100, restart_warmup=10),
@@ -127,7 +129,14 @@ def test_fresh_adapter_gives_the_base_outputs_and_files_round_trip(tmp_path, nam
     model = _tiny.llama(seed=2)
     with torch.no_grad():
         base = model(ids).logits
-    apply_peft(model, CONFIGS[name])
+    if name == "fishmask":  # chooses its weights from data (Fisher scores): random scores stand in
+        from lightning_peft import apply_fishmask
+
+        scores = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4))
+                  for n, p in model.named_parameters()}
+        apply_fishmask(model, fisher=scores, config=CONFIGS[name])
+    else:
+        apply_peft(model, CONFIGS[name])
     with torch.no_grad():
         fresh = model(ids).logits
     if name != "qlora":  # QLoRA starts from the 4-bit base, not the dense one
@@ -151,7 +160,7 @@ def test_fresh_adapter_gives_the_base_outputs_and_files_round_trip(tmp_path, nam
 
     weights = tmp_path / name / "adapter_model.safetensors"
     tensors = load_file(str(weights))
-    key = sorted(tensors)[0]
+    key = sorted(k for k in tensors if tensors[k].is_floating_point())[0]  # not FishMask's indices
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] = float("nan")
     save_file(tensors, str(weights))  # no metadata: as if HF PEFT had written it

@@ -37,7 +37,8 @@ What the rest of the package does with an entry (no method-specific branch anywh
 - ``load_adapter`` finds the method by ``peft_type``; on a model without the adapter it calls
   ``from_json(model, config_json, where)`` (every field checked, a ``ValueError`` naming the field;
   the model only read) and runs the returned ``inject`` on a meta-device copy to learn the expected
-  tensors, checks names, shapes, dtypes and finiteness, then injects into the model and copies.
+  tensors, checks names, shapes, dtypes and finiteness (and whatever the method's
+  ``check_tensors`` checks: FishMask's indices), then injects into the model and copies.
   On a model that already carries the method, ``update_from_json`` (if any) checks the fields and
   returns the setter of the non-tensor state, run only after every check has passed.
 - Callbacks: one short class per method over ``PEFTCallback`` with a flat typed ``__init__``
@@ -50,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,13 @@ class Method:
     export: Callable[[nn.Module], nn.Module] | None = None
     """Turn a trained model into a plain one for inference (QLoRA: ``merge_and_dequantize``);
     ``None``: :func:`lightning_peft._base.merge_adapters`."""
+    check_tensors: Callable[[nn.Module, dict[str, Tensor], str], None] | None = None
+    """``check_tensors(model, tensors, where)``: checks of a file's tensors beyond names, shapes,
+    dtypes and finiteness (FishMask: its indices lie in the parameter and strictly increase), a
+    ``ValueError`` naming the tensor and ``where``. ``tensors`` are keyed as in the file without
+    :attr:`file_prefix`, cast to the model's dtypes; ``model`` is the one loaded into, still
+    unchanged. ``load_adapter`` calls it after its own checks, before anything is copied.
+    ``None``: nothing more to check."""
     file_prefix: str = "base_model.model."
     """Prefix of every tensor name in ``adapter_model.safetensors``."""
     aliases: tuple[str, ...] = field(default=())
