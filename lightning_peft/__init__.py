@@ -17,6 +17,13 @@ from lightning_peft.methods.adalora import (
     apply_adalora,
 )
 from lightning_peft.methods.bitfit import BitFitConfig, apply_bitfit
+from lightning_peft.methods.child_tuning import (
+    ChildTuningConfig,
+    apply_child_tuning,
+    attach_child_tuning,
+    child_tuning_changed,
+    child_tuning_fisher_masks,
+)
 from lightning_peft.methods.dylora import DyLoRAConfig, apply_dylora, dylora_sample_rank, truncate_rank
 from lightning_peft.methods.fishmask import FishMaskConfig, SparseUpdate, apply_fishmask, fishmask_scores
 from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
@@ -29,6 +36,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AdaLoRACallback": "lightning_peft.callbacks",
     "BitFitCallback": "lightning_peft.callbacks",
+    "ChildTuningCallback": "lightning_peft.callbacks",
     "DyLoRACallback": "lightning_peft.callbacks",
     "FishMaskCallback": "lightning_peft.callbacks",
     "ReLoRACallback": "lightning_peft.callbacks",
@@ -53,6 +61,8 @@ __all__ = [
     "BitFitCallback",
     "BitFitConfig",
     "CausalLMModule",
+    "ChildTuningCallback",
+    "ChildTuningConfig",
     "ClassificationDataModule",
     "DyLoRACallback",
     "DyLoRAConfig",
@@ -79,6 +89,7 @@ __all__ = [
     "adapter_state_dict",
     "apply_adalora",
     "apply_bitfit",
+    "apply_child_tuning",
     "apply_dylora",
     "apply_fishmask",
     "apply_ia3",
@@ -86,6 +97,9 @@ __all__ = [
     "apply_peft",
     "apply_qlora",
     "apply_relora",
+    "attach_child_tuning",
+    "child_tuning_changed",
+    "child_tuning_fisher_masks",
     "dylora_sample_rank",
     "fishmask_scores",
     "jagged_cosine_schedule",

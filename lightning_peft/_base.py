@@ -12,6 +12,13 @@ import torch
 from torch import Tensor, nn
 
 TRAIN_BIAS_ATTR = "_lightning_peft_train_bias"
+"""Set (``True``) on a module whose ``bias`` a method makes trainable (LoRA ``bias="all"``, BitFit)."""
+
+TRAIN_PARAMS_ATTR = "_lightning_peft_train_params"
+"""Set, in a module's ``__dict__``, to the tuple of names of the module's own (direct) parameters
+that a method trains in full (Child-tuning): they are adapter tensors, found, frozen, counted and
+saved like the parameters of adapter layers, as ``<module path>.<name>``. A parameter shared by
+several modules (tied weights) is marked on one of them."""
 
 
 class AdapterLayer(nn.Module):
@@ -123,7 +130,8 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str]) -> None:
 
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of every adapter tensor in ``model``: those of adapter layers, plus the
-    biases a method made trainable (LoRA ``bias="all"``/``"lora_only"``)."""
+    biases a method made trainable (LoRA ``bias="all"``/``"lora_only"``, ``TRAIN_BIAS_ATTR``) and
+    the parameters a method trains in full (``TRAIN_PARAMS_ATTR``), each tensor once."""
     seen: set[int] = set()
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
@@ -132,6 +140,10 @@ def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
             owned.update(module.adapter_parameters())
         if getattr(module, TRAIN_BIAS_ATTR, False) and getattr(module, "bias", None) is not None:
             owned["bias"] = module.bias
+        for name in module.__dict__.get(TRAIN_PARAMS_ATTR, ()):
+            param = module._parameters.get(name)
+            if param is not None:
+                owned.setdefault(name, param)
         for name, param in owned.items():
             if id(param) not in seen:
                 seen.add(id(param))

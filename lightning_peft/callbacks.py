@@ -1009,6 +1009,166 @@ class FishMaskCallback(PEFTCallback):
         inject_fishmask(pl_module, selection, _trainable(pl_module, self.config), keep=self.config.keep)
 
 
+class ChildTuningCallback(PEFTCallback):
+    """Fine-tune with Child-tuning (arXiv 2109.05687): ``Trainer(callbacks=[ChildTuningCallback(
+    mode="D", p=0.3)])``: each optimizer step updates only a child network of the weights.
+
+    Arguments are those of :func:`lightning_peft.apply_child_tuning` plus ``adapter_dir`` (write
+    the adapter, the child-tuned tensors in full, when ``fit`` ends, on rank 0). Mode ``"D"``:
+    in ``setup`` of ``fit`` the Fisher information is estimated over the first ``fisher_batches``
+    training batches (:func:`lightning_peft.callbacks.fisher_batches`; the module's ``loss(batch)``
+    where it has one) and the top ``p`` fraction of the weights becomes the child network
+    (:func:`lightning_peft.child_tuning_fisher_masks`), chosen on rank 0 and kept in the
+    callback's checkpoint state, so a resumed run trains the same weights. Mode ``"F"``: a fresh
+    Bernoulli(``p``) mask per step from a generator seeded with ``seed`` (or a seed drawn on
+    rank 0), whose state is checkpointed, so a resumed run draws what the interrupted one would
+    have. In ``on_fit_start`` every optimizer gets :func:`lightning_peft.attach_child_tuning`;
+    the gradients are masked in ``on_before_optimizer_step`` (after AMP's unscaling, before
+    clipping) and the masked weights are written back after the update, so no optimizer moves
+    them. When ``fit`` ends the number of weights that trained in it (were unmasked at one step
+    or more; a resumed fit counts from where it resumed) is logged
+    (``child_tuning/changed_weights``, :func:`lightning_peft.child_tuning_changed`).
+    """
+
+    method = "child_tuning"
+
+    def __init__(self, mode: str = "F", p: float = 0.3, target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None,
+                 trainable_modules: list[str] | None = None, fisher_batches: int = 8,
+                 seed: int | None = None, adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.child_tuning import ChildTuningConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = ChildTuningConfig(mode=mode, p=p, target_modules=target_modules,
+                                        exclude_modules=exclude_modules,
+                                        trainable_modules=trainable_modules,
+                                        fisher_batches=fisher_batches, seed=seed)
+        self.masks: dict[str, Tensor] | None = None
+        """Mode "D": the child network, ``{parameter name in the LightningModule: bool mask}``."""
+        self.generator: Any = None
+        """Mode "F": the ``torch.Generator`` (on the parameters' device) that draws the masks."""
+        self._seed: int | None = seed
+        self._pending_generator: Tensor | None = None
+        self._handles: dict[int, Any] = {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_peft.methods.child_tuning import child_tuned_parameters
+
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self.config.mode != "D" or self.masks is not None \
+                or not child_tuned_parameters(pl_module):  # built in configure_model: on_fit_start
+            return
+        try:
+            self._choose_masks(trainer, pl_module)
+        except BaseException:
+            self._undo(pl_module)
+            raise
+
+    def _choose_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_peft.methods.child_tuning import child_tuning_fisher_masks
+
+        batches, loss = fisher_batches(trainer, pl_module, self.config.fisher_batches)
+        masks = child_tuning_fisher_masks(pl_module, batches, loss, self.config.p)
+        self.masks = trainer.strategy.broadcast({n: m.cpu() for n, m in masks.items()}, src=0)
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(m.numel() for m in self.masks.values())
+        rank_zero_info(f"{type(self).__name__}: child network of {kept:,d} of {total:,d} weights (top "
+                       f"{self.config.p:g} by Fisher information over {len(batches)} batches)")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch
+
+        from lightning_peft.methods.child_tuning import (
+            attach_child_tuning,
+            child_tuned_parameters,
+            child_tuning_reset_touched,
+        )
+
+        super().on_fit_start(trainer, pl_module)
+        child_tuning_reset_touched(pl_module)  # count what this fit trains
+        params = child_tuned_parameters(pl_module)
+        if not params:
+            raise ValueError(f"{type(self).__name__}: the module carries no Child-tuning at fit start")
+        device = next(iter(params.values())).device
+        if self.config.mode == "F":
+            if self._seed is None:
+                drawn = int(torch.randint(0, 2**31 - 1, ()).item())
+                self._seed = int(trainer.strategy.broadcast(drawn, src=0))
+            if self.generator is None or self.generator.device != device:
+                self.generator = torch.Generator(device=device).manual_seed(self._seed)
+            state, self._pending_generator = self._pending_generator, None
+            if state is not None:
+                try:
+                    self.generator.set_state(state)
+                except (RuntimeError, TypeError, ValueError) as err:
+                    rank_zero_warn(f"{type(self).__name__}: the checkpoint's mask generator state does not "
+                                   f"fit a {device.type} generator ({err}); masks are drawn from seed "
+                                   f"{self._seed} again")
+        elif self.masks is None:
+            self._choose_masks(trainer, pl_module)
+        self._remove_handles()
+        ids = {id(q) for q in params.values()}
+        for optimizer in trainer.optimizers:
+            if any(id(q) in ids for group in optimizer.param_groups for q in group["params"]):
+                self._handles[id(optimizer)] = attach_child_tuning(
+                    pl_module, optimizer, self.config.mode, self.config.p, masks=self.masks,
+                    generator=self.generator, mask_in_pre_hook=False)
+        if not self._handles:
+            rank_zero_warn(f"{type(self).__name__}: no optimizer holds a child-tuned parameter; nothing "
+                           f"is masked")
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        handle = self._handles.get(id(optimizer))
+        if handle is not None:
+            handle.mask_gradients()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_peft.methods.child_tuning import child_tuned_parameters, child_tuning_changed
+
+        changed = child_tuning_changed(pl_module)
+        total = sum(q.numel() for q in child_tuned_parameters(pl_module).values())
+        rank_zero_info(f"{type(self).__name__}: {changed:,d} of {total:,d} child-tuned weights trained "
+                       f"(were unmasked at a step) in this fit")
+        for logger in trainer.loggers:
+            logger.log_metrics({"child_tuning/changed_weights": changed}, step=trainer.global_step)
+        super().on_fit_end(trainer, pl_module)
+
+    def _remove_handles(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles = {}
+
+    @override
+    def _undo(self, pl_module: pl.LightningModule) -> None:
+        self._remove_handles()
+        super()._undo(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The config, the mask generator's seed and state (mode "F") and the child network
+        (mode "D")."""
+        masks = None if self.masks is None else {n: m.cpu() for n, m in self.masks.items()}
+        generator = None if self.generator is None else self.generator.get_state()
+        return {**super().state_dict(), "seed": self._seed, "generator": generator, "masks": masks}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        seed = state_dict.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            self._seed = seed
+        if isinstance(state_dict.get("generator"), Tensor):
+            self._pending_generator = state_dict["generator"]
+        masks = state_dict.get("masks")
+        if isinstance(masks, dict) and masks:
+            self.masks = dict(masks)  # checked against the parameters when attached
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""
