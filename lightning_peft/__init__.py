@@ -16,7 +16,13 @@ from lightning_peft.methods.adalora import (
     adalora_update_and_allocate,
     apply_adalora,
 )
+from lightning_peft.methods.adapter_fusion import (
+    AdapterFusionConfig,
+    AdapterFusionLayer,
+    apply_adapter_fusion,
+)
 from lightning_peft.methods.bitfit import BitFitConfig, apply_bitfit
+from lightning_peft.methods.bottleneck import AdapterConfig, BottleneckAdapter, apply_adapters
 from lightning_peft.methods.child_tuning import (
     ChildTuningConfig,
     apply_child_tuning,
@@ -35,6 +41,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AdaLoRACallback": "lightning_peft.callbacks",
+    "AdapterCallback": "lightning_peft.callbacks",
+    "AdapterFusionCallback": "lightning_peft.callbacks",
     "BitFitCallback": "lightning_peft.callbacks",
     "ChildTuningCallback": "lightning_peft.callbacks",
     "DyLoRACallback": "lightning_peft.callbacks",
@@ -58,8 +66,14 @@ _LAZY = {
 __all__ = [
     "AdaLoRACallback",
     "AdaLoRAConfig",
+    "AdapterCallback",
+    "AdapterConfig",
+    "AdapterFusionCallback",
+    "AdapterFusionConfig",
+    "AdapterFusionLayer",
     "BitFitCallback",
     "BitFitConfig",
+    "BottleneckAdapter",
     "CausalLMModule",
     "ChildTuningCallback",
     "ChildTuningConfig",
@@ -88,6 +102,8 @@ __all__ = [
     "adalora_update_and_allocate",
     "adapter_state_dict",
     "apply_adalora",
+    "apply_adapter_fusion",
+    "apply_adapters",
     "apply_bitfit",
     "apply_child_tuning",
     "apply_dylora",

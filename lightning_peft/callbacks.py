@@ -1169,6 +1169,47 @@ class ChildTuningCallback(PEFTCallback):
             self.masks = dict(masks)  # checked against the parameters when attached
 
 
+class AdapterCallback(PEFTCallback):
+    """Fine-tune with bottleneck adapters: ``Trainer(callbacks=[AdapterCallback(bottleneck=64)])``;
+    serial (Houlsby: after attention and feed-forward; ``config="pfeiffer"``: after the
+    feed-forward only) or ``placement="parallel"`` (He et al.).
+
+    Arguments are those of :func:`lightning_peft.apply_adapters` plus ``adapter_dir`` (write the
+    adapter there when ``fit`` ends, on rank 0). Adapters do not merge: ``merge_on_fit_end`` is
+    not offered.
+    """
+
+    method = "adapter"
+
+    def __init__(self, bottleneck: int = 64, placement: str = "serial", config: str | None = None,
+                 activation: str = "relu", scaling: float = 1.0,
+                 target_modules: str | list[str] | None = None, trainable_modules: list[str] | None = None,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.bottleneck import AdapterConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = AdapterConfig(bottleneck=bottleneck, placement=placement, config=config,
+                                    activation=activation, scaling=scaling, target_modules=target_modules,
+                                    trainable_modules=trainable_modules)
+
+
+class AdapterFusionCallback(PEFTCallback):
+    """Train an AdapterFusion over trained bottleneck adapters:
+    ``Trainer(callbacks=[AdapterFusionCallback(adapter_dirs=["out/task_a", "out/task_b"])])``.
+    The adapters are loaded frozen; only the fusion attention (and ``trainable_modules``) trains.
+    ``adapter_dir``: write the fusion (adapters included) there when ``fit`` ends."""
+
+    method = "adapter_fusion"
+
+    def __init__(self, adapter_dirs: list[str], temperature: float = 1.0,
+                 trainable_modules: list[str] | None = None, adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.adapter_fusion import AdapterFusionConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = AdapterFusionConfig(adapter_dirs=adapter_dirs, temperature=temperature,
+                                          trainable_modules=trainable_modules)
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

@@ -4,6 +4,8 @@ adapter gives the base outputs, a bad file leaves the model as it was)."""
 
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,8 +33,14 @@ from lightning_peft.methods import (
 )
 from tests import _lit, _tiny
 
+# AdapterFusion fuses saved adapters: two random bottleneck adapters of the tiny Llama, written by
+# the module fixture below
+_FUSION_DIRS = [str(Path(tempfile.mkdtemp(prefix="lp-registry-fusion-")) / f"task_{i}") for i in range(2)]
+
 # every registered method, as a callback over the tiny Llama (no biases: BitFit adds them)
 CALLBACKS = {
+    "adapter": dict(bottleneck=4),
+    "adapter_fusion": dict(adapter_dirs=_FUSION_DIRS),
     "lora": dict(r=4, target_modules=["q_proj", "v_proj"]),
     "qlora": dict(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="float32"),
     "ia3": dict(),
@@ -44,6 +52,8 @@ CALLBACKS = {
     "relora": dict(r=4, target_modules=["q_proj", "v_proj"], reset_every=100, restart_warmup=10),
 }
 CONFIGS = {
+    "adapter": get_method("adapter").config_class(bottleneck=4, placement="parallel"),
+    "adapter_fusion": get_method("adapter_fusion").config_class(adapter_dirs=_FUSION_DIRS),
     "lora": LoRAConfig(r=4),
     "qlora": QLoRAConfig(r=4, compute_dtype="float32"),
     "ia3": IA3Config(),
@@ -54,6 +64,19 @@ CONFIGS = {
     "dylora": get_method("dylora").config_class(r=4),
     "relora": get_method("relora").config_class(r=4, reset_every=100, restart_warmup=10),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fusion_adapters():
+    from lightning_peft import apply_adapters
+
+    for i, directory in enumerate(_FUSION_DIRS):
+        model = apply_adapters(_tiny.llama(seed=i), bottleneck=3 + i)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for _, param in adapter_named_parameters(model):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+        save_adapter(model, directory)
 
 
 def test_every_registered_method_is_covered_here():
@@ -141,8 +164,8 @@ def test_fresh_adapter_gives_the_base_outputs_and_files_round_trip(tmp_path, nam
         apply_peft(model, CONFIGS[name])
     with torch.no_grad():
         fresh = model(ids).logits
-    if name != "qlora":  # QLoRA starts from the 4-bit base, not the dense one
-        assert torch.equal(fresh, base)
+    if name not in ("qlora", "adapter_fusion"):  # QLoRA starts from the 4-bit base, not the dense
+        assert torch.equal(fresh, base)  # one; a fusion from its trained adapters
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for _, param in adapter_named_parameters(model):
