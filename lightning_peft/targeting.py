@@ -246,8 +246,25 @@ def check_module_spec(spec: object, arg: str) -> str | list[str] | None:
     if isinstance(spec, str):
         if not spec:
             raise ValueError(f"{arg} must not be an empty string")
+        try:  # keywords such as "all-linear" are valid patterns too
+            re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{arg}={spec!r} is not a valid regular expression: {err}; pass a list of "
+                             f"module names or a regex") from err
         return spec
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(e, str) and e for e in spec):
         return list(spec)
     raise ValueError(f"{arg} must be a list of module names, a regex string, 'all-linear' or None, "
                      f"got {spec!r}")
+
+
+def check_module_names(names: object, arg: str) -> list[str] | None:
+    """``names`` as a list of module names (one name becomes a list of it; empty becomes None),
+    e.g. ``trainable_modules``, or a ``ValueError`` naming ``arg``."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(e, str) and e for e in names):
+        raise ValueError(f"{arg} must be a list of module names (e.g. ['classifier']) or None, got {names!r}")
+    return list(names) or None

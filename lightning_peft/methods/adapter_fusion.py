@@ -43,7 +43,7 @@ from lightning_peft.methods.bottleneck import (
     _read_site,
     check_sites,
 )
-from lightning_peft.targeting import find_modules
+from lightning_peft.targeting import check_module_names, find_modules
 
 _JSON_FIELDS = (
     "adapters",
@@ -98,17 +98,7 @@ class AdapterFusionConfig:
         ):
             raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
         self.temperature = float(self.temperature)
-        if isinstance(self.trainable_modules, str):
-            self.trainable_modules = [self.trainable_modules]
-        if self.trainable_modules is not None:
-            if not isinstance(self.trainable_modules, (list, tuple)) or not all(
-                isinstance(e, str) and e for e in self.trainable_modules
-            ):
-                raise ValueError(
-                    f"trainable_modules must be a list of module names or None, got "
-                    f"{self.trainable_modules!r}"
-                )
-            self.trainable_modules = list(self.trainable_modules) or None
+        self.trainable_modules = check_module_names(self.trainable_modules, "trainable_modules")
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from lightning_peft._base import (
 from lightning_peft.methods import Method, register
 from lightning_peft.targeting import (
     TargetSpec,
+    check_module_names,
     check_module_spec,
     conv1d_class,
     find_modules,
@@ -87,22 +88,7 @@ class BitFitConfig:
     def __post_init__(self) -> None:
         self.target_modules = check_module_spec(self.target_modules, "target_modules")
         self.exclude_modules = check_module_spec(self.exclude_modules, "exclude_modules")
-        for arg in ("target_modules", "exclude_modules"):
-            spec = getattr(self, arg)
-            if isinstance(spec, str) and not (arg == "target_modules" and spec in ("all", "all-linear")):
-                try:
-                    re.compile(spec)
-                except re.error as err:
-                    raise ValueError(f"{arg}={spec!r} is not a valid regular expression ({err}); "
-                                     f"pass a list of module names or a regex") from err
-        if isinstance(self.trainable_modules, str):
-            self.trainable_modules = [self.trainable_modules]
-        if self.trainable_modules is not None:
-            if not isinstance(self.trainable_modules, (list, tuple)) or not all(
-                    isinstance(e, str) and e for e in self.trainable_modules):
-                raise ValueError(f"trainable_modules must be a list of module names (e.g. ['classifier']) "
-                                 f"or None, got {self.trainable_modules!r}")
-            self.trainable_modules = list(self.trainable_modules) or None
+        self.trainable_modules = check_module_names(self.trainable_modules, "trainable_modules")
         if not isinstance(self.add_missing_biases, bool):
             raise ValueError(f"add_missing_biases must be a bool (True or False), got "
                              f"{self.add_missing_biases!r}")

@@ -56,7 +56,14 @@ from lightning_peft._base import (
     wrap_modules_to_save,
 )
 from lightning_peft.methods import Method, register
-from lightning_peft.targeting import TargetSpec, _matcher, check_module_spec, conv1d_class, find_modules
+from lightning_peft.targeting import (
+    TargetSpec,
+    _matcher,
+    check_module_names,
+    check_module_spec,
+    conv1d_class,
+    find_modules,
+)
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,
@@ -135,14 +142,7 @@ class AdapterConfig:
         if self.target_modules is not None and self.config is not None:
             raise ValueError(f"config={self.config!r} chooses the block placements; with target_modules "
                              f"the adapters go on the named modules: pass one of the two")
-        if isinstance(self.trainable_modules, str):
-            self.trainable_modules = [self.trainable_modules]
-        if self.trainable_modules is not None:
-            if not isinstance(self.trainable_modules, (list, tuple)) or not all(
-                    isinstance(e, str) and e for e in self.trainable_modules):
-                raise ValueError(f"trainable_modules must be a list of module names (e.g. ['classifier']) "
-                                 f"or None, got {self.trainable_modules!r}")
-            self.trainable_modules = list(self.trainable_modules) or None
+        self.trainable_modules = check_module_names(self.trainable_modules, "trainable_modules")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -49,7 +49,13 @@ from lightning_peft._base import (
 )
 from lightning_peft.methods import Method, planned_injection, register
 from lightning_peft.methods._fisher import empirical_fisher, top_k_masks
-from lightning_peft.targeting import TargetSpec, check_module_spec, find_modules, find_targets
+from lightning_peft.targeting import (
+    TargetSpec,
+    check_module_names,
+    check_module_spec,
+    find_modules,
+    find_targets,
+)
 
 MODES = ("F", "D")
 """``"F"``: task-free, a fresh Bernoulli(p) mask each step; ``"D"``: task-driven, the top-p
@@ -108,22 +114,7 @@ class ChildTuningConfig:
         self.p = _check_p(self.p, "p")
         self.target_modules = check_module_spec(self.target_modules, "target_modules")
         self.exclude_modules = check_module_spec(self.exclude_modules, "exclude_modules")
-        for arg in ("target_modules", "exclude_modules"):
-            spec = getattr(self, arg)
-            if isinstance(spec, str) and not (arg == "target_modules" and spec == "all-linear"):
-                try:
-                    re.compile(spec)
-                except re.error as err:
-                    raise ValueError(f"{arg}={spec!r} is not a valid regular expression ({err}); "
-                                     f"pass a list of module names or a regex") from err
-        if isinstance(self.trainable_modules, str):
-            self.trainable_modules = [self.trainable_modules]
-        if self.trainable_modules is not None:
-            if not isinstance(self.trainable_modules, (list, tuple)) or not all(
-                    isinstance(e, str) and e for e in self.trainable_modules):
-                raise ValueError(f"trainable_modules must be a list of module names (e.g. ['classifier']) "
-                                 f"or None, got {self.trainable_modules!r}")
-            self.trainable_modules = list(self.trainable_modules) or None
+        self.trainable_modules = check_module_names(self.trainable_modules, "trainable_modules")
         if isinstance(self.fisher_batches, bool) or not isinstance(self.fisher_batches, int) \
                 or self.fisher_batches < 1:
             raise ValueError(f"fisher_batches must be an integer >= 1 (the number of training batches "

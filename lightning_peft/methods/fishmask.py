@@ -58,7 +58,14 @@ from lightning_peft._base import (
 )
 from lightning_peft.methods import Method, register
 from lightning_peft.methods._fisher import empirical_fisher, top_k_masks
-from lightning_peft.targeting import TargetSpec, check_module_spec, find_modules, find_targets, get_parent
+from lightning_peft.targeting import (
+    TargetSpec,
+    check_module_names,
+    check_module_spec,
+    find_modules,
+    find_targets,
+    get_parent,
+)
 
 _VALUES = "fishmask_values_"
 _INDICES = "fishmask_indices_"
@@ -107,24 +114,10 @@ class FishMaskConfig:
                              f"Fisher information from), got {self.fisher_batches!r}")
         self.target_modules = check_module_spec(self.target_modules, "target_modules")
         self.exclude_modules = check_module_spec(self.exclude_modules, "exclude_modules")
-        for arg in ("target_modules", "exclude_modules"):
-            spec = getattr(self, arg)
-            if isinstance(spec, str) and spec != "all-linear":
-                try:
-                    re.compile(spec)
-                except re.error as err:
-                    raise ValueError(f"{arg}={spec!r} is not a valid regular expression: {err}") from err
         if self.exclude_modules == "all-linear":
             raise ValueError("exclude_modules='all-linear' is not supported: name the modules or give "
                              "a regex")
-        if isinstance(self.trainable_modules, str):
-            self.trainable_modules = [self.trainable_modules]
-        if self.trainable_modules is not None:
-            if not isinstance(self.trainable_modules, (list, tuple)) or not all(
-                    isinstance(e, str) and e for e in self.trainable_modules):
-                raise ValueError(f"trainable_modules must be a list of module names, got "
-                                 f"{self.trainable_modules!r}")
-            self.trainable_modules = list(self.trainable_modules) or None
+        self.trainable_modules = check_module_names(self.trainable_modules, "trainable_modules")
 
     def to_dict(self) -> dict:
         return asdict(self)
