@@ -31,6 +31,10 @@ class AdapterLayer(nn.Module):
     adapter_dtype: torch.dtype | None = None
     """The dtype the layer's adapter tensors are meant to keep whatever the base is cast to
     (fp32 on a half-precision base); ``None``: they follow the model's casts."""
+    keys_from_root: bool = False
+    """Whether the layer's tensors are keyed in adapter files by :meth:`file_key` alone, not under
+    the layer's module path (HF PEFT's prompt-learning files hold ``prompt_embeddings`` at the top
+    level, whatever module holds the prompt)."""
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         raise TypeError(f"{type(self).__name__} must define adapter_parameters()")

@@ -504,7 +504,8 @@ def _file_entries(root: nn.Module) -> dict[str, tuple[str, Tensor]]:
     """``{file key without the prefix: (name in root, tensor)}`` for the adapter of ``root``: each
     adapter layer's parameters and persistent buffers under ``<layer path>.<layer.file_key(name)>``
     (LoRA ``<path>.lora_A.weight``, IA3 ``<path>.ia3_l``, a module trained in full under its own
-    path, BatchNorm statistics included), then the trainable biases under their own names."""
+    path, BatchNorm statistics included; a layer with ``keys_from_root`` under ``file_key`` alone,
+    as HF PEFT's ``prompt_embeddings``), then the trainable biases under their own names."""
     entries: dict[str, tuple[str, Tensor]] = {}
     for name, module in root.named_modules():
         if not isinstance(module, AdapterLayer):
@@ -513,7 +514,8 @@ def _file_entries(root: nn.Module) -> dict[str, tuple[str, Tensor]]:
         tensors = {**module.adapter_parameters(),
                    **{n: b for n, b in module.adapter_buffers().items() if _persistent(module, n)}}
         for attr, tensor in tensors.items():
-            entries[dot + module.file_key(attr)] = (dot + attr, tensor)
+            key = module.file_key(attr) if module.keys_from_root else dot + module.file_key(attr)
+            entries[key] = (dot + attr, tensor)
     covered = {id(tensor) for _, tensor in entries.values()}
     for name, param in adapter_named_parameters(root):
         if id(param) not in covered:
