@@ -33,6 +33,7 @@ from lightning_peft.methods.child_tuning import (
 from lightning_peft.methods.dylora import DyLoRAConfig, apply_dylora, dylora_sample_rank, truncate_rank
 from lightning_peft.methods.fishmask import FishMaskConfig, SparseUpdate, apply_fishmask, fishmask_scores
 from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
+from lightning_peft.methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear, apply_lora
 from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 from lightning_peft.methods.relora import ReLoRAConfig, apply_relora, jagged_cosine_schedule, relora_reset
@@ -49,6 +50,7 @@ _LAZY = {
     "FishMaskCallback": "lightning_peft.callbacks",
     "ReLoRACallback": "lightning_peft.callbacks",
     "IA3Callback": "lightning_peft.callbacks",
+    "LlamaAdapterCallback": "lightning_peft.callbacks",
     "LoRACallback": "lightning_peft.callbacks",
     "peft_callback": "lightning_peft.callbacks",
     "PEFTCallback": "lightning_peft.callbacks",
@@ -86,6 +88,8 @@ __all__ = [
     "IA3Config",
     "IA3Linear",
     "InstructionDataModule",
+    "LlamaAdapterCallback",
+    "LlamaAdapterConfig",
     "LoRACallback",
     "LoRAConfig",
     "LoRALinear",
@@ -109,6 +113,7 @@ __all__ = [
     "apply_dylora",
     "apply_fishmask",
     "apply_ia3",
+    "apply_llama_adapter",
     "apply_lora",
     "apply_peft",
     "apply_qlora",

@@ -1210,6 +1210,25 @@ class AdapterFusionCallback(PEFTCallback):
                                           trainable_modules=trainable_modules)
 
 
+class LlamaAdapterCallback(PEFTCallback):
+    """Fine-tune with LLaMA-Adapter (adaption prompts, arXiv 2303.16199):
+    ``Trainer(callbacks=[LlamaAdapterCallback(adapter_len=10, adapter_layers=30)])``; prompts with
+    zero-initialised gates in the top ``adapter_layers`` attention modules of a Llama-architecture
+    model. Arguments are those of :func:`lightning_peft.apply_llama_adapter` plus ``adapter_dir``
+    (write the adapter, HF PEFT's ``ADAPTION_PROMPT`` files, when ``fit`` ends, on rank 0). The
+    prompts do not merge: ``merge_on_fit_end`` is not offered."""
+
+    method = "llama_adapter"
+
+    def __init__(self, adapter_len: int = 10, adapter_layers: int | None = None,
+                 target_modules: str = "self_attn", adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.llama_adapter import LlamaAdapterConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = LlamaAdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers,
+                                         target_modules=target_modules)
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

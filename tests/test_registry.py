@@ -50,6 +50,7 @@ CALLBACKS = {
     "adalora": dict(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"]),
     "dylora": dict(r=4, r_min=2, target_modules=["q_proj", "v_proj"]),
     "relora": dict(r=4, target_modules=["q_proj", "v_proj"], reset_every=100, restart_warmup=10),
+    "llama_adapter": dict(adapter_len=4),
 }
 CONFIGS = {
     "adapter": get_method("adapter").config_class(bottleneck=4, placement="parallel"),
@@ -63,6 +64,7 @@ CONFIGS = {
     "adalora": get_method("adalora").config_class(init_r=4, target_r=2, total_step=10),
     "dylora": get_method("dylora").config_class(r=4),
     "relora": get_method("relora").config_class(r=4, reset_every=100, restart_warmup=10),
+    "llama_adapter": get_method("llama_adapter").config_class(adapter_len=4, adapter_layers=1),
 }
 
 
