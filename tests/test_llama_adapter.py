@@ -32,7 +32,9 @@ def _tiny_model(kind: str, seed: int = 0, layers: int = 3):
     torch.manual_seed(seed)
     common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    if kind == "mistral":
+    if kind == "llama_wide_heads":  # head_dim 16: heads·head_dim (64) is not the hidden size (32)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, head_dim=16))
+    elif kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
@@ -116,7 +118,7 @@ def test_unsupported_attention_under_the_target_name_is_refused():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", "llama_wide_heads", "mistral", "qwen2", "mixtral"])
 def test_fresh_adapter_is_bit_identical_and_cache_changes_nothing(kind):
     model = _tiny_model(kind)
     with torch.no_grad():
