@@ -35,6 +35,13 @@ from lightning_peft.methods.fishmask import FishMaskConfig, SparseUpdate, apply_
 from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
 from lightning_peft.methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear, apply_lora
+from lightning_peft.methods.multitask_prompt_tuning import (
+    MultitaskPromptTuningConfig,
+    apply_multitask_prompt_tuning,
+    use_task_ids,
+)
+from lightning_peft.methods.p_tuning import PTuningConfig, apply_p_tuning, verbalizer_logits
+from lightning_peft.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
 from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 from lightning_peft.methods.relora import ReLoRAConfig, apply_relora, jagged_cosine_schedule, relora_reset
 
@@ -52,6 +59,9 @@ _LAZY = {
     "IA3Callback": "lightning_peft.callbacks",
     "LlamaAdapterCallback": "lightning_peft.callbacks",
     "LoRACallback": "lightning_peft.callbacks",
+    "MultitaskPromptTuningCallback": "lightning_peft.callbacks",
+    "PromptTuningCallback": "lightning_peft.callbacks",
+    "PTuningCallback": "lightning_peft.callbacks",
     "peft_callback": "lightning_peft.callbacks",
     "PEFTCallback": "lightning_peft.callbacks",
     "QLoRACallback": "lightning_peft.callbacks",
@@ -93,8 +103,14 @@ __all__ = [
     "LoRACallback",
     "LoRAConfig",
     "LoRALinear",
+    "MultitaskPromptTuningCallback",
+    "MultitaskPromptTuningConfig",
     "NF4Linear",
     "PEFTCallback",
+    "PTuningCallback",
+    "PTuningConfig",
+    "PromptTuningCallback",
+    "PromptTuningConfig",
     "QLoRACallback",
     "QLoRAConfig",
     "ReLoRACallback",
@@ -115,7 +131,10 @@ __all__ = [
     "apply_ia3",
     "apply_llama_adapter",
     "apply_lora",
+    "apply_multitask_prompt_tuning",
+    "apply_p_tuning",
     "apply_peft",
+    "apply_prompt_tuning",
     "apply_qlora",
     "apply_relora",
     "attach_child_tuning",
@@ -134,6 +153,8 @@ __all__ = [
     "trainable_parameters",
     "truncate_rank",
     "unmerge_adapters",
+    "use_task_ids",
+    "verbalizer_logits",
 ]
 
 

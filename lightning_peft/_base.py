@@ -44,6 +44,13 @@ class AdapterLayer(nn.Module):
         full), keyed by their name relative to the layer."""
         return {}
 
+    def file_tensors(self) -> dict[str, Tensor] | None:
+        """What adapter files hold for this layer instead of its adapter parameters and persistent
+        buffers, keyed like them (then through :meth:`file_key`); ``None`` (the default): those.
+        P-tuning returns its prompt encoder's outputs while the encoder trains (HF PEFT saves the
+        outputs, not the encoder); such computed tensors are written, never loaded into."""
+        return None
+
     def file_key(self, name: str) -> str:
         """The name, relative to the layer's path, under which the adapter tensor ``name`` (a key
         of :meth:`adapter_parameters` or :meth:`adapter_buffers`) is stored in

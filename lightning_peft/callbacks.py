@@ -1229,6 +1229,73 @@ class LlamaAdapterCallback(PEFTCallback):
                                          target_modules=target_modules)
 
 
+class PromptTuningCallback(PEFTCallback):
+    """Fine-tune with prompt tuning: ``Trainer(callbacks=[PromptTuningCallback(num_virtual_tokens=20)])``:
+    n trainable embeddings are prepended to every input of the frozen model (HF PEFT's
+    ``PROMPT_TUNING``). Arguments are those of :func:`lightning_peft.apply_prompt_tuning` (the
+    tokenizer of ``init="text"`` by name) plus ``adapter_dir`` (write the prompt there when ``fit``
+    ends, on rank 0). Nothing merges."""
+
+    method = "prompt_tuning"
+    free_fields = ("init", "init_text", "tokenizer_name_or_path")
+
+    def __init__(self, num_virtual_tokens: int = 20, init: str = "random", init_text: str | None = None,
+                 tokenizer_name_or_path: str | None = None, adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.prompt_tuning import PromptTuningConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, init=init,
+                                         init_text=init_text, tokenizer_name_or_path=tokenizer_name_or_path)
+
+
+class PTuningCallback(PEFTCallback):
+    """Fine-tune with P-tuning: ``Trainer(callbacks=[PTuningCallback(num_virtual_tokens=20,
+    encoder_type="LSTM")])``: a prompt encoder (MLP or LSTM) makes the virtual tokens. Arguments
+    are those of :func:`lightning_peft.apply_p_tuning` plus ``adapter_dir`` (write the encoder's
+    outputs there, HF PEFT's ``P_TUNING`` file, when ``fit`` ends, on rank 0)."""
+
+    method = "p_tuning"
+    free_fields = ("encoder_dropout",)
+
+    def __init__(self, num_virtual_tokens: int = 20, encoder_type: str = "MLP",
+                 encoder_hidden_size: int | None = None, encoder_num_layers: int = 2,
+                 encoder_dropout: float = 0.0, template: str = "prefix",
+                 template_split: tuple[int, int, int] | None = None, mask_token_id: int | None = None,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.p_tuning import PTuningConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = PTuningConfig(num_virtual_tokens=num_virtual_tokens, encoder_type=encoder_type,
+                                    encoder_hidden_size=encoder_hidden_size,
+                                    encoder_num_layers=encoder_num_layers, encoder_dropout=encoder_dropout,
+                                    template=template,
+                                    template_split=tuple(template_split) if template_split else None,
+                                    mask_token_id=mask_token_id)
+
+
+class MultitaskPromptTuningCallback(PEFTCallback):
+    """Fine-tune with multitask prompt tuning: ``Trainer(callbacks=[MultitaskPromptTuningCallback(
+    num_virtual_tokens=20, num_tasks=3)])``: batches carry ``task_ids`` (one per row). Adapt to a
+    new task from a source adapter with ``init="average_source_tasks", source="out/mpt"``.
+    Arguments are those of :func:`lightning_peft.apply_multitask_prompt_tuning` plus ``adapter_dir``
+    (write the adapter there when ``fit`` ends, on rank 0)."""
+
+    method = "multitask_prompt_tuning"
+    free_fields = ("init", "init_text", "tokenizer_name_or_path", "source", "init_task")
+
+    def __init__(self, num_virtual_tokens: int = 20, num_tasks: int = 1, num_ranks: int = 1,
+                 init: str = "random", init_text: str | None = None,
+                 tokenizer_name_or_path: str | None = None, source: str | None = None, init_task: int = 0,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = MultitaskPromptTuningConfig(
+            num_virtual_tokens=num_virtual_tokens, num_tasks=num_tasks, num_ranks=num_ranks, init=init,
+            init_text=init_text, tokenizer_name_or_path=tokenizer_name_or_path, source=source,
+            init_task=init_task)
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

@@ -505,18 +505,24 @@ def _file_entries(root: nn.Module) -> dict[str, tuple[str, Tensor]]:
     adapter layer's parameters and persistent buffers under ``<layer path>.<layer.file_key(name)>``
     (LoRA ``<path>.lora_A.weight``, IA3 ``<path>.ia3_l``, a module trained in full under its own
     path, BatchNorm statistics included; a layer with ``keys_from_root`` under ``file_key`` alone,
-    as HF PEFT's ``prompt_embeddings``), then the trainable biases under their own names."""
+    as HF PEFT's ``prompt_embeddings``; a layer's ``file_tensors()`` instead of its tensors where it
+    gives them), then the trainable biases under their own names."""
     entries: dict[str, tuple[str, Tensor]] = {}
+    computed: set[int] = set()
     for name, module in root.named_modules():
         if not isinstance(module, AdapterLayer):
             continue
         dot = f"{name}." if name else ""
-        tensors = {**module.adapter_parameters(),
-                   **{n: b for n, b in module.adapter_buffers().items() if _persistent(module, n)}}
+        tensors = module.file_tensors()
+        if tensors is None:
+            tensors = {**module.adapter_parameters(),
+                       **{n: b for n, b in module.adapter_buffers().items() if _persistent(module, n)}}
+        else:  # computed tensors stand for the layer's parameters (P-tuning's encoder outputs)
+            computed.update(id(p) for p in module.adapter_parameters().values())
         for attr, tensor in tensors.items():
             key = module.file_key(attr) if module.keys_from_root else dot + module.file_key(attr)
             entries[key] = (dot + attr, tensor)
-    covered = {id(tensor) for _, tensor in entries.values()}
+    covered = {id(tensor) for _, tensor in entries.values()} | computed
     for name, param in adapter_named_parameters(root):
         if id(param) not in covered:
             entries[name] = (name, param)

@@ -51,6 +51,9 @@ CALLBACKS = {
     "dylora": dict(r=4, r_min=2, target_modules=["q_proj", "v_proj"]),
     "relora": dict(r=4, target_modules=["q_proj", "v_proj"], reset_every=100, restart_warmup=10),
     "llama_adapter": dict(adapter_len=4),
+    "prompt_tuning": dict(num_virtual_tokens=4),
+    "p_tuning": dict(num_virtual_tokens=4, encoder_type="LSTM", encoder_hidden_size=8),
+    "multitask_prompt_tuning": dict(num_virtual_tokens=4, num_ranks=2),
 }
 CONFIGS = {
     "adapter": get_method("adapter").config_class(bottleneck=4, placement="parallel"),
@@ -65,7 +68,13 @@ CONFIGS = {
     "dylora": get_method("dylora").config_class(r=4),
     "relora": get_method("relora").config_class(r=4, reset_every=100, restart_warmup=10),
     "llama_adapter": get_method("llama_adapter").config_class(adapter_len=4, adapter_layers=1),
+    "prompt_tuning": get_method("prompt_tuning").config_class(num_virtual_tokens=4, init="sample_vocab"),
+    "p_tuning": get_method("p_tuning").config_class(num_virtual_tokens=4, encoder_hidden_size=8),
+    "multitask_prompt_tuning": get_method("multitask_prompt_tuning").config_class(num_virtual_tokens=4,
+                                                                                 num_ranks=2),
 }
+# methods whose fresh adapter is not zero-effect: prompts add virtual positions to the logits
+NOT_ZERO_START = {"prompt_tuning", "p_tuning", "multitask_prompt_tuning"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -166,8 +175,9 @@ def test_fresh_adapter_gives_the_base_outputs_and_files_round_trip(tmp_path, nam
         apply_peft(model, CONFIGS[name])
     with torch.no_grad():
         fresh = model(ids).logits
-    if name not in ("qlora", "adapter_fusion"):  # QLoRA starts from the 4-bit base, not the dense
-        assert torch.equal(fresh, base)  # one; a fusion from its trained adapters
+    # QLoRA starts from the 4-bit base, not the dense one; a fusion from its trained adapters
+    if name not in ("qlora", "adapter_fusion", *NOT_ZERO_START):
+        assert torch.equal(fresh, base)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for _, param in adapter_named_parameters(model):
