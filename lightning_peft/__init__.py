@@ -41,6 +41,7 @@ from lightning_peft.methods.multitask_prompt_tuning import (
     use_task_ids,
 )
 from lightning_peft.methods.p_tuning import PTuningConfig, apply_p_tuning, verbalizer_logits
+from lightning_peft.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig, apply_prefix_tuning
 from lightning_peft.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
 from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 from lightning_peft.methods.relora import ReLoRAConfig, apply_relora, jagged_cosine_schedule, relora_reset
@@ -64,6 +65,7 @@ _LAZY = {
     "PTuningCallback": "lightning_peft.callbacks",
     "peft_callback": "lightning_peft.callbacks",
     "PEFTCallback": "lightning_peft.callbacks",
+    "PrefixTuningCallback": "lightning_peft.callbacks",
     "QLoRACallback": "lightning_peft.callbacks",
     "save_adapter": "lightning_peft.io",
     "load_adapter": "lightning_peft.io",
@@ -109,6 +111,9 @@ __all__ = [
     "PEFTCallback",
     "PTuningCallback",
     "PTuningConfig",
+    "PrefixEncoder",
+    "PrefixTuningCallback",
+    "PrefixTuningConfig",
     "PromptTuningCallback",
     "PromptTuningConfig",
     "QLoRACallback",
@@ -134,6 +139,7 @@ __all__ = [
     "apply_multitask_prompt_tuning",
     "apply_p_tuning",
     "apply_peft",
+    "apply_prefix_tuning",
     "apply_prompt_tuning",
     "apply_qlora",
     "apply_relora",

@@ -1296,6 +1296,32 @@ class MultitaskPromptTuningCallback(PEFTCallback):
             init_task=init_task)
 
 
+class PrefixTuningCallback(PEFTCallback):
+    """Fine-tune with prefix tuning or P-tuning v2:
+    ``Trainer(callbacks=[PrefixTuningCallback(num_virtual_tokens=20)])``: trainable key/value
+    prefixes at every attention layer; ``prefix_projection=True`` computes them with an MLP (prefix
+    tuning, Li and Liang), ``False`` learns them directly (P-tuning v2, Liu et al.). The module's
+    calls, ``generate`` included, need no change.
+
+    Arguments are those of :func:`lightning_peft.apply_prefix_tuning` plus ``adapter_dir`` (write
+    the adapter there, HF PEFT's ``PREFIX_TUNING`` files, when ``fit`` ends, on rank 0). A prefix
+    does not merge: ``merge_on_fit_end`` is not offered.
+    """
+
+    method = "prefix_tuning"
+
+    def __init__(self, num_virtual_tokens: int = 20, prefix_projection: bool = False,
+                 encoder_hidden_size: int | None = None, modules_to_save: list[str] | None = None,
+                 init_weights: str | None = None, adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.prefix_tuning import PrefixTuningConfig
+
+        super().__init__(adapter_dir=adapter_dir)
+        self.config = PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens,
+                                         prefix_projection=prefix_projection,
+                                         encoder_hidden_size=encoder_hidden_size,
+                                         modules_to_save=modules_to_save, init_weights=init_weights)
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

@@ -54,6 +54,7 @@ CALLBACKS = {
     "prompt_tuning": dict(num_virtual_tokens=4),
     "p_tuning": dict(num_virtual_tokens=4, encoder_type="LSTM", encoder_hidden_size=8),
     "multitask_prompt_tuning": dict(num_virtual_tokens=4, num_ranks=2),
+    "prefix_tuning": dict(num_virtual_tokens=4),
 }
 CONFIGS = {
     "adapter": get_method("adapter").config_class(bottleneck=4, placement="parallel"),
@@ -72,9 +73,10 @@ CONFIGS = {
     "p_tuning": get_method("p_tuning").config_class(num_virtual_tokens=4, encoder_hidden_size=8),
     "multitask_prompt_tuning": get_method("multitask_prompt_tuning").config_class(num_virtual_tokens=4,
                                                                                  num_ranks=2),
+    "prefix_tuning": get_method("prefix_tuning").config_class(num_virtual_tokens=4, prefix_projection=True),
 }
 # methods whose fresh adapter is not zero-effect: prompts add virtual positions to the logits
-NOT_ZERO_START = {"prompt_tuning", "p_tuning", "multitask_prompt_tuning"}
+NOT_ZERO_START = {"prompt_tuning", "p_tuning", "multitask_prompt_tuning", "prefix_tuning"}
 
 
 @pytest.fixture(autouse=True, scope="module")
