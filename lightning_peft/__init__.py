@@ -8,6 +8,7 @@ and the data module import Lightning lazily, on first access, so the plain funct
 from importlib import import_module
 
 from lightning_peft._base import merge_adapters, trainable_parameters, unmerge_adapters
+from lightning_peft.lorahub import LoRAHubResult, lorahub  # eager: the function takes the module's name
 from lightning_peft.methods import apply_peft
 from lightning_peft.methods.adalora import (
     AdaLoRAConfig,
@@ -104,6 +105,7 @@ __all__ = [
     "LlamaAdapterConfig",
     "LoRACallback",
     "LoRAConfig",
+    "LoRAHubResult",
     "LoRALinear",
     "MultitaskPromptTuningCallback",
     "MultitaskPromptTuningConfig",
@@ -151,6 +153,7 @@ __all__ = [
     "jagged_cosine_schedule",
     "load_adapter",
     "load_adapter_state_dict",
+    "lorahub",
     "merge_adapters",
     "merge_and_dequantize",
     "peft_callback",
