@@ -76,6 +76,8 @@ _LAZY = {
     "ClassificationDataModule": "lightning_peft.data",
     "CausalLMModule": "lightning_peft.tasks",
     "SequenceClassificationModule": "lightning_peft.tasks",
+    "ProxyTuningLogitsProcessor": "lightning_peft.proxy_tuning",
+    "proxy_generate": "lightning_peft.proxy_tuning",
 }
 
 __all__ = [
@@ -118,6 +120,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningCallback",
     "PromptTuningConfig",
+    "ProxyTuningLogitsProcessor",
     "QLoRACallback",
     "QLoRAConfig",
     "ReLoRACallback",
@@ -157,6 +160,7 @@ __all__ = [
     "merge_adapters",
     "merge_and_dequantize",
     "peft_callback",
+    "proxy_generate",
     "relora_reset",
     "save_adapter",
     "trainable_parameters",
