@@ -49,7 +49,7 @@ try:  # LoRA's own adapter_config.json checks, where lora.py has them
 except ImportError:  # pragma: no cover
     _check_lora_json = None
 
-__all__ = ["LoRAHubResult", "lorahub"]
+__all__ = ["LoRAHubResult", "lorahub", "lorahub_combine"]
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
@@ -318,6 +318,43 @@ def _import_nevergrad() -> Any:
     return nevergrad
 
 
+def _check_dirs(adapter_dirs: Any) -> None:
+    if isinstance(adapter_dirs, (str, Path)) or not isinstance(adapter_dirs, Sequence):
+        raise ValueError(f"adapter_dirs must be a list of adapter directories, got "
+                         f"{type(adapter_dirs).__name__}")
+    if len(adapter_dirs) == 0:
+        raise ValueError("adapter_dirs is empty; LoRAHub composes at least one LoRA adapter")
+
+
+def _prepare(model: nn.Module, adapter_dirs: Sequence[str | Path]) -> tuple[nn.Module, list[str],
+                                                                           list[_Adapter]]:
+    """``(root, target module paths, adapters)`` once everything is checked (model unchanged)."""
+    _, root = _transformers_root(model)
+    carried = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    if carried:
+        raise ValueError(f"the model already carries adapter layers ({first_names(carried)}); LoRAHub "
+                         f"injects the combined LoRA into the base model: pass one without adapters")
+    adapters = [_read_lora(d) for d in adapter_dirs]
+    return root, _check_adapters(root, adapters), adapters
+
+
+def lorahub_combine(model: nn.Module, adapter_dirs: Sequence[str | Path],
+                    weights: Sequence[float]) -> nn.Module:
+    """Inject ``Σ_i w_i s_i B_i A_i`` of the LoRA adapters in ``adapter_dirs`` into ``model`` as one
+    stacked LoRA (rank Σ r_i, scaling 1), with known ``weights`` (no search): e.g. the uniform
+    mix, or the weights a :func:`lorahub` run found. Same checks as :func:`lorahub`, before the
+    model changes. Returns ``model``."""
+    _check_dirs(adapter_dirs)
+    finite = lambda w: isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)  # noqa: E731
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) \
+            or len(weights) != len(adapter_dirs) or not all(finite(w) for w in weights):
+        raise ValueError(f"weights must be {len(adapter_dirs)} finite numbers, one per adapter "
+                         f"directory, got {weights!r}")
+    root, targets, adapters = _prepare(model, adapter_dirs)
+    _Combination(root, targets, adapters).set_weights(weights)
+    return model
+
+
 def lorahub(model: nn.Module, adapter_dirs: Sequence[str | Path], examples: Sequence[Any],
             loss_fn: LossFn | None = None, budget: int = 40, l1: float = 0.05, seed: int = 0,
             batch_size: int = 8, tokenizer: Any = None, max_length: int | None = None,
@@ -353,19 +390,9 @@ def lorahub(model: nn.Module, adapter_dirs: Sequence[str | Path], examples: Sequ
     HF PEFT LoRA adapter. As :func:`apply_lora` does, every other parameter of the model is frozen.
     """
     _check_arguments(budget, l1, seed, batch_size, bound)
-    if isinstance(adapter_dirs, (str, Path)) or not isinstance(adapter_dirs, Sequence):
-        raise ValueError(f"adapter_dirs must be a list of adapter directories, got "
-                         f"{type(adapter_dirs).__name__}")
-    if len(adapter_dirs) == 0:
-        raise ValueError("adapter_dirs is empty; LoRAHub composes at least one LoRA adapter")
+    _check_dirs(adapter_dirs)
     ng = _import_nevergrad()
-    _, root = _transformers_root(model)
-    carried = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
-    if carried:
-        raise ValueError(f"the model already carries adapter layers ({first_names(carried)}); LoRAHub "
-                         f"injects the combined LoRA into the base model: pass one without adapters")
-    adapters = [_read_lora(d) for d in adapter_dirs]
-    targets = _check_adapters(root, adapters)
+    root, targets, adapters = _prepare(model, adapter_dirs)
     device = _device(model)
     batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
                for b in _batches(examples, tokenizer, batch_size, max_length)]

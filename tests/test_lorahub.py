@@ -10,7 +10,7 @@ import torch
 
 from lightning_peft import LoRAHubResult, apply_ia3, apply_lora, load_adapter, lorahub, save_adapter
 from lightning_peft._base import AdapterLayer
-from lightning_peft.lorahub import _Combination, _read_lora
+from lightning_peft.lorahub import _Combination, _read_lora, lorahub_combine
 from lightning_peft.methods.lora import LoRALinear
 from tests import _tiny
 
@@ -94,6 +94,13 @@ def test_stacked_combination_equals_weighted_sum_of_updates(tmp_path, model_fn, 
             delta = layer.delta_weight().double()
             torch.testing.assert_close(delta.t() if layer.fan_in_fan_out else delta, expected,
                                        rtol=1e-5, atol=1e-5)
+    # lorahub_combine: the same combination with known weights, into a fresh model
+    fresh = lorahub_combine(model_fn(), dirs, [1.5, 0.0, -0.25])
+    ids = torch.tensor([[1, 5, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="weights must be 3 finite numbers"):
+        lorahub_combine(model_fn(), dirs, [1.0, 2.0])
 
 
 def test_lorahub_beats_the_uniform_mix_and_round_trips(trained, tmp_path):
