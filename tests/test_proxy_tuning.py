@@ -141,3 +141,36 @@ def test_vocabularies_must_agree():
             ProxyTuningLogitsProcessor(tuned, untuned, alpha=bad)
     with pytest.raises(ValueError, match="max_new_tokens"):
         proxy_generate(large, tuned, untuned, ids, max_new_tokens=0)
+
+
+def test_truncated_small_model_and_the_example_end_to_end(tmp_path):
+    """examples/proxy_tuning.py on a tiny Llama: a 1-layer "small" model tuned for 2 steps; with
+    alpha = 0 the proxy-tuned answers are the large model's own."""
+    import contextlib
+    import io
+    import json
+
+    from tests.test_example import _load, save_tiny_model
+
+    example = _load("proxy_tuning")
+    large = _tiny.llama(layers=2)
+    small = example.truncated(large, 1)
+    assert len(small.model.layers) == 1 and small.config.num_hidden_layers == 1
+    assert len(large.model.layers) == 2
+    with pytest.raises(ValueError, match="more than the model's 2 layers"):
+        example.truncated(large, 3)
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        results = example.main(["--model", str(model_dir), "--small-layers", "1", "--steps", "2",
+                                "--batch-size", "2", "--r", "2", "--eval-limit", "3", "--max-new-tokens", "4",
+                                "--alpha", "0", "--threads", "1", "--out", str(tmp_path / "run")])
+    assert "proxy-tuned large (alpha=0)" in stdout.getvalue()
+    saved = json.loads((tmp_path / "run" / "proxy_tuning.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    rows = saved["results"]
+    assert rows["proxy-tuned large (alpha=0)"]["samples"] == rows["large alone"]["samples"]
+    assert saved["parameters"]["small"] < saved["parameters"]["large"]
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
