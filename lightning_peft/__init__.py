@@ -46,6 +46,16 @@ from lightning_peft.methods.prefix_tuning import PrefixEncoder, PrefixTuningConf
 from lightning_peft.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
 from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 from lightning_peft.methods.relora import ReLoRAConfig, apply_relora, jagged_cosine_schedule, relora_reset
+from lightning_peft.multi_adapter import (
+    active_adapters,
+    adapter_names_for_rows,
+    add_adapter,
+    combine_adapters,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+)
 
 __version__ = "0.1.0"
 
@@ -127,10 +137,13 @@ __all__ = [
     "ReLoRAConfig",
     "SequenceClassificationModule",
     "SparseUpdate",
+    "active_adapters",
     "adalora_orthogonal_penalty",
     "adalora_prune",
     "adalora_update_and_allocate",
+    "adapter_names_for_rows",
     "adapter_state_dict",
+    "add_adapter",
     "apply_adalora",
     "apply_adapter_fusion",
     "apply_adapters",
@@ -151,9 +164,13 @@ __all__ = [
     "attach_child_tuning",
     "child_tuning_changed",
     "child_tuning_fisher_masks",
+    "combine_adapters",
+    "delete_adapter",
+    "disable_adapters",
     "dylora_sample_rank",
     "fishmask_scores",
     "jagged_cosine_schedule",
+    "list_adapters",
     "load_adapter",
     "load_adapter_state_dict",
     "lorahub",
@@ -163,6 +180,7 @@ __all__ = [
     "proxy_generate",
     "relora_reset",
     "save_adapter",
+    "set_adapter",
     "trainable_parameters",
     "truncate_rank",
     "unmerge_adapters",

@@ -51,6 +51,22 @@ class AdapterLayer(nn.Module):
         outputs, not the encoder); such computed tensors are written, never loaded into."""
         return None
 
+    def named_adapters(self) -> list[str]:
+        """The names of the adapters the layer holds beside its default one (LoRA's named
+        adapters, :func:`lightning_peft.add_adapter`); ``[]`` for layers of one adapter."""
+        return []
+
+    def inactive_adapter_parameters(self) -> list[Tensor]:
+        """Adapter parameters of adapters that are not active (LoRA's named adapters outside
+        :func:`lightning_peft.set_adapter`'s set): saved and loaded, but kept frozen."""
+        return []
+
+    def named_adapter_files(self, name: str) -> dict[str, tuple[str, Tensor]]:
+        """``{file key relative to the layer: (name relative to the layer, tensor)}`` of the adapter
+        ``name`` saved alone (``save_adapter(..., adapter_name=name)``); ``{}`` where the layer does
+        not hold it."""
+        return {}
+
     def file_key(self, name: str) -> str:
         """The name, relative to the layer's path, under which the adapter tensor ``name`` (a key
         of :meth:`adapter_parameters` or :meth:`adapter_buffers`) is stored in
@@ -115,6 +131,8 @@ class ModulesToSave(AdapterLayer):
         return name.removeprefix("modules_to_save.")
 
     def forward(self, *args, **kwargs):
+        if self.__dict__.get("_disabled", False):  # lightning_peft.disable_adapters: the base module
+            return self.original_module(*args, **kwargs)
         return self.modules_to_save(*args, **kwargs)
 
     def __getattr__(self, name: str):  # expose e.g. .weight as the wrapped module does
@@ -191,9 +209,37 @@ def restore_adapter_dtypes(model: nn.Module) -> int:
     return count
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
+def merge_adapters(model: nn.Module, adapter_names: str | Iterable[str] | None = None) -> nn.Module:
     """Merge every adapter layer that can merge (LoRA, IA3, ...) into its base weight: the model
-    then runs at the base model's speed. Returns ``model``."""
+    then runs at the base model's speed. Returns ``model``.
+
+    ``adapter_names`` (LoRA's named adapters, :func:`lightning_peft.add_adapter`): merge those
+    adapters (a name or a list; they become the active ones), unmerging first a layer merged
+    with others: ``merge_adapters(model, "a")``, ``unmerge_adapters(model)`` (``W0`` back bit for
+    bit), ``merge_adapters(model, "b")`` switches tasks at the base model's speed."""
+    if adapter_names is not None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and hasattr(m, "active_adapters")]
+        known = list(dict.fromkeys(["default", *(n for m in layers for n in m.named_adapters())]))
+        unknown = [n for n in names if not isinstance(n, str) or n not in known]
+        if not layers or not names or unknown:
+            raise ValueError(f"adapter_names={adapter_names!r}: unknown adapters {unknown}; the model's "
+                             f"adapters are {known if layers else []}")
+        for layer in layers:
+            if layer.merged and layer.active_adapters != names:
+                layer.unmerge()
+        done = []
+        try:
+            for layer in layers:
+                if not layer.merged:
+                    layer.merge(adapter_names=names)
+                    done.append(layer)
+        except ValueError:  # e.g. a DoRA adapter with others: undo this call's merges
+            for layer in done:
+                if layer.merged:
+                    layer.unmerge()
+            raise
+        return model
     for module in model.modules():
         if isinstance(module, AdapterLayer) and callable(getattr(module, "merge", None)) \
                 and not getattr(module, "merged", True):
@@ -229,6 +275,9 @@ def has_adapters(model: nn.Module) -> bool:
 def freeze_all_but_adapters(model: nn.Module) -> None:
     """Set ``requires_grad`` on the adapter tensors of ``model`` and clear it everywhere else."""
     keep = {id(p) for _, p in adapter_named_parameters(model)}
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            keep.difference_update(id(p) for p in module.inactive_adapter_parameters())
     for param in model.parameters():
         param.requires_grad_(id(param) in keep)
 

@@ -125,7 +125,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
 
 
 def save_adapter(model: nn.Module, directory: str | Path,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, adapter_name: str | None = None) -> Path:
     """Write the adapter of ``model`` (any registered method) to ``directory`` and return the
     path: HF PEFT's format for the methods PEFT has, the same layout with our own ``peft_type``
     for the others.
@@ -140,24 +140,68 @@ def save_adapter(model: nn.Module, directory: str | Path,
     pair or the new one, never a mix. Other files in ``directory`` are kept; the two files get
     the mode the umask gives (0644 under umask 022). Concurrent saves to one directory are not
     supported.
+
+    Named adapters (LoRA's :func:`lightning_peft.add_adapter`) are saved as HF PEFT's
+    ``save_pretrained`` saves a model with several adapters: the default adapter in ``directory``,
+    each other one alone (PEFT's plain keys, ``lora_A.weight``) in ``directory/<name>``.
+    ``adapter_name=None`` writes them all; ``adapter_name="<name>"`` that one only (in
+    ``directory/<name>``; ``"default"``: in ``directory``). Returns ``directory`` (or
+    ``directory/<name>``).
     """
     _, root = _transformers_root(model)
     method = file_method(root)
     if isinstance(root, AdapterLayer):
         raise ValueError(f"the model itself is a {type(root).__name__}; save the model that contains it")
-    entries = _file_entries(root)
+    named = _named_adapters(root)
+    if adapter_name is not None and adapter_name != "default" and adapter_name not in named:
+        raise ValueError(f"adapter_name={adapter_name!r}: the model has no such adapter; its adapters are "
+                         f"{['default', *named]}")
+    path = Path(directory)
+    if adapter_name is not None and adapter_name != "default":
+        return _save_one(root, method, path / adapter_name, base_model_name_or_path, adapter_name)
+    _save_one(root, method, path, base_model_name_or_path, None)
+    if adapter_name is None:
+        for name in named:
+            _save_one(root, method, path / name, base_model_name_or_path, name)
+    return path
+
+
+def _save_one(root: nn.Module, method: Any, path: Path, base_model_name_or_path: str | None,
+              adapter_name: str | None) -> Path:
+    """Write the adapter of ``root`` (the named adapter ``adapter_name`` alone if given) to ``path``."""
+    named = {"adapter_name": adapter_name} if adapter_name is not None else {}
+    entries = _file_entries(root) if adapter_name is None else _named_entries(root, adapter_name)
+    fields = method.to_json(root, **named)
     config = {"peft_type": method.peft_type, "task_type": _task_type(root),
               "base_model_name_or_path": base_model_name_or_path or _name_or_path(root),
-              "revision": None, "inference_mode": True, **method.to_json(root)}
+              "revision": None, "inference_mode": True, **fields}
     tensors = {method.file_prefix + key: param.detach().to("cpu", copy=True).contiguous()
                for key, (_, param) in sorted(entries.items())}
-    bound_fields = method.bound_fields if method.bound_fields is not None else \
-        ("peft_type", *method.to_json(root))
+    bound_fields = method.bound_fields if method.bound_fields is not None else ("peft_type", *fields)
     bound = json.dumps({k: config.get(k) for k in bound_fields}, sort_keys=True)
-    path = Path(directory)
     _write_directory(path, json.dumps(config, indent=2, sort_keys=True) + "\n", tensors,
                      {"format": "pt", _BOUND_KEY: bound})
     return path
+
+
+def _named_adapters(root: nn.Module) -> list[str]:
+    """The named adapters the adapter layers of ``root`` hold besides their default one."""
+    names: dict[str, None] = {}
+    for module in root.modules():
+        if isinstance(module, AdapterLayer):
+            names.update(dict.fromkeys(module.named_adapters()))
+    return list(names)
+
+
+def _named_entries(root: nn.Module, adapter_name: str) -> dict[str, tuple[str, Tensor]]:
+    """:func:`_file_entries` of the named adapter ``adapter_name`` alone, under PEFT's plain keys."""
+    entries: dict[str, tuple[str, Tensor]] = {}
+    for name, module in root.named_modules():
+        if isinstance(module, AdapterLayer):
+            dot = f"{name}." if name else ""
+            for key, (attr, tensor) in module.named_adapter_files(adapter_name).items():
+                entries[dot + key] = (dot + attr, tensor)
+    return entries
 
 
 def _write_directory(path: Path, config_text: str, tensors: dict[str, Tensor],
@@ -315,7 +359,8 @@ def _name_or_path(root: nn.Module) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
+                 adapter_name: str | None = None) -> nn.Module:
     """Load the adapter in ``directory`` (written by :func:`save_adapter` or by HF PEFT's
     ``save_pretrained``) into ``model`` and return ``model``. The method is the one the registry
     holds for the file's ``peft_type``.
@@ -332,7 +377,16 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
     method, naming the field), an unsupported PEFT option, a config that disagrees with the one
     recorded in the weights, and tensors that do not match the model or hold NaN/inf. On any
     error the model is left exactly as it was.
+
+    ``adapter_name`` (LoRA): load the file as that named adapter (see
+    :func:`lightning_peft.add_adapter`), beside the default one the model already carries, or
+    into the existing adapter of that name; it is not made active. ``directory`` is the adapter's
+    own directory or the one HF PEFT's ``save_pretrained`` (or :func:`save_adapter`) wrote for
+    several adapters: then ``directory/<adapter_name>`` is read. ``None`` or ``"default"``: the
+    default adapter, as without the argument.
     """
+    if adapter_name is not None and adapter_name != "default":
+        return _load_named(model, Path(directory), strict, adapter_name)
     config, tensors, where = _read_adapter(directory)
     config_where = str(Path(directory) / ADAPTER_CONFIG_NAME)
     method = method_for_peft_type(config.get("peft_type"), config_where)
@@ -376,6 +430,52 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True) -
     else:
         entries = expected
     pairs = [(entries[k][1], checked[prefix + k]) for k in by_key if k in entries]
+    with _unmerged(root):
+        if update is not None:
+            update()
+        _copy(pairs)
+    return model
+
+
+def _load_named(model: nn.Module, directory: Path, strict: bool, adapter_name: str) -> nn.Module:
+    """:func:`load_adapter` into the named adapter ``adapter_name``."""
+    if not isinstance(adapter_name, str):
+        raise ValueError(f"adapter_name must be a string, got {adapter_name!r}")
+    if (directory / adapter_name / ADAPTER_CONFIG_NAME).is_file():  # PEFT's multi-adapter layout
+        directory = directory / adapter_name
+    config, tensors, where = _read_adapter(directory)
+    config_where = str(directory / ADAPTER_CONFIG_NAME)
+    method = method_for_peft_type(config.get("peft_type"), config_where)
+    if not method.named_adapters:
+        raise ValueError(f"{where} holds a {method.peft_type} adapter, which has no named adapters; load it "
+                         f"without adapter_name")
+    prefix = method.file_prefix
+    _, root = _transformers_root(model)
+    present = [get_method(m.file_format) if m.file_format else m for m in methods_in(root)]
+    if not present or any(m is not method for m in present):
+        raise ValueError(f"{where}: a named {method.peft_type} adapter lives beside the default one, but the "
+                         f"model carries {sorted({m.peft_type for m in present}) or 'no adapter'}; load the "
+                         f"default adapter first (load_adapter(model, directory) or apply_lora). Nothing was "
+                         f"loaded; the model is unchanged.")
+    by_key = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+    if len(by_key) != len(tensors):
+        raise ValueError(f"{where}: tensor names collide once the {prefix!r} prefix is removed")
+    exists = adapter_name in _named_adapters(root)
+    update = None
+    if exists:
+        if method.update_from_json is not None:
+            update = method.update_from_json(root, config, config_where, adapter_name=adapter_name)
+        expected = _named_entries(root, adapter_name)
+    else:
+        injector = method.from_json(root, config, config_where, adapter_name=adapter_name)
+        clone = _meta_structure(root)
+        injector(clone)
+        expected = _named_entries(clone, adapter_name)
+    checked = dict(_validate({k: v[1] for k, v in expected.items()}, by_key, strict, where, keys=True))
+    if not exists:
+        injector(root)
+    entries = _named_entries(root, adapter_name)
+    pairs = [(entries[k][1], checked[k]) for k in checked if k in entries]
     with _unmerged(root):
         if update is not None:
             update()

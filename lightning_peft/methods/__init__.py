@@ -102,6 +102,12 @@ class Method:
     """Prefix of every tensor name in ``adapter_model.safetensors``."""
     aliases: tuple[str, ...] = field(default=())
     """Other names that find the method (e.g. ``"rslora"``)."""
+    named_adapters: bool = False
+    """Whether the method's layers hold named adapters beside the default one (LoRA's
+    :func:`lightning_peft.add_adapter`): then ``to_json``, ``from_json`` and ``update_from_json``
+    also take ``adapter_name=`` (that adapter alone, with PEFT's plain keys), and its layers give
+    ``named_adapters()`` and ``named_adapter_files(name)``, which ``save_adapter``/``load_adapter``
+    use with ``adapter_name=``."""
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -174,6 +174,54 @@ def _set_quantized_base_weight(base: nn.Module, q: kernels.NF4Tensor) -> None:
         base.quant_state = state
 
 
+DEFAULT_ADAPTER = "default"
+"""The name of a LoRA layer's own adapter (``lora_A``/``lora_B``), as HF PEFT's default adapter."""
+BASE_ROWS = "__base__"
+"""In mixed-adapter batches, the name of rows that run the base model."""
+_NAMED = "lora_adapters"
+_DEFAULT_ONLY = [DEFAULT_ADAPTER]  # compared against, never changed
+
+
+class NamedLoRA(nn.Module):
+    """A named adapter held by a :class:`LoRALinear` beside its default one (see
+    :func:`lightning_peft.add_adapter`): its own ``lora_A`` (r, in), ``lora_B`` (out, r), DoRA
+    magnitude, r, alpha (hence scaling), rsLoRA and dropout."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+        self.use_rslora, self.init, self.use_dora = use_rslora, init, use_dora
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))   # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))  # (out, r)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, **factory)) if use_dora \
+            else None  # (out,), set by LoRALinear.add_named to ||W0_i||
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.lora_A.is_meta:
+            return
+        with torch.no_grad():
+            if self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def parameters_by_name(self) -> dict[str, nn.Parameter]:
+        params = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_magnitude_vector is not None:
+            params["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return params
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
+                f"rslora={self.use_rslora}" + (", dora=True" if self.use_dora else ""))
+
+
 class LoRALinear(LinearAdapterLayer):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (kept as ``base_layer``) plus ``lora_A``/``lora_B``.
 
@@ -221,6 +269,10 @@ class LoRALinear(LinearAdapterLayer):
         if use_dora:  # DoRA's magnitude m, one per output feature
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))  # (out,)
         self.merged = False
+        self.active_adapters: list[str] = [DEFAULT_ADAPTER]
+        """The adapters the forward applies (:func:`lightning_peft.set_adapter`); the default one,
+        ``lora_A``/``lora_B`` of this layer, is ``"default"``; others live in ``lora_adapters``."""
+        self._merged_names: list[str] = []
         self._restore: tuple[Tensor | None, Tensor] | kernels.NF4Tensor | None = None
         self._dora_scale: Tensor | None = None  # m/||W0 + s·B·A|| (out,) used by merge()
         self._norm_sq_cache: tuple[tuple, Tensor] | None = None  # (key of W0, ||W0_i||² (out,))
@@ -253,12 +305,84 @@ class LoRALinear(LinearAdapterLayer):
         params = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         if self.lora_magnitude_vector is not None:
             params["lora_magnitude_vector"] = self.lora_magnitude_vector
+        for name, adapter in self.named_lora().items():  # named adapters, as in state_dict()
+            params.update({f"{_NAMED}.{name}.{k}": v for k, v in adapter.parameters_by_name().items()})
         return params
 
     def file_key(self, name: str) -> str:
+        if name.startswith(_NAMED + "."):  # a named adapter: HF PEFT's internal lora_A.<name>.weight
+            adapter, _, attr = name[len(_NAMED) + 1:].partition(".")
+            return f"{attr}.{adapter}.weight"
         if name == "lora_magnitude_vector":
             return name  # HF PEFT's key has no ".weight"
         return f"{name}.weight"  # HF PEFT's lora_A.weight / lora_B.weight
+
+    # ------------------------------------------------------------------ named adapters
+    def named_lora(self) -> dict[str, NamedLoRA]:
+        """The named adapters held beside the default one (``{}`` when there are none)."""
+        named = self._modules.get(_NAMED)
+        return dict(named.items()) if named is not None else {}
+
+    def named_adapters(self) -> list[str]:
+        return list(self.named_lora())
+
+    def holds(self, name: str) -> bool:
+        """Whether this layer holds adapter ``name`` (``"default"`` always)."""
+        return name == DEFAULT_ADAPTER or name in self.named_lora()
+
+    def slot(self, name: str) -> LoRALinear | NamedLoRA:
+        """The holder of adapter ``name``'s tensors and settings (``lora_A``, ``lora_B``,
+        ``lora_magnitude_vector``, ``r``, ``alpha``, ``scaling``, ``dropout``, ``use_rslora``,
+        ``init``, ``use_dora``): the layer itself for the default adapter."""
+        return self if name == DEFAULT_ADAPTER else self._modules[_NAMED][name]
+
+    def add_named(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                  init: str = "kaiming", use_dora: bool = False) -> NamedLoRA:
+        """Add adapter ``name`` (inactive) beside the others, initialised as the default one is
+        (``B = 0``: no change to the outputs) on the default adapter's device and dtype."""
+        if _NAMED not in self._modules:
+            self.add_module(_NAMED, nn.ModuleDict())
+        adapter = NamedLoRA(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init,
+                            use_dora, device=self.lora_A.device, dtype=self.lora_A.dtype)
+        self._modules[_NAMED][name] = adapter
+        if use_dora and not adapter.lora_A.is_meta and not self.merged:
+            with torch.no_grad():
+                adapter.lora_magnitude_vector.copy_(dora_weight_norm(
+                    self._dense_weight(), adapter.lora_A, adapter.lora_B, adapter.scaling))
+        return adapter
+
+    def remove_named(self, name: str) -> None:
+        named = self._modules[_NAMED]
+        del named[name]
+        if not len(named):
+            del self._modules[_NAMED]
+        self.active_adapters = [n for n in self.active_adapters if n != name] or [DEFAULT_ADAPTER]
+
+    def file_tensors(self) -> dict[str, Tensor] | None:
+        """With named adapters, files written for the default adapter hold its tensors only."""
+        if not self.named_lora():
+            return None
+        params = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_magnitude_vector is not None:
+            params["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return params
+
+    def inactive_adapter_parameters(self) -> list[Tensor]:
+        slots = [self.slot(n) for n in (DEFAULT_ADAPTER, *self.named_lora()) if n not in self.active_adapters]
+        return [p for s in slots for p in (s.lora_A, s.lora_B, s.lora_magnitude_vector) if p is not None]
+
+    def named_adapter_files(self, name: str) -> dict[str, tuple[str, Tensor]]:
+        """``{PEFT's plain key relative to the layer: (name in the layer, tensor)}`` of adapter
+        ``name`` saved alone (``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``)."""
+        if not self.holds(name):
+            return {}
+        slot = self.slot(name)
+        prefix = "" if name == DEFAULT_ADAPTER else f"{_NAMED}.{name}."
+        files = {"lora_A.weight": (prefix + "lora_A", slot.lora_A),
+                 "lora_B.weight": (prefix + "lora_B", slot.lora_B)}
+        if slot.lora_magnitude_vector is not None:
+            files["lora_magnitude_vector"] = (prefix + "lora_magnitude_vector", slot.lora_magnitude_vector)
+        return files
 
     def _dense_weight(self) -> Tensor:
         """``W0`` (out, in): the base weight (a transposed view for Conv1D), dequantized to fp32
@@ -294,30 +418,83 @@ class LoRALinear(LinearAdapterLayer):
         return None if _quantized_base_weight(self.base_layer) is not None else self._adapter_dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self.merged or self.__dict__.get("_disabled", False):
             return self.base_layer(x)
+        rows = self.__dict__.get("_rows")
+        if rows is not None:
+            return self._mixed_forward(x, rows)
+        if self.active_adapters != _DEFAULT_ONLY:
+            return self._multi_forward(x)
         group = _grouping.group_of(self)
         # siblings reading the same x share one pass over it, while every base is dense (a base
         # may turn 4-bit after grouping, e.g. under Lightning's BitsandbytesPrecision)
-        if group is not None and all(_grouping.groupable(m) for m in group.layers):
+        if group is not None and all(_grouping.groupable(m) and m.active_adapters == _DEFAULT_ONLY
+                                     for m in group.layers):
             return group(self, x)
         return self.forward_single(x)
 
     def forward_single(self, x: Tensor) -> Tensor:
         """This layer alone (no shared-input fusion with its siblings)."""
+        return self._forward_slot(x, self)
+
+    def _multi_forward(self, x: Tensor) -> Tensor:
+        """The active adapters this layer holds: the first (or the DoRA one) through the fused op,
+        each other one's ``s·B·A·dropout(x)`` added."""
+        names = [n for n in self.active_adapters if self.holds(n)]
+        if not names:
+            return self.base_layer(x)
+        dora = [n for n in names if self.slot(n).use_dora]
+        if len(dora) > 1:
+            raise ValueError(f"adapters {dora} are all DoRA adapters; one DoRA adapter can be active at a "
+                             f"time (its magnitude rescales the whole weight)")
+        first = dora[0] if dora else names[0]
+        y = self._forward_slot(x, self.slot(first))
+        for name in names:
+            if name != first:
+                y = y + self._lowrank(x, self.slot(name)).to(y.dtype)
+        return y
+
+    def _lowrank(self, x: Tensor, slot: LoRALinear | NamedLoRA) -> Tensor:
+        """``s·(dropout(x)·Aᵀ)·Bᵀ`` (..., out) in the adapter's dtype."""
+        a, b = slot.lora_A, slot.lora_B
+        xd = x.to(a.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        if self.training and slot.dropout > 0.0:
+            xd = nn.functional.dropout(xd, slot.dropout, training=True)
+        return (xd @ a.t()) @ b.t() * slot.scaling                            # (..., out)
+
+    def _mixed_forward(self, x: Tensor, rows: Any) -> Tensor:
+        """Mixed-adapter batch: the rows of each adapter present run that adapter alone (one
+        ``index_select`` per adapter), base rows the base layer; one gather puts them in order."""
+        if x.dim() < 2 or x.shape[0] != rows.size:
+            raise ValueError(f"adapter_names gives {rows.size} rows but this layer's input has "
+                             f"{x.shape[0] if x.dim() else 0} rows (shape {tuple(x.shape)}); give one "
+                             f"adapter name per row of the batch")
+        outs = []
+        for name, index in rows.groups(x.device):
+            xi = x if index is None else x.index_select(0, index)
+            if name == BASE_ROWS or not self.holds(name):
+                outs.append(self.base_layer(xi))
+            else:
+                outs.append(self._forward_slot(xi, self.slot(name)))
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs).index_select(0, rows.inverse(x.device))
+
+    def _forward_slot(self, x: Tensor, slot: LoRALinear | NamedLoRA) -> Tensor:
+        """The fused op with the base and one adapter (the default one or a named one)."""
         q = _quantized_base_weight(self.base_layer)
         compute = None if q is None else getattr(self.base_layer, "compute_dtype", None)
         xc = x if compute is None or torch.is_autocast_enabled(x.device.type) else x.to(compute)
-        if self.use_dora:
+        if slot.use_dora:
             y = dora_linear(
-                xc, self.weight if q is None else q, self.lora_A, self.lora_B, self.scaling,
-                self.lora_magnitude_vector, bias=self.base_layer.bias,
-                dropout_p=self.dropout if self.training else 0.0,
+                xc, self.weight if q is None else q, slot.lora_A, slot.lora_B, slot.scaling,
+                slot.lora_magnitude_vector, bias=self.base_layer.bias,
+                dropout_p=slot.dropout if self.training else 0.0,
                 weight_norm_sq=self._weight_norm_sq())
             return y if xc is x else y.to(x.dtype)
-        y = kernels.lora_linear(xc, self.weight if q is None else q, self.lora_A, self.lora_B,
-                                self.scaling, bias=self.base_layer.bias,
-                                dropout_p=self.dropout if self.training else 0.0)
+        y = kernels.lora_linear(xc, self.weight if q is None else q, slot.lora_A, slot.lora_B,
+                                slot.scaling, bias=self.base_layer.bias,
+                                dropout_p=slot.dropout if self.training else 0.0)
         return y if xc is x else y.to(x.dtype)  # a 4-bit base computes in its compute_dtype
 
     def delta_weight(self) -> Tensor:
@@ -331,31 +508,59 @@ class LoRALinear(LinearAdapterLayer):
             delta = delta.t()
         return delta.to(dtype)
 
+    def _delta(self, names: list[str]) -> Tensor:
+        """``Σ s_n·B_n·A_n`` over the adapters ``names`` in the base weight's layout and dtype (summed
+        in fp32 at least, rounded once); :meth:`delta_weight` for the default adapter alone."""
+        if names == [DEFAULT_ADAPTER]:
+            return self.delta_weight()
+        quantized = _quantized_base_weight(self.base_layer) is not None
+        dtype = torch.float32 if quantized else self.base_layer.weight.dtype
+        compute = torch.promote_types(dtype, torch.float32)
+        total = None
+        for name in names:
+            slot = self.slot(name)
+            delta = (slot.lora_B.to(compute) @ slot.lora_A.to(compute)) * slot.scaling  # (out, in)
+            total = delta if total is None else total.add_(delta)
+        if self.fan_in_fan_out:
+            total = total.t()
+        return total.to(dtype)
+
     @torch.no_grad()
-    def merge(self) -> None:
-        """Add ``s·B·A`` into the base weight. The few elements whose value a later subtraction
-        would not restore exactly (rounding ties, binade crossings) are remembered, so
-        :meth:`unmerge` gives back the original weight bit for bit."""
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Add the update of the active adapters (or of ``adapter_names``, which then become the
+        active ones) into the base weight. The few elements whose value a later subtraction would
+        not restore exactly (rounding ties, binade crossings) are remembered, so :meth:`unmerge`
+        gives back the original weight bit for bit. A DoRA adapter merges alone."""
         if self.merged:
             warnings.warn("LoRA layer is already merged; merge() does nothing", stacklevel=2)
             return
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        held = [n for n in names if self.holds(n)]
+        dora = [n for n in held if self.slot(n).use_dora]
+        if dora and len(held) > 1:
+            raise ValueError(f"the DoRA adapter {dora[0]!r} merges alone, not with {held}: its magnitude "
+                             f"rescales the whole weight")
+        self.active_adapters = names or [DEFAULT_ADAPTER]
+        if not held:  # none of the adapters lives here: the base weight is already the result
+            return
+        slot = self.slot(held[0])
         q = _quantized_base_weight(self.base_layer)
         if q is not None:  # 4-bit base: dequantize, add, re-quantize; keep the original for unmerge
             warnings.warn("merging LoRA into a 4-bit base re-quantizes W0 + s·B·A to NF4, which adds "
                           "rounding error to the update; unmerge() restores the original 4-bit weight "
                           "exactly. For a full-precision merged model use "
                           "lightning_peft.merge_and_dequantize(model, dtype)", stacklevel=2)
-            merged = q.dequantize(torch.float32).add_(self.delta_weight())  # (out, in) fp32
-            if self.use_dora:  # W' = m/||W0 + s·B·A|| ⊙ (W0 + s·B·A), rows
-                merged.mul_(self._dora_merge_scale(q).to(torch.float32)[:, None])
+            merged = q.dequantize(torch.float32).add_(self._delta(held))  # (out, in) fp32
+            if dora:  # W' = m/||W0 + s·B·A|| ⊙ (W0 + s·B·A), rows
+                merged.mul_(self._dora_merge_scale(q, slot).to(torch.float32)[:, None])
             _set_quantized_base_weight(self.base_layer, kernels.quantize_nf4(
                 merged.to(q.dtype), blocksize=q.blocksize, double_quant=q.double_quant))
-            self._restore, self.merged = q, True
+            self._restore, self.merged, self._merged_names = q, True, held
             return
         weight = self.base_layer.weight
-        delta = self.delta_weight()
-        if self.use_dora:
-            merged, drift = self._dora_merged(weight, delta)
+        delta = self._delta(held)
+        if dora:
+            merged, drift = self._dora_merged(weight, delta, slot)
         else:
             merged = weight + delta
             drift = ((merged - delta) != weight).reshape(-1).nonzero().squeeze(1)
@@ -364,14 +569,16 @@ class LoRALinear(LinearAdapterLayer):
         else:
             self._restore = (drift, weight.reshape(-1)[drift].clone())
         weight.copy_(merged)
-        self.merged = True
+        self.merged, self._merged_names = True, held
 
-    def _dora_merge_scale(self, q: kernels.NF4Tensor | None = None) -> Tensor:
+    def _dora_merge_scale(self, q: kernels.NF4Tensor | None = None,
+                          slot: LoRALinear | NamedLoRA | None = None) -> Tensor:
         """DoRA's ``m/||W0 + s·B·A||`` (out,) from the unmerged base weight, remembered for
         :meth:`unmerge`; fp32 at least."""
+        slot = self if slot is None else slot
         w = self.weight if q is None else q.dequantize(torch.float32)  # (out, in)
-        norm = dora_weight_norm(w, self.lora_A, self.lora_B, self.scaling, self._weight_norm_sq())
-        self._dora_scale = self.lora_magnitude_vector.detach().to(norm.dtype) / norm  # (out,)
+        norm = dora_weight_norm(w, slot.lora_A, slot.lora_B, slot.scaling, self._weight_norm_sq())
+        self._dora_scale = slot.lora_magnitude_vector.detach().to(norm.dtype) / norm  # (out,)
         return self._dora_scale
 
     def _dora_scale_view(self, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -379,10 +586,11 @@ class LoRALinear(LinearAdapterLayer):
         g = self._dora_scale.to(device, dtype)
         return g[None, :] if self.fan_in_fan_out else g[:, None]
 
-    def _dora_merged(self, weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    def _dora_merged(self, weight: Tensor, delta: Tensor,
+                     slot: LoRALinear | NamedLoRA | None = None) -> tuple[Tensor, Tensor]:
         """``(g ⊙ (W0 + ΔW), flat indices where unmerging it would not give W0 back)``."""
         compute = torch.promote_types(weight.dtype, torch.float32)
-        self._dora_merge_scale()
+        self._dora_merge_scale(None, slot)
         g = self._dora_scale_view(compute, weight.device)
         merged = ((weight.to(compute) + delta.to(compute)) * g).to(weight.dtype)
         back = (merged.to(compute) / g - delta.to(compute)).to(weight.dtype)
@@ -394,6 +602,7 @@ class LoRALinear(LinearAdapterLayer):
         if not self.merged:
             warnings.warn("LoRA layer is not merged; unmerge() does nothing", stacklevel=2)
             return
+        names = self._merged_names or [DEFAULT_ADAPTER]
         if isinstance(self._restore, kernels.NF4Tensor):  # 4-bit base: the weight before merge()
             _set_quantized_base_weight(self.base_layer, self._restore)
             self._restore, self._dora_scale, self.merged = None, None, False
@@ -404,12 +613,12 @@ class LoRALinear(LinearAdapterLayer):
         index, values = self._restore if self._restore is not None else (None, None)
         if index is None and values is not None:  # the whole original weight was kept
             restored = values.to(weight.device, weight.dtype)
-        elif self.use_dora:
+        elif self._dora_scale is not None:
             compute = torch.promote_types(weight.dtype, torch.float32)
             restored = (weight.to(compute) / self._dora_scale_view(compute, weight.device)
-                        - self.delta_weight().to(compute)).to(weight.dtype)
+                        - self._delta(names).to(compute)).to(weight.dtype)
         else:
-            restored = weight - self.delta_weight()
+            restored = weight - self._delta(names)
         if index is not None:
             restored.view(-1)[index.to(restored.device)] = values.to(restored.device, restored.dtype)
         weight.copy_(restored)
@@ -511,15 +720,18 @@ _BOUND_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern"
                  "target_modules", "exclude_modules", "modules_to_save", "bias")
 
 
-def _to_json(root: nn.Module) -> dict[str, Any]:
+def _to_json(root: nn.Module, adapter_name: str | None = None) -> dict[str, Any]:
     """The ``adapter_config.json`` fields (HF PEFT's LoRA format) that describe the LoRA layers of
-    ``root``: the most common r and alpha, the others as ``rank_pattern``/``alpha_pattern``."""
+    ``root``: the most common r and alpha, the others as ``rank_pattern``/``alpha_pattern``.
+    ``adapter_name``: those of that named adapter (the default adapter's when None)."""
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError(f"{type(root).__name__} has no LoRA layers to save; inject them first with "
                          f"apply_lora(model, ...)")
     if any(not name for name, _ in layers):
         raise ValueError("the model itself is a LoRALinear; save the model that contains it")
+    if adapter_name is not None and adapter_name != DEFAULT_ADAPTER:
+        return _named_to_json(root, layers, adapter_name)
     rslora = {m.use_rslora for _, m in layers}
     if len(rslora) > 1:
         mixed = [n for n, m in layers if m.use_rslora]
@@ -553,6 +765,33 @@ def _to_json(root: nn.Module) -> dict[str, Any]:
         "layers_to_transform": None,
         "layers_pattern": None,
         "layer_replication": None,
+    }
+
+
+def _named_to_json(root: nn.Module, layers: list[tuple[str, LoRALinear]],
+                   adapter_name: str) -> dict[str, Any]:
+    """:func:`_to_json` for the named adapter ``adapter_name`` (no modules_to_save, no biases)."""
+    slots = [(n, m.slot(adapter_name), m) for n, m in layers if m.holds(adapter_name)]
+    if not slots:
+        raise ValueError(f"no LoRA layer holds an adapter named {adapter_name!r}")
+    for flag in ("use_rslora", "use_dora"):
+        if len({getattr(s, flag) for _, s, _ in slots}) > 1:
+            raise ValueError(f"adapter {adapter_name!r} mixes {flag}=True and False across layers, which "
+                             f"adapter_config.json cannot express")
+    r = _most_common(s.r for _, s, _ in slots)
+    alpha = _most_common(s.alpha for _, s, _ in slots)
+    free = names_outside_adapters(root)
+    return {
+        "r": r, "lora_alpha": _json_number(alpha),
+        "lora_dropout": _most_common(s.dropout for _, s, _ in slots),
+        "target_modules": sorted(short_names([n for n, _, _ in slots], free, dotted=True)),
+        "exclude_modules": None, "modules_to_save": None, "bias": "none",
+        "use_rslora": slots[0][1].use_rslora, "use_dora": slots[0][1].use_dora, "lora_bias": False,
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, _, m in slots),
+        "init_lora_weights": True if _most_common(s.init for _, s, _ in slots) == "kaiming" else "gaussian",
+        "rank_pattern": {n: s.r for n, s, _ in slots if s.r != r},
+        "alpha_pattern": {n: _json_number(s.alpha) for n, s, _ in slots if s.alpha != alpha},
+        "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
     }
 
 
@@ -727,18 +966,77 @@ def _planned_scalings(root: nn.Module, config: dict[str, Any]) -> dict[LoRALinea
     return plan
 
 
-def _from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[nn.Module], None]:
+def _from_json(model: nn.Module, config: dict[str, Any], where: str,
+               adapter_name: str | None = None) -> Callable[[nn.Module], None]:
     """Check the LoRA fields of ``config`` and plan the injection into ``model`` (read only);
-    return the function that injects it."""
+    return the function that injects it. ``adapter_name``: add it as that named adapter to the
+    LoRA layers ``model`` already has."""
     _check_json(config, where)
+    if adapter_name is not None and adapter_name != DEFAULT_ADAPTER:
+        return _plan_named(model, config, where, adapter_name)
     groups, saved = _injection_plan(model, config, where)
     return lambda target: _inject(target, config, groups, saved)
 
 
-def _update_from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[], None]:
+def check_adapter_name(name: Any, arg: str = "adapter_name") -> str:
+    """A valid name for a new named adapter: a non-empty string without dots, not ``"default"``
+    nor ``"__base__"``."""
+    if not isinstance(name, str) or not name or "." in name or name in (DEFAULT_ADAPTER, BASE_ROWS):
+        raise ValueError(f"{arg} must be a non-empty string without dots, other than {DEFAULT_ADAPTER!r} "
+                         f"and {BASE_ROWS!r}, got {name!r}")
+    return name
+
+
+def _plan_named(model: nn.Module, config: dict[str, Any], where: str,
+                adapter_name: str) -> Callable[[nn.Module], None]:
+    """Plan adding the file's adapter as the named adapter ``adapter_name`` (read only)."""
+    check_adapter_name(adapter_name)
+    if config.get("modules_to_save"):
+        raise ValueError(f"{where}: modules_to_save={config['modules_to_save']!r}; a named adapter holds "
+                         f"LoRA factors only (load it as the default adapter instead)")
+    if (config.get("bias") or "none") != "none":
+        raise ValueError(f"{where}: bias={config['bias']!r}; a named adapter trains no biases")
+    groups, _ = _injection_plan(model, {**config, "modules_to_save": None}, where)
+    bare = [n for names in groups.values() for n in names
+            if not isinstance(model.get_submodule(n), LoRALinear)]
+    if bare:
+        raise ValueError(f"{where}: adapter {adapter_name!r} adapts {first_names(bare)}, which carry no LoRA "
+                         f"layer; a named adapter lives beside the default one, so apply_lora (or load "
+                         f"the default adapter) to those modules first")
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
+
+    def inject(target: nn.Module) -> None:
+        for (r, alpha), names in groups.items():
+            add_named_adapter(target, adapter_name, names, r=r, alpha=float(alpha),
+                              dropout=float(config.get("lora_dropout") or 0.0),
+                              use_rslora=bool(config.get("use_rslora", False)), init=init,
+                              use_dora=bool(config.get("use_dora", False)))
+        from lightning_peft.multi_adapter import install_adapter_names_hook
+
+        install_adapter_names_hook(target)
+
+    return inject
+
+
+def add_named_adapter(root: nn.Module, adapter_name: str, targets: Iterable[str], **settings: Any) -> None:
+    """Add the (inactive, frozen) named adapter ``adapter_name`` to the LoRA layers ``targets`` of
+    ``root`` (names in ``root``); ``settings``: :meth:`LoRALinear.add_named`'s."""
+    for name in targets:
+        layer = root.get_submodule(name)
+        adapter = layer.add_named(adapter_name, **settings)
+        active = adapter_name in layer.active_adapters
+        for param in adapter.parameters_by_name().values():
+            param.requires_grad_(active)
+
+
+def _update_from_json(model: nn.Module, config: dict[str, Any], where: str,
+                      adapter_name: str | None = None) -> Callable[[], None]:
     """Check the LoRA fields of ``config`` for a model that has LoRA already; return the setter of
-    the layers' alpha and rsLoRA setting (hence scaling), run once every check has passed."""
+    the layers' alpha and rsLoRA setting (hence scaling), run once every check has passed.
+    ``adapter_name``: those of that named adapter."""
     _check_json(config, where)
+    if adapter_name is not None and adapter_name != DEFAULT_ADAPTER:
+        return _update_named(model, config, where, adapter_name)
     dora = bool(config.get("use_dora", False))
     differ = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.use_dora != dora]
     if differ:
@@ -753,8 +1051,31 @@ def _update_from_json(model: nn.Module, config: dict[str, Any], where: str) -> C
     return update
 
 
+def _update_named(model: nn.Module, config: dict[str, Any], where: str,
+                  adapter_name: str) -> Callable[[], None]:
+    """:func:`_update_from_json` for the named adapter ``adapter_name`` the model holds."""
+    slots = [(n, m.slot(adapter_name)) for n, m in model.named_modules()
+             if isinstance(m, LoRALinear) and m.holds(adapter_name)]
+    dora = bool(config.get("use_dora", False))
+    differ = [n for n, s in slots if s.use_dora != dora]
+    if differ:
+        raise ValueError(f"{where}: use_dora is {dora} but adapter {adapter_name!r} of {first_names(differ)} "
+                         f"has use_dora={not dora}; delete_adapter it first")
+    rslora = bool(config.get("use_rslora", False))
+    plan = {}
+    for name, slot in slots:
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+        plan[slot] = (alpha, lora_scaling(slot.r, alpha, rslora))
+
+    def update() -> None:
+        for slot, (alpha, scaling) in plan.items():
+            slot.alpha, slot.use_rslora, slot.scaling = alpha, rslora, scaling
+
+    return update
+
+
 METHOD = register(Method(
     name="lora", config_class=LoRAConfig, peft_type="LORA", apply=apply_lora,
     detect=lambda model: any(isinstance(m, LoRALinear) for m in model.modules()),
     to_json=_to_json, from_json=_from_json, update_from_json=_update_from_json,
-    bound_fields=_BOUND_FIELDS, aliases=("rslora",)))
+    bound_fields=_BOUND_FIELDS, aliases=("rslora",), named_adapters=True))

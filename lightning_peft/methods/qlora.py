@@ -442,7 +442,10 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
                     module.merge()
                 new = module.base_layer
             else:
-                w = q.dequantize(torch.float32).add_(module.delta_weight())  # (out, in) fp32
+                active = [n for n in module.active_adapters if module.holds(n)]  # named adapters
+                w = q.dequantize(torch.float32)  # (out, in) fp32
+                if active:
+                    w.add_(module._delta(active))
                 new = _dense_linear(w, module.base_layer.bias, dtype)
         elif isinstance(module, ModulesToSave):
             new = module.modules_to_save
