@@ -442,3 +442,27 @@ def test_single_adapter_files_unchanged(tmp_path):
     apply_lora(model, r=4, target_modules=TARGETS)
     save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_gpt2_conv1d_and_dora_rows_merge_and_mix():
+    """GPT-2's Conv1D (weights stored transposed) with a DoRA named adapter: mixed rows equal the
+    per-adapter runs, and merge-switching restores W0 bit for bit."""
+    model = _tiny.gpt2()
+    apply_lora(model, r=4, alpha=8, target_modules=["c_attn", "c_fc"])
+    add_adapter(model, "d", r=2, alpha=4, use_dora=True)
+    _tiny.randomize_lora(model, 4)
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    w0 = {n: m.base_layer.weight.clone() for n, m in lora_layers(model)}
+    runs = {}
+    for name in ("default", "d"):
+        set_adapter(model, name)
+        runs[name] = _logits(model, ids)
+        merge_adapters(model, name)
+        torch.testing.assert_close(_logits(model, ids), runs[name], atol=1e-5, rtol=1e-5)
+        unmerge_adapters(model)
+        assert all(torch.equal(m.base_layer.weight, w0[n]) for n, m in lora_layers(model))
+    with disable_adapters(model):
+        runs["__base__"] = _logits(model, ids)
+    names = ["d", "__base__", "default"]
+    want = torch.stack([runs[n][i] for i, n in enumerate(names)])
+    torch.testing.assert_close(_logits(model, ids, adapter_names=names), want, atol=1e-6, rtol=1e-6)
