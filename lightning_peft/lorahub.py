@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,7 +424,9 @@ def lorahub(model: nn.Module, adapter_dirs: Sequence[str | Path], examples: Sequ
         parametrization = ng.p.Array(init=np.zeros(k), lower=-bound, upper=bound)
         parametrization.random_state = np.random.RandomState(seed)
         optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget, num_workers=1)
-        recommendation = optimizer.minimize(lambda w: evaluate(w)[1])
+        with warnings.catch_warnings():  # scipy's COBYLA (one of NGOpt's picks) adjusts its settings
+            warnings.filterwarnings("ignore", message="COBYLA: Invalid", category=UserWarning)
+            recommendation = optimizer.minimize(lambda w: evaluate(w)[1])
         weights = [float(w) for w in recommendation.value]
         best = min(history, key=lambda h: h["objective"]) if history else None
         if best is not None and best["objective"] < evaluate(weights)[1]:
