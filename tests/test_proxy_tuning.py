@@ -144,8 +144,9 @@ def test_vocabularies_must_agree():
 
 
 def test_truncated_small_model_and_the_example_end_to_end(tmp_path):
-    """examples/proxy_tuning.py on a tiny Llama: a 1-layer "small" model tuned for 2 steps; with
-    alpha = 0 the proxy-tuned answers are the large model's own."""
+    """examples/proxy_tuning.py on a tiny Llama (the small model is the same model, tuned for 2
+    steps): alpha = 0 gives the large model's answers, alpha = 1 the tuned model's. The truncated
+    small model keeps the first layers and the last one, and its KV cache works."""
     import contextlib
     import io
     import json
@@ -153,24 +154,31 @@ def test_truncated_small_model_and_the_example_end_to_end(tmp_path):
     from tests.test_example import _load, save_tiny_model
 
     example = _load("proxy_tuning")
-    large = _tiny.llama(layers=2)
-    small = example.truncated(large, 1)
-    assert len(small.model.layers) == 1 and small.config.num_hidden_layers == 1
-    assert len(large.model.layers) == 2
-    with pytest.raises(ValueError, match="more than the model's 2 layers"):
-        example.truncated(large, 3)
+    large = _tiny.llama(layers=3)
+    small = example.truncated(large, 2)
+    assert len(small.model.layers) == 2 and small.config.num_hidden_layers == 2
+    assert small.model.layers[1].self_attn.layer_idx == 1 and len(large.model.layers) == 3
+    assert torch.equal(small.model.layers[1].mlp.up_proj.weight, large.model.layers[2].mlp.up_proj.weight)
+    ids = torch.tensor([[5, 9, 11, 3]])
+    greedy = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": PAD}
+    cached = small.generate(input_ids=ids, use_cache=True, **greedy)
+    full = small.generate(input_ids=ids, use_cache=False, **greedy)
+    assert torch.equal(cached, full)
+    with pytest.raises(ValueError, match="more than the model's 3 layers"):
+        example.truncated(large, 4)
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        results = example.main(["--model", str(model_dir), "--small-layers", "1", "--steps", "2",
-                                "--batch-size", "2", "--r", "2", "--eval-limit", "3", "--max-new-tokens", "4",
-                                "--alpha", "0", "--threads", "1", "--out", str(tmp_path / "run")])
-    assert "proxy-tuned large (alpha=0)" in stdout.getvalue()
+        results = example.main(["--model", str(model_dir), "--steps", "2", "--batch-size", "2", "--r", "2",
+                                "--lr", "0.05", "--eval-limit", "3", "--max-new-tokens", "4",
+                                "--alphas", "0,1", "--threads", "1", "--out", str(tmp_path / "run")])
+    assert "proxy-tuned large (alpha=1)" in stdout.getvalue()
     saved = json.loads((tmp_path / "run" / "proxy_tuning.json").read_text())
     assert saved == json.loads(json.dumps(results))
     rows = saved["results"]
     assert rows["proxy-tuned large (alpha=0)"]["samples"] == rows["large alone"]["samples"]
-    assert saved["parameters"]["small"] < saved["parameters"]["large"]
+    assert rows["proxy-tuned large (alpha=1)"]["samples"] == rows["tuned small alone"]["samples"]
+    assert rows["tuned small alone"]["samples"] != rows["large alone"]["samples"]  # the tuning changed it
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2
