@@ -22,6 +22,11 @@ records (nevergrad ``NGOpt``, ``--budget`` evaluations, L1 0.05) and the held-ou
 the uniform mix (1/3 each) and with the weights found: answer-token loss and exact match of
 greedy answers. Written to ``--out``: the three adapters (``adapters/<task>/``), the composed one
 (``lorahub_adapter/``, a plain HF PEFT LoRA of rank 3·r) and ``lorahub.json`` (this run's numbers).
+
+Measured with the defaults (``--threads 1``) on 2 shared CPU cores (load average 3-4): adapters
+trained in 180/119/57 s, LoRAHub's 40 evaluations in 97 s, weights personal 0.36, work 0.56,
+company 0.32; on 50 held-out mixed records, answer loss 0.121 (uniform mix) -> 0.084 (LoRAHub)
+(each adapter alone: 0.34, 0.47, 0.94; base model 1.63), exact match 12% -> 18%; 9 min 43 s in all.
 """
 
 from __future__ import annotations
