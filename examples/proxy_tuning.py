@@ -25,6 +25,11 @@ paper's setting. Exact match of greedy answers on held-out records is reported f
 model alone, the tuned small model alone and the proxy-tuned large model at each ``--alphas``,
 with the seconds each took. Written to ``--out``: the small model's adapter (``adapter/``) and
 ``proxy_tuning.json``.
+
+Measured (``--threads 1``, 2 shared CPU cores, 30 held-out records, LoRA r=16 for 40 steps):
+with the defaults, large alone 0%, tuned 86.7%, proxy-tuned large 50.0% at alpha 0.5 and 86.7% at
+alpha 1 (3 min 15 s in all); with ``--small-layers 27`` (124M parameters), untuned small 0%,
+tuned small 50.0%, proxy-tuned large 13.3% at alpha 0.5 and 36.7% at alpha 1 (4 min in all).
 """
 
 from __future__ import annotations
