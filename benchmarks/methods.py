@@ -22,7 +22,20 @@ Every row fine-tunes the same model on the same data for the same number of step
 with its own learning rate, through a Lightning ``Trainer`` plus the method's callbacks. One row
 per method:
 
-- trainable parameters (count and % of the model's),
+- trainable parameters (count and % of the model's): the parameters that actually train, whatever
+  the method's mechanism. :func:`_changed_counts` adds (1) every element of the tensors the method
+  adds that require grad after training (LoRA's A and B, adapter layers, IA3 vectors, FishMask's
+  values, trainable copies of a head, added biases) and (2) the entries of the model's own
+  parameters whose value after ``fit`` differs from before it (a snapshot written to the scratch
+  directory before the memory window, compared before any merge or export). A method that trains
+  the model's own weights through a mask (Child-tuning) counts the weights that moved; full
+  fine-tuning counts every weight that moved (on the classify task, embedding rows of tokens the
+  training set never contains stay bit-identical under AdamW without weight decay and are not
+  counted); ReLoRA, whose resets merge the update into the base weights, counts the weights its
+  merges changed plus its A and B. The JSON keeps both parts (``new_trainable_params``,
+  ``changed_own_params``) and the earlier meaning of the column, the parameters that require grad
+  after training (``requires_grad_params``); the two agree for every method that freezes the
+  model's own weights (LoRA family, IA3, BitFit on added biases, adapters, FishMask),
 - the held-out metric after training (exact match, or accuracy),
 - train time: wall-clock seconds of ``trainer.fit``,
 - peak memory: the growth of the resident set size during ``trainer.fit``. Each method runs in a
@@ -30,6 +43,10 @@ per method:
   kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the RSS is read; after ``fit``
   the peak (``VmHWM``) minus that RSS is what training added: gradients, optimizer state and
   activations. (Where the mark cannot be reset, ``ru_maxrss`` is used and the output says so.)
+  The snapshot of the trainable-parameter count reads every weight before the window opens, so
+  weights a loader maps lazily from their file (MiniLM's safetensors) are resident at its start
+  and the growth no longer counts their first reading (rows of the classify task measured before
+  that counted it: about 85 MiB more growth for the same peak; every row has been rerun since).
 - saved file size: ``adapter_model.safetensors`` as ``save_adapter`` writes it; for full
   fine-tuning the whole model's safetensors file; for the head-only row the head's.
 
@@ -51,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +196,24 @@ METHODS: list[MethodSpec] = [
     _spec("ia3", "IA3 (k, v, down)", "ia3", 3e-3),
     _spec("bitfit", "BitFit (zero biases added, all linear)", "bitfit", 1e-3, target_modules="all-linear",
           add_missing_biases=True),
+    _spec("adapter_houlsby", "Adapters b=64, serial (Houlsby: attention + FFN)", "adapter", 1e-3,
+          bottleneck=64, placement="serial", config="houlsby"),
+    _spec("adapter_pfeiffer", "Adapters b=64, serial (Pfeiffer: FFN)", "adapter", 1e-3, bottleneck=64,
+          placement="serial", config="pfeiffer"),
+    _spec("adapter_parallel", "Adapters b=64, parallel (He et al.: FFN, s=4)", "adapter", 1e-3,
+          bottleneck=64, placement="parallel", config="pfeiffer", scaling=4.0),
+    _spec("child_tuning_f", "Child-tuning F (p=0.3)", "child_tuning", 1e-4, mode="F", p=0.3),
+    _spec("child_tuning_d", "Child-tuning D (p=0.3, Fisher of 8 batches)", "child_tuning", 1e-4, mode="D",
+          p=0.3, fisher_batches=8),
+    _spec("fishmask", "FishMask (keep 0.5%, Fisher of 8 batches)", "fishmask", 5e-4, keep=0.005,
+          fisher_batches=8),
 ]
-"""The methods compared on the causal-LM task (``--task causal``), in table order."""
+"""The methods compared on the causal-LM task (``--task causal``), in table order. Settings of the
+rows added with issue 12, one choice each, not tuned on the held-out set: adapters b=64 (Houlsby
+et al.'s width; 576/9 on SmolLM2) at lr 1e-3, the parallel one on the feed-forward block with
+He et al.'s s=4; Child-tuning at full fine-tuning's lr 1e-4 with p=0.3 (the top of the paper's
+0.1-0.3); FishMask at the paper's 0.5% of the weights, lr 5e-4 (5x full fine-tuning's: only k
+weights move)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,10 +284,24 @@ CLASSIFY_METHODS: list[MethodSpec] = [
       for suffix, label, rank in (("", "DyLoRA r=8 (query, value)", None),
                                   ("_r4", "DyLoRA r=8 truncated to 4", 4),
                                   ("_r2", "DyLoRA r=8 truncated to 2", 2))),
+    _spec("adapter_houlsby", "Adapters b=64, serial (Houlsby: attention + FFN)", "adapter", 1e-3,
+          bottleneck=64, placement="serial", config="houlsby", trainable_modules=[_HEAD]),
+    _spec("adapter_pfeiffer", "Adapters b=64, serial (Pfeiffer: FFN)", "adapter", 1e-3, bottleneck=64,
+          placement="serial", config="pfeiffer", trainable_modules=[_HEAD]),
+    _spec("adapter_parallel", "Adapters b=64, parallel (He et al.: FFN, s=4)", "adapter", 1e-3,
+          bottleneck=64, placement="parallel", config="pfeiffer", scaling=4.0, trainable_modules=[_HEAD]),
+    _spec("child_tuning_f", "Child-tuning F (p=0.3)", "child_tuning", 1e-4, mode="F", p=0.3,
+          trainable_modules=[_HEAD]),
+    _spec("child_tuning_d", "Child-tuning D (p=0.3, Fisher of 8 batches)", "child_tuning", 1e-4, mode="D",
+          p=0.3, fisher_batches=8, trainable_modules=[_HEAD]),
+    _spec("fishmask", "FishMask (keep 0.5%, Fisher of 8 batches)", "fishmask", 5e-4, keep=0.005,
+          fisher_batches=8, trainable_modules=[_HEAD]),
 ]
 """The methods compared on the sequence-classification task (``--task classify``), in table order.
 Learning rates: full fine-tuning, LoRA and the head as measured on this task; BitFit 1e-3 (the
-paper's range on GLUE, 1e-4..1e-3) and IA3 3e-3 (the T-Few paper's), not tuned on the held-out set."""
+paper's range on GLUE, 1e-4..1e-3) and IA3 3e-3 (the T-Few paper's), not tuned on the held-out set;
+the rows of issue 12 as on the causal task (:data:`METHODS`), each training the head in full
+(``trainable_modules``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +420,8 @@ TASKS: dict[str, Task] = {
         defaults={"steps": 60, "batch_size": 4, "warmup": 4, "train": str(DATA / "triples_train.jsonl"),
                   "eval": str(DATA / "triples_eval.jsonl"), "eval_limit": 100},
         notes="QLoRA quantizes the base inside `fit`, which frees fp32 weights: compare its peak RSS. "
+              "Child-tuning D and FishMask estimate the Fisher information on their first batches inside "
+              "`fit`: their train time and memory include it. "
               "Saved file: `adapter_model.safetensors` (full fine-tuning: the whole model's safetensors)."),
     "classify": Task(
         "classify", "the roles task (sentence-pair classification)", CLASSIFY_METHODS, _prepare_classify,
@@ -380,7 +430,9 @@ TASKS: dict[str, Task] = {
         defaults={"steps": 300, "batch_size": 32, "warmup": 30, "train": str(DATA / "roles_train.jsonl"),
                   "eval": str(DATA / "roles_eval.jsonl"), "eval_limit": None},
         notes="Every row starts from the same randomly initialised head; PEFT rows train a copy of it "
-              "(`modules_to_save`, BitFit's `trainable_modules`). Saved file: `adapter_model.safetensors` "
+              "(`modules_to_save`, the `trainable_modules` of BitFit, adapters, Child-tuning and FishMask). "
+              "Child-tuning D and FishMask estimate the Fisher information on their first batches inside "
+              "`fit`: their train time and memory include it. Saved file: `adapter_model.safetensors` "
               "(adapters and head), the head's safetensors (head only), the whole model's (full "
               "fine-tuning)."),
 }
@@ -424,6 +476,36 @@ def _peak_rss() -> int:
     return (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _snapshot_own(model: Any, path: Path) -> dict[int, tuple[weakref.ref, str]]:
+    """Write the values of ``model``'s own parameters to ``path`` (on disk, so the copy does not
+    count in the resident set during ``fit``) and return ``{id: (weak reference, name)}`` of them,
+    which tells after training a parameter of the model from one a method added (an id alone
+    could be reused by a new tensor once a method frees an own parameter, as QLoRA does)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())  # each shared tensor once
+    torch.save({name: p.detach() for name, p in params.items()}, path)
+    return {id(p): (weakref.ref(p), name) for name, p in params.items()}
+
+
+def _changed_counts(model: Any, own: dict[int, tuple[weakref.ref, str]], path: Path) -> tuple[int, int]:
+    """``(new, changed)`` after training: elements of the parameters added to ``model`` since
+    :func:`_snapshot_own` that require grad, and entries of its own parameters (still in it) whose
+    value differs from the snapshot at ``path``."""
+    import torch
+
+    before = torch.load(path, mmap=True, weights_only=True)
+    new = changed = 0
+    for param in model.parameters():  # each shared tensor once
+        ref, name = own.get(id(param), (None, None))
+        if ref is not None and ref() is param:
+            changed += int(torch.ne(param.detach(), before[name]).sum())
+        elif param.requires_grad:
+            new += param.numel()
+    return new, changed
+
+
 def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune and evaluate one method of ``args.task`` in this process; return its row."""
     import lightning as L
@@ -438,12 +520,16 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
                         devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, default_root_dir=args.scratch)
+    snapshot = Path(args.scratch) / "own_parameters.pt"
+    own = _snapshot_own(run.model, snapshot)
     rss0, memory_method = _start_memory_window()
     start = time.perf_counter()
     trainer.fit(run.module, datamodule=run.data)
     train_s = time.perf_counter() - start
     peak = _peak_rss()
     counts = trainable_parameters(run.model)
+    new, changed = _changed_counts(run.model, own, snapshot)
+    snapshot.unlink()
     losses = [loss for _, loss in run.module.history["train_loss"]]
 
     saved = spec.save(run.model, Path(args.scratch) / spec.key)
@@ -455,8 +541,10 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
     sample = scores.pop("sample", None)
     return {
         "key": spec.key, "method": spec.label, "lr": spec.lr, "hparams": spec.hparams,
-        "trainable_params": counts.trainable, "total_params": counts.total,
-        "trainable_pct": 100.0 * counts.trainable / counts.total,
+        "trainable_params": new + changed, "total_params": counts.total,
+        "trainable_pct": 100.0 * (new + changed) / counts.total,
+        "new_trainable_params": new, "changed_own_params": changed,
+        "requires_grad_params": counts.trainable,
         **scores, "eval_seconds": round(eval_s, 1),
         "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / args.steps, 2),
         "peak_rss_growth_mib": round((peak - rss0) / MiB, 1), "rss_at_fit_start_mib": round(rss0 / MiB, 1),
@@ -519,16 +607,22 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str, task: Task) -> Non
               ("peak_rss_mib", "peak RSS during fit (MiB)", False, lambda v: f"{v:.0f}"),
               ("saved_mib", "saved file (MiB)", True, lambda v: f"{v:.3g}")]
     labels = [r["method"] for r in rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
-    for ax, (key, name, log, fmt) in zip(axes, panels):
+    # horizontal bars, one line per method, the names once on the left: legible for ~20 rows
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 3, 0.32 * len(rows) + 1.4),
+                             sharey=True)
+    for i, (ax, (key, name, log, fmt)) in enumerate(zip(axes, panels)):
         values = [_peak_rss_mib(r) if key == "peak_rss_mib" else r[key] for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
-        ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
-        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(name)
+        bars = ax.barh(range(len(rows)), values, color=[f"C{j % 10}" for j in range(len(rows))])
+        ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=7, padding=2)
+        if i == 0:
+            ax.set_yticks(range(len(rows)), labels, fontsize=8)
+            ax.invert_yaxis()
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(axis="x", labelsize=7)
         if log and min(values) > 0:
-            ax.set_yscale("log")
-    fig.suptitle(title)
+            ax.set_xscale("log")
+        ax.margins(x=0.25)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -686,11 +780,24 @@ def write_results(out: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         load += f"; CPU: {next(iter(cpus.values()))}"
     print(f"{format_table(rows, task=task.name)}\n\n{settings}\nPeak RSS growth: {memory}, fresh process "
           f"per method.\n{load}")
+    counted = ("Trainable params: elements of the tensors a method adds that train, plus the entries of the "
+               "model's own parameters that differ after training from before it (a masked method counts "
+               "the weights that actually change).")
+    older = [r["method"] for r in rows if "changed_own_params" not in r]
+    if older:
+        counted += (f" Rows measured before that count ({', '.join(older)}) give the parameters that "
+                    f"require grad after training: the same number wherever a method freezes the model's "
+                    f"own weights.")
+    starts = [r["rss_at_fit_start_mib"] for r in rows]
+    if max(starts) - min(starts) > 20:
+        counted += (f" The RSS at the start of `fit` (model, libraries, what the method imported) ranges "
+                    f"from {min(starts):.0f} to {max(starts):.0f} MiB across rows: peak RSS compares within "
+                    f"that margin, the growth does not include it.")
     (out / f"{task.stem}.md").write_text(
         f"# Fine-tuning methods on {task.title}\n\n{settings}. Commands: {commands}\n\n"
-        f"{format_table(rows, markdown=True, task=task.name)}\n\nPeak RSS growth: peak resident set size "
-        f"during `trainer.fit` minus the RSS at its start ({memory}), each method in a fresh process; "
-        f"peak RSS: that peak itself (the fp32 model, libraries and training state). {task.notes} "
+        f"{format_table(rows, markdown=True, task=task.name)}\n\n{counted} Peak RSS growth: peak resident "
+        f"set size during `trainer.fit` minus the RSS at its start ({memory}), each method in a fresh "
+        f"process; peak RSS: that peak itself (the fp32 model, libraries and training state). {task.notes} "
         f"Train time is wall-clock; {load}, on a machine shared with other jobs.\n")
     (out / f"{task.stem}.json").write_text(json.dumps(
         {"settings": {k: _relative(v) for k, v in vars(args).items()

@@ -62,10 +62,17 @@ def test_two_methods_give_table_json_and_chart(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert [r["key"] for r in rows] == ["full", "lora_qv"]
     full, lora = rows
-    assert full["trainable_params"] == full["total_params"]  # every parameter trains
+    assert full["requires_grad_params"] == full["total_params"]  # every parameter trains ...
+    # ... and the column counts the weights that moved: the embedding rows of tokens the 3 steps
+    # never saw stay as they were (AdamW without weight decay)
+    assert full["trainable_params"] == full["changed_own_params"] < full["total_params"]
+    assert full["new_trainable_params"] == 0
     assert 0 < lora["trainable_params"] < full["trainable_params"]
     assert lora["trainable_params"] == 2 * (8 * (32 + 32) + 8 * (32 + 16))  # r=8 on q (32->32), v (32->16)
+    assert lora["requires_grad_params"] == lora["new_trainable_params"] == lora["trainable_params"]
+    assert lora["changed_own_params"] == 0  # the base stays bit-identical
     assert full["total_params"] == lora["total_params"] - lora["trainable_params"]
+    assert "Trainable params: elements of the tensors a method adds" in (out / "methods.md").read_text()
     assert full["saved_file"] == "model.safetensors" and lora["saved_file"] == "adapter_model.safetensors"
     assert lora["saved_mib"] < full["saved_mib"]
     for row in rows:
@@ -191,7 +198,9 @@ def test_full_fine_tuning_row_of_classify_trains_everything(tmp_path, classify_f
                            classify_files["train"], "--eval", classify_files["eval"], "--eval-limit", "3",
                            "--steps", "2", "--batch-size", "3", "--threads", "1", "--methods", "full",
                            "--out", str(tmp_path)])
-    assert row["trainable_params"] == row["total_params"] == _base_counts(classify_files["model"])[0]
+    assert row["requires_grad_params"] == row["total_params"] == _base_counts(classify_files["model"])[0]
+    # the weights that moved: not the embedding rows of words and positions the data never has
+    assert 0 < row["trainable_params"] == row["changed_own_params"] < row["total_params"]
     assert row["saved_file"] == "model.safetensors" and row["eval_records"] == 3
 
 
@@ -261,3 +270,42 @@ def test_classify_defaults(tmp_path):
         ("causal", 60, 4, 4, 100)
     assert Path(causal.train).name == "triples_train.jsonl"
     assert causal.methods == [m.key for m in methods.METHODS]
+
+
+def test_issue_12_rows_in_both_tables():
+    """Adapters (Houlsby, Pfeiffer, parallel), Child-tuning F and D and FishMask are rows of both
+    tasks; on classify each trains the head in full."""
+    new = ["adapter_houlsby", "adapter_pfeiffer", "adapter_parallel", "child_tuning_f", "child_tuning_d",
+           "fishmask"]
+    for table in (methods.METHODS, methods.CLASSIFY_METHODS):
+        specs = {m.key: m for m in table}
+        assert set(new) <= set(specs)
+        for key in new:
+            (callback,) = specs[key].callbacks()
+            assert callback.method == specs[key].hparams["method"]
+            expected = ["classifier"] if table is methods.CLASSIFY_METHODS else None
+            assert callback.config.trainable_modules == expected
+        configs = {k: specs[k].callbacks()[0].config for k in new}
+        houlsby, pfeiffer, parallel = (configs[f"adapter_{k}"] for k in ("houlsby", "pfeiffer", "parallel"))
+        assert (houlsby.config, houlsby.placement) == ("houlsby", "serial")
+        assert (pfeiffer.config, pfeiffer.placement) == ("pfeiffer", "serial")
+        assert (parallel.config, parallel.placement, parallel.scaling) == ("pfeiffer", "parallel", 4.0)
+        assert [configs[k].mode for k in ("child_tuning_f", "child_tuning_d")] == ["F", "D"]
+        assert configs["child_tuning_f"].p == configs["child_tuning_d"].p == 0.3
+        assert configs["fishmask"].keep == 0.005
+
+
+def test_trainable_count_is_new_tensors_plus_own_weights_that_moved(tmp_path):
+    """_changed_counts: every element of a parameter added since the snapshot that requires grad, and
+    the entries of the model's own parameters that differ from the snapshot; an own parameter the
+    method removed (QLoRA's fp32 base) counts nothing, and no name or method is looked at."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    own = methods._snapshot_own(model, tmp_path / "own.pt")
+    with torch.no_grad():
+        model[0].weight[0, :2] += 1.0  # 2 entries of an own weight move (a masked update)
+        model[0].bias.copy_(model[0].bias)  # written, but to the same values: not counted
+    model[1].register_parameter("bias", None)  # an own parameter gone (replaced by the method)
+    model[1].extra = torch.nn.Parameter(torch.zeros(5))  # a new trainable tensor
+    model[1].frozen = torch.nn.Parameter(torch.zeros(7), requires_grad=False)  # new, frozen: not counted
+    assert methods._changed_counts(model, own, tmp_path / "own.pt") == (5, 2)
