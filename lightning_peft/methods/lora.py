@@ -696,6 +696,11 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                 setattr(layer.base_layer, TRAIN_BIAS_ATTR, True)
     freeze_all_but_adapters(model)
     _grouping.attach(model)
+    # model(..., adapter_names=[...]) works from the start (transformers' forward would swallow the
+    # keyword silently, running every row with the default adapter)
+    from lightning_peft.multi_adapter import install_adapter_names_hook
+
+    install_adapter_names_hook(model)
     return model
 
 
