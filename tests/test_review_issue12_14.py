@@ -32,3 +32,45 @@ def test_adapter_names_keyword_works_with_only_the_default_adapter(loaded):
     torch.testing.assert_close(out[1], adapted[1])
     with pytest.raises(ValueError, match="unknown"):
         model(ids, adapter_names=["default", "nope"])
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("first, second, match", [
+    (dict(bottleneck=4), dict(bottleneck=8), "bottleneck=4"),
+    (dict(bottleneck=4), dict(bottleneck=4, activation="gelu"), "activation='relu'"),
+    (dict(bottleneck=4, placement="parallel"), dict(bottleneck=4, placement="parallel", scaling=4.0),
+     "scaling"),
+    # new sites with another width: the model would carry two settings that no file can hold
+    (dict(bottleneck=4, config="pfeiffer"), dict(bottleneck=8), "bottleneck=4"),
+])
+def test_apply_adapters_again_with_another_setting_is_refused(first, second, match):
+    from lightning_peft import apply_adapters
+
+    model = apply_adapters(_tiny.llama(), **first)
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        apply_adapters(model, **second)
+    assert _same(before, _state(model))
+    apply_adapters(model, **first)  # the same setting again stays harmless
+    assert _same(before, _state(model))
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "multitask_prompt_tuning"])
+def test_prompt_applied_again_with_another_length_is_refused(method):
+    import lightning_peft
+
+    apply = getattr(lightning_peft, f"apply_{method}")
+    model = apply(_tiny.llama(), num_virtual_tokens=2)
+    before = _state(model)
+    with pytest.raises(ValueError, match="num_virtual_tokens=2"):
+        apply(model, num_virtual_tokens=3)
+    assert _same(before, _state(model))
+    apply(model, num_virtual_tokens=2)
+    assert _same(before, _state(model))

@@ -295,6 +295,10 @@ def install(model: nn.Module, layer_class: type[VirtualTokens], build, num_virtu
     if existing is not None and not isinstance(existing, layer_class):
         raise ValueError(f"the model already carries a {type(existing).__name__} prompt; one prompt method "
                          f"at a time")
+    if existing is not None and existing.num_virtual_tokens != num_virtual_tokens:
+        raise ValueError(f"the model already carries a {type(existing).__name__} prompt of "
+                         f"num_virtual_tokens={existing.num_virtual_tokens}, not {num_virtual_tokens}; "
+                         f"prompts do not stack: use a fresh model")
     max_positions = getattr(getattr(root, "config", None), "max_position_embeddings", None)
     if isinstance(max_positions, int) and num_virtual_tokens >= max_positions:
         raise ValueError(f"num_virtual_tokens={num_virtual_tokens} leaves no room for the input: the model "

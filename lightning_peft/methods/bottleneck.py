@@ -419,6 +419,16 @@ def apply_adapters(model: nn.Module, bottleneck: int = 64, placement: str = "ser
     if existing and existing[0].placement != cfg.placement:
         raise ValueError(f"the model already carries {existing[0].placement} adapters; placement="
                          f"{cfg.placement!r} cannot be added to them")
+    if existing:  # one setting per model (one adapter file holds one): a differing one is refused
+        have = {"bottleneck": existing[0].adapter_down.shape[0], "activation": existing[0].activation,
+                "scaling": existing[0].scaling}
+        want = {"bottleneck": cfg.bottleneck, "activation": cfg.activation, "scaling": cfg.scaling}
+        differ = [k for k in have if have[k] != want[k]]
+        if differ:
+            raise ValueError(f"the model already carries adapters with "
+                             f"{', '.join(f'{k}={have[k]!r}' for k in differ)}; "
+                             f"{', '.join(f'{k}={want[k]!r}' for k in differ)} cannot be added to them "
+                             f"(one setting per model: apply the same values, or use a fresh model)")
     sites = adapter_sites(model, cfg)
     for write, read in sites.items():
         if not isinstance(model.get_submodule(write), BottleneckAdapter):
