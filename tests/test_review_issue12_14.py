@@ -74,3 +74,33 @@ def test_prompt_applied_again_with_another_length_is_refused(method):
     assert _same(before, _state(model))
     apply(model, num_virtual_tokens=2)
     assert _same(before, _state(model))
+
+
+def _saved_adapters(tmp_path, count=3):
+    from lightning_peft import apply_adapters
+
+    dirs = []
+    for i in range(count):
+        model = apply_adapters(_tiny.llama(), bottleneck=4)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.1 * (i + 1))
+        dirs.append(str(tmp_path / f"task_{i}"))
+        save_adapter(model, dirs[-1])
+    return dirs
+
+
+@pytest.mark.parametrize("second", [dict(dirs=[0, 2]), dict(dirs=[0, 1], temperature=2.0)])
+def test_adapter_fusion_applied_again_with_other_adapters_is_refused(tmp_path, second):
+    from lightning_peft import apply_adapter_fusion
+
+    dirs = _saved_adapters(tmp_path)
+    model = apply_adapter_fusion(_tiny.llama(), dirs[:2])
+    before = _state(model)
+    with pytest.raises(ValueError, match="already carries an AdapterFusion"):
+        apply_adapter_fusion(model, [dirs[i] for i in second["dirs"]],
+                             temperature=second.get("temperature", 1.0))
+    assert _same(before, _state(model))
+    assert apply_adapter_fusion(model, dirs[:2]) is model  # the same fusion again stays harmless
+    assert _same(before, _state(model))

@@ -368,7 +368,17 @@ def apply_adapter_fusion(
         )
     elif not isinstance(config, AdapterFusionConfig):
         raise TypeError(f"config must be an AdapterFusionConfig, got {type(config).__name__}")
-    if any(isinstance(m, AdapterFusionLayer) for m in model.modules()):
+    existing = next((m for m in model.modules() if isinstance(m, AdapterFusionLayer)), None)
+    if existing is not None:  # the same fusion again is harmless; another one is refused
+        have = {"adapters": list(existing.names), "temperature": existing.temperature}
+        want = {"adapters": [Path(d).name for d in config.adapter_dirs or []] or have["adapters"],
+                "temperature": config.temperature}
+        differ = [k for k in have if have[k] != want[k]]
+        if differ:
+            raise ValueError(f"the model already carries an AdapterFusion of "
+                             f"{', '.join(f'{k}={have[k]!r}' for k in differ)}; "
+                             f"{', '.join(f'{k}={want[k]!r}' for k in differ)} describe another. Fusions "
+                             f"do not stack: use a fresh model")
         return model
     from lightning_peft.io import _transformers_root
 
