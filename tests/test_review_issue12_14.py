@@ -104,3 +104,28 @@ def test_adapter_fusion_applied_again_with_other_adapters_is_refused(tmp_path, s
     assert _same(before, _state(model))
     assert apply_adapter_fusion(model, dirs[:2]) is model  # the same fusion again stays harmless
     assert _same(before, _state(model))
+
+
+def test_child_tuning_attached_twice_to_one_optimizer_is_refused():
+    # two handles on one optimizer multiplied the masks: mode F trained p^2 of the weights with
+    # gradients scaled by 1/p^2
+    from lightning_peft import apply_child_tuning, attach_child_tuning
+
+    model = apply_child_tuning(_tiny.llama(), mode="F", p=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    handle = attach_child_tuning(model, optimizer)
+    hooks = len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks)
+    with pytest.raises(ValueError, match="already has Child-tuning attached"):
+        attach_child_tuning(model, optimizer)
+    assert (len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks)) == hooks
+    handle.remove()
+    again = attach_child_tuning(model, optimizer)  # after remove() it attaches again
+    ids = _ids()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    moved = sum((p.detach() != before[n]).sum().item() for n, p in model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert 0.4 < moved / total <= 0.5  # one Bernoulli(0.5) mask (a few gradients are exactly 0)
+    again.remove()
+    attach_child_tuning(model, torch.optim.SGD(model.parameters(), lr=1.0)).remove()  # another optimizer

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -454,6 +455,11 @@ def attach_child_tuning(model: nn.Module, optimizer: torch.optim.Optimizer, mode
         chosen = _check_masks(masks, {full: param for full, param, _, _ in entries}, params)
     elif masks is not None:
         raise ValueError("masks are for mode 'D'; mode 'F' draws a fresh mask every step")
+    taken = {id(q) for h in _ATTACHED.get(optimizer, ()) if h._hooks for _, q, _, _ in h.entries}
+    again = [full for full, param, _, _ in entries if id(param) in taken]
+    if again:  # a second masking would multiply the masks (F: p^2 of the weights, gradients / p^2)
+        raise ValueError(f"the optimizer already has Child-tuning attached for {again[:4]}; call "
+                         f"handle.remove() on the earlier handle before attaching again")
     if mode == "F" and generator is None:
         device = entries[0][1].device
         generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, ()).item()))
@@ -467,7 +473,12 @@ def attach_child_tuning(model: nn.Module, optimizer: torch.optim.Optimizer, mode
         handle.restore()
 
     handle._hooks = [optimizer.register_step_pre_hook(pre_hook), optimizer.register_step_post_hook(post_hook)]
+    _ATTACHED[optimizer] = [h for h in _ATTACHED.get(optimizer, ()) if h._hooks] + [handle]
     return handle
+
+
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The handles attached to each optimizer (a removed one has no hooks left)."""
 
 
 def _check_masks(masks: Mapping[str, Tensor], needed: dict[str, nn.Parameter],
