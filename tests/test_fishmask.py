@@ -166,7 +166,9 @@ def test_applying_twice_returns_the_model_as_is_and_keep_one_selects_everything(
     before = _selection(model)
     assert sum(i.numel() for i in before.values()) == sum(
         p.numel() for n, p in _tiny.llama().named_parameters())
-    assert apply_fishmask(model, fisher=_random_scores(model, seed=9), keep=0.5) is model
+    assert apply_fishmask(model, fisher=_random_scores(model, seed=9), keep=1.0) is model
+    with pytest.raises(ValueError, match="already carries FishMask with keep=1.0"):
+        apply_fishmask(model, fisher=_random_scores(model, seed=9), keep=0.5)  # not silently ignored
     after = _selection(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

@@ -129,3 +129,18 @@ def test_child_tuning_attached_twice_to_one_optimizer_is_refused():
     assert 0.4 < moved / total <= 0.5  # one Bernoulli(0.5) mask (a few gradients are exactly 0)
     again.remove()
     attach_child_tuning(model, torch.optim.SGD(model.parameters(), lr=1.0)).remove()  # another optimizer
+
+
+def test_fishmask_applied_again_with_another_keep_is_refused():
+    from lightning_peft import apply_fishmask
+
+    model = _tiny.llama()
+    fisher = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0))
+              for n, p in model.named_parameters()}
+    apply_fishmask(model, fisher=fisher, keep=0.01)
+    before = _state(model)
+    with pytest.raises(ValueError, match="keep=0.01"):
+        apply_fishmask(model, fisher=fisher, keep=0.05)
+    assert _same(before, _state(model))
+    assert apply_fishmask(model, fisher=fisher, keep=0.01) is model  # the same again stays harmless
+    assert _same(before, _state(model))

@@ -406,14 +406,20 @@ def apply_fishmask(model: nn.Module, fisher: Mapping[str, Tensor] | None = None,
     :func:`fishmask_scores`) or are estimated here from ``batches`` and ``loss_fn(batch)`` (a
     scalar loss); one of the two is needed. Arguments are the fields of :class:`FishMaskConfig`
     (or pass ``config=`` alone; ``fisher_batches`` is what the callback reads). Everything is
-    checked before the model is changed; a model that already carries FishMask is returned as is.
+    checked before the model is changed; a model that already carries FishMask is returned as is
+    (with another ``keep``: a ``ValueError``).
     """
     config = _make_config(config, keep=keep, target_modules=target_modules,
                           exclude_modules=exclude_modules, trainable_modules=trainable_modules,
                           fisher_batches=fisher_batches)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if fishmask_layers(model):
+    layers = fishmask_layers(model)
+    if layers:  # the same selection again is harmless; another fraction is refused
+        kept = {layer.keep for _, layer in layers if layer.keep is not None}
+        if kept and kept != {config.keep}:
+            raise ValueError(f"the model already carries FishMask with keep={sorted(kept)[0]!r}, not "
+                             f"keep={config.keep!r}; masks do not stack: use a fresh model")
         return model
     if fisher is None:
         if batches is None or loss_fn is None:
