@@ -144,3 +144,20 @@ def test_fishmask_applied_again_with_another_keep_is_refused():
     assert _same(before, _state(model))
     assert apply_fishmask(model, fisher=fisher, keep=0.01) is model  # the same again stays harmless
     assert _same(before, _state(model))
+
+
+@pytest.mark.parametrize("method, first, second, match", [
+    ("p_tuning", dict(encoder_type="MLP"), dict(encoder_type="LSTM"), "encoder_type='MLP'"),
+    ("multitask_prompt_tuning", dict(num_tasks=2), dict(num_tasks=3), "num_tasks=2"),
+])
+def test_prompt_applied_again_with_another_encoder_or_task_count_is_refused(method, first, second, match):
+    import lightning_peft
+
+    apply = getattr(lightning_peft, f"apply_{method}")
+    model = apply(_tiny.llama(), num_virtual_tokens=2, **first)
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        apply(model, num_virtual_tokens=2, **second)
+    assert _same(before, _state(model))
+    apply(model, num_virtual_tokens=2, **first)
+    assert _same(before, _state(model))

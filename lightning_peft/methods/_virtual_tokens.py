@@ -287,7 +287,8 @@ def _cache_length(cache: Any) -> int:
     return 0
 
 
-def install(model: nn.Module, layer_class: type[VirtualTokens], build, num_virtual_tokens: int) -> nn.Module:
+def install(model: nn.Module, layer_class: type[VirtualTokens], build, num_virtual_tokens: int,
+            settings: dict[str, Any] | None = None) -> nn.Module:
     """Add the prompt layer ``build(root)`` to the transformers model of ``model`` unless it is
     there already (idempotent), check that no other prompt method is, freeze the rest."""
     root = transformers_root(model)
@@ -299,6 +300,14 @@ def install(model: nn.Module, layer_class: type[VirtualTokens], build, num_virtu
         raise ValueError(f"the model already carries a {type(existing).__name__} prompt of "
                          f"num_virtual_tokens={existing.num_virtual_tokens}, not {num_virtual_tokens}; "
                          f"prompts do not stack: use a fresh model")
+    if existing is not None:  # ``settings``: layer attributes a second call must agree with (None: any)
+        differ = {k: (getattr(existing, k, None), v) for k, v in (settings or {}).items()
+                  if v is not None and getattr(existing, k, None) is not None and getattr(existing, k) != v}
+        if differ:
+            raise ValueError(f"the model already carries a {type(existing).__name__} prompt with "
+                             f"{', '.join(f'{k}={a!r}' for k, (a, _) in differ.items())}, not "
+                             f"{', '.join(f'{k}={b!r}' for k, (_, b) in differ.items())}; prompts do not "
+                             f"stack: use a fresh model")
     max_positions = getattr(getattr(root, "config", None), "max_position_embeddings", None)
     if isinstance(max_positions, int) and num_virtual_tokens >= max_positions:
         raise ValueError(f"num_virtual_tokens={num_virtual_tokens} leaves no room for the input: the model "

@@ -267,7 +267,8 @@ def apply_multitask_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20
                     layer.prefix_task_rows.copy_(v.expand_as(layer.prefix_task_rows))
         return layer
 
-    return install(model, MultitaskPromptEmbedding, build, cfg.num_virtual_tokens)
+    return install(model, MultitaskPromptEmbedding, build, cfg.num_virtual_tokens,
+                   {"num_tasks": cfg.num_tasks})
 
 
 # --------------------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ def _install(model: nn.Module, cfg: PTuningConfig, encoder_type: str | None) -> 
                              device=root.get_input_embeddings().weight.device, template=cfg.template,
                              template_split=cfg.template_split, mask_token_id=cfg.mask_token_id)
 
-    return install(model, PromptEncoder, build, cfg.num_virtual_tokens)
+    return install(model, PromptEncoder, build, cfg.num_virtual_tokens, {"encoder_type": encoder_type})
 
 
 def verbalizer_logits(model: nn.Module, logits: Tensor, input_ids: Tensor,
