@@ -433,3 +433,15 @@ def test_callback_trains_the_prefix_and_writes_peft_files(tmp_path):
         base = _tiny.llama(hidden=32, vocab=_lit.VOCAB)
         loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
         assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("make", [_tiny.gpt2, _tiny.bert])
+def test_a_prefix_that_leaves_no_position_for_the_input_is_refused(make):
+    from lightning_peft import apply_prefix_tuning
+
+    model = make()
+    limit = model.config.max_position_embeddings
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"num_virtual_tokens={limit} leaves no room for the input"):
+        apply_prefix_tuning(model, num_virtual_tokens=limit)
+    assert model.state_dict().keys() == state.keys()

@@ -396,6 +396,11 @@ def _plan(model: nn.Module, config: PrefixTuningConfig) -> tuple[nn.Module, _Lay
         if getattr(config, name) is not None and getattr(config, name) != value:
             raise ValueError(f"{name} is {getattr(config, name)}, but model type "
                              f"{getattr(root.config, 'model_type', '?')!r} has {value} (leave it None)")
+    max_positions = getattr(root.config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and config.num_virtual_tokens >= max_positions:
+        raise ValueError(f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for the input: the "
+                         f"prefix takes the first positions and the model has {max_positions} "
+                         f"(max_position_embeddings)")
     entry = _entry_module(root)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in root.modules()):
         raise ValueError(f"prefix tuning does not work with gradient checkpointing ({type(root).__name__} "
