@@ -207,13 +207,42 @@ METHODS: list[MethodSpec] = [
           p=0.3, fisher_batches=8),
     _spec("fishmask", "FishMask (keep 0.5%, Fisher of 8 batches)", "fishmask", 5e-4, keep=0.005,
           fisher_batches=8),
+    _spec("prompt_tuning", "Prompt tuning (n=20, sampled-vocab init)", "prompt_tuning", 3e-2,
+          num_virtual_tokens=20, init="sample_vocab"),
+    _spec("p_tuning", "P-tuning (n=20, MLP encoder)", "p_tuning", 1e-3, num_virtual_tokens=20,
+          encoder_type="MLP"),
+    _spec("prefix_tuning", "Prefix tuning (n=20, MLP projection)", "prefix_tuning", 1e-3,
+          num_virtual_tokens=20, prefix_projection=True),
+    _spec("p_tuning_v2", "P-tuning v2 (n=20, prefixes without projection)", "prefix_tuning", 1e-2,
+          num_virtual_tokens=20, prefix_projection=False),
+    _spec("p_tuning_v2_zero", "P-tuning v2 (n=20, zero-initialised prefixes)", "prefix_tuning", 1e-2,
+          num_virtual_tokens=20, prefix_projection=False, init_weights="zero"),
+    _spec("llama_adapter", "LLaMA-Adapter (len 10, top 30 = all layers)", "llama_adapter", 9e-3,
+          adapter_len=10, adapter_layers=30),
+    _spec("mpt_single", "Multitask prompt tuning, single task (n=20, rank 1)", "multitask_prompt_tuning",
+          3e-2, num_virtual_tokens=20, num_tasks=1, num_ranks=1),
 ]
 """The methods compared on the causal-LM task (``--task causal``), in table order. Settings of the
 rows added with issue 12, one choice each, not tuned on the held-out set: adapters b=64 (Houlsby
 et al.'s width; 576/9 on SmolLM2) at lr 1e-3, the parallel one on the feed-forward block with
 He et al.'s s=4; Child-tuning at full fine-tuning's lr 1e-4 with p=0.3 (the top of the paper's
 0.1-0.3); FishMask at the paper's 0.5% of the weights, lr 5e-4 (5x full fine-tuning's: only k
-weights move)."""
+weights move).
+
+The soft-prompt rows (issue 13), n=20 virtual tokens each, learning rates from the papers and HF
+PEFT's examples, not tuned on the held-out set: prompt tuning 3e-2 with AdamW (Lester et al. use
+0.3 with Adafactor; HF PEFT's prompt-tuning example 3e-2), its prompt started from the embeddings
+of sampled vocabulary tokens (the paper's better-than-random init); P-tuning's MLP encoder 1e-3 (a
+reparameterised prompt, as HF PEFT's P-tuning example); prefix tuning with the MLP projection 1e-3
+(the projection amplifies updates: lower than the free prefix) and P-tuning v2's free prefixes 1e-2
+(the top of the paper's 5e-3..1e-2), once from HF PEFT's default start (standard normal keys and
+values: on SmolLM2 the first training loss was 13.7, where the rows that start as the unchanged
+model have 1.70) and once from zero prefixes (``init_weights="zero"``), chosen from that training
+loss; LLaMA-Adapter the paper's 9e-3 with adapter_len 10 on the top 30 layers, which on SmolLM2's
+30 is every layer (the paper: 30 of LLaMA-7B's 32); multitask prompt tuning with one task (the only
+task of this data set: a single-task MPT, the prompt P modulated by a rank-1 u·v, P random as the
+method's default) at prompt tuning's 3e-2. Small models gain little from prompt tuning (Lester et
+al.'s scale effect): the rows report what 135M parameters give."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +325,22 @@ CLASSIFY_METHODS: list[MethodSpec] = [
           p=0.3, fisher_batches=8, trainable_modules=[_HEAD]),
     _spec("fishmask", "FishMask (keep 0.5%, Fisher of 8 batches)", "fishmask", 5e-4, keep=0.005,
           fisher_batches=8, trainable_modules=[_HEAD]),
+    _spec("prefix_tuning", "Prefix tuning (n=20, MLP projection)", "prefix_tuning", 1e-3,
+          num_virtual_tokens=20, prefix_projection=True, modules_to_save=[_HEAD]),
+    _spec("p_tuning_v2", "P-tuning v2 (n=20, prefixes without projection)", "prefix_tuning", 1e-2,
+          num_virtual_tokens=20, prefix_projection=False, modules_to_save=[_HEAD]),
+    _spec("p_tuning_v2_zero", "P-tuning v2 (n=20, zero-initialised prefixes)", "prefix_tuning", 1e-2,
+          num_virtual_tokens=20, prefix_projection=False, init_weights="zero", modules_to_save=[_HEAD]),
 ]
 """The methods compared on the sequence-classification task (``--task classify``), in table order.
 Learning rates: full fine-tuning, LoRA and the head as measured on this task; BitFit 1e-3 (the
 paper's range on GLUE, 1e-4..1e-3) and IA3 3e-3 (the T-Few paper's), not tuned on the held-out set;
 the rows of issue 12 as on the causal task (:data:`METHODS`), each training the head in full
-(``trainable_modules``)."""
+(``trainable_modules``). Of the soft-prompt rows of issue 13 only prefix tuning and P-tuning v2
+are here, at their causal-task learning rates, with the head as a trainable copy
+(``modules_to_save``): prompt tuning, P-tuning and multitask prompt tuning offer no way to train
+a head (their callbacks take no ``modules_to_save`` and their files refuse one), so the fresh
+head would stay random; LLaMA-Adapter supports Llama-family decoders only, not BERT."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +461,8 @@ TASKS: dict[str, Task] = {
         notes="QLoRA quantizes the base inside `fit`, which frees fp32 weights: compare its peak RSS. "
               "Child-tuning D and FishMask estimate the Fisher information on their first batches inside "
               "`fit`: their train time and memory include it. "
+              "The soft-prompt rows and LLaMA-Adapter do not merge: they generate with their prompts, "
+              "prefixes or adaption prompts in place. "
               "Saved file: `adapter_model.safetensors` (full fine-tuning: the whole model's safetensors)."),
     "classify": Task(
         "classify", "the roles task (sentence-pair classification)", CLASSIFY_METHODS, _prepare_classify,

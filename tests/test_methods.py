@@ -295,6 +295,35 @@ def test_issue_12_rows_in_both_tables():
         assert configs["fishmask"].keep == 0.005
 
 
+
+def test_issue_13_soft_prompt_rows():
+    """Prompt tuning, P-tuning, prefix tuning, P-tuning v2 (default and zero start), LLaMA-Adapter
+    and a single-task MPT are causal rows with n=20 (adapter_len 10 on every one of SmolLM2's 30
+    layers); on classify only the prefix methods, which train the head as a copy
+    (``modules_to_save``)."""
+    causal = {m.key: m for m in methods.METHODS}
+    configs = {k: causal[k].callbacks()[0].config for k in
+               ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "llama_adapter", "mpt_single")}
+    assert [causal[k].hparams["method"] for k in configs] == [
+        "prompt_tuning", "p_tuning", "prefix_tuning", "prefix_tuning", "llama_adapter",
+        "multitask_prompt_tuning"]
+    assert all(c.num_virtual_tokens == 20 for k, c in configs.items() if k != "llama_adapter")
+    assert configs["prompt_tuning"].init == "sample_vocab" and configs["p_tuning"].encoder_type == "MLP"
+    assert configs["prefix_tuning"].prefix_projection and not configs["p_tuning_v2"].prefix_projection
+    assert configs["p_tuning_v2"].init_weights is None  # HF PEFT's default start, and a zero start:
+    (zero,) = causal["p_tuning_v2_zero"].callbacks()
+    assert (zero.config.prefix_projection, zero.config.init_weights) == (False, "zero")
+    assert (configs["llama_adapter"].adapter_len, configs["llama_adapter"].adapter_layers) == (10, 30)
+    assert configs["mpt_single"].num_tasks == 1
+    classify = {m.key: m for m in methods.CLASSIFY_METHODS}
+    assert not {"prompt_tuning", "p_tuning", "llama_adapter", "mpt_single"} & set(classify)
+    for key in ("prefix_tuning", "p_tuning_v2", "p_tuning_v2_zero"):
+        (callback,) = classify[key].callbacks()
+        assert callback.config.modules_to_save == ["classifier"]
+        assert callback.config.prefix_projection == (key == "prefix_tuning")
+        assert callback.config.init_weights == ("zero" if key.endswith("_zero") else None)
+        assert classify[key].lr == causal[key].lr
+
 def test_trainable_count_is_new_tensors_plus_own_weights_that_moved(tmp_path):
     """_changed_counts: every element of a parameter added since the snapshot that requires grad, and
     the entries of the model's own parameters that differ from the snapshot; an own parameter the
