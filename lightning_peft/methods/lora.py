@@ -68,6 +68,17 @@ INITS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
 
 
+@torch.no_grad()
+def init_lora_factors(lora_a: Tensor, lora_b: Tensor, init: str) -> None:
+    """A: kaiming-uniform (a=√5, HF PEFT's default) or gaussian (std 1/r); B: zero, so the update
+    B·A starts at zero."""
+    if init == "gaussian":
+        nn.init.normal_(lora_a, std=1.0 / lora_a.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+    nn.init.zeros_(lora_b)
+
+
 @dataclass
 class LoRAConfig:
     """What :func:`apply_lora` injects."""
@@ -202,14 +213,8 @@ class NamedLoRA(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.lora_A.is_meta:
-            return
-        with torch.no_grad():
-            if self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        if not self.lora_A.is_meta:
+            init_lora_factors(self.lora_A, self.lora_B, self.init)
 
     def parameters_by_name(self) -> dict[str, nn.Parameter]:
         params = {"lora_A": self.lora_A, "lora_B": self.lora_B}
@@ -282,12 +287,7 @@ class LoRALinear(LinearAdapterLayer):
         """A: kaiming-uniform (a=√5) or gaussian (std 1/r); B: zero, so ``ΔW = 0`` at start."""
         if self.lora_A.is_meta:
             return
-        with torch.no_grad():
-            if self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        init_lora_factors(self.lora_A, self.lora_B, self.init)
         self.reset_magnitude()
 
     def reset_magnitude(self) -> None:
