@@ -1240,12 +1240,14 @@ class PromptTuningCallback(PEFTCallback):
     free_fields = ("init", "init_text", "tokenizer_name_or_path")
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "random", init_text: str | None = None,
-                 tokenizer_name_or_path: str | None = None, adapter_dir: str | None = None) -> None:
+                 tokenizer_name_or_path: str | None = None, modules_to_save: list[str] | None = None,
+                 adapter_dir: str | None = None) -> None:
         from lightning_peft.methods.prompt_tuning import PromptTuningConfig
 
         super().__init__(adapter_dir=adapter_dir)
         self.config = PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, init=init,
-                                         init_text=init_text, tokenizer_name_or_path=tokenizer_name_or_path)
+                                         init_text=init_text, tokenizer_name_or_path=tokenizer_name_or_path,
+                                         modules_to_save=modules_to_save)
 
 
 class PTuningCallback(PEFTCallback):
@@ -1261,7 +1263,7 @@ class PTuningCallback(PEFTCallback):
                  encoder_hidden_size: int | None = None, encoder_num_layers: int = 2,
                  encoder_dropout: float = 0.0, template: str = "prefix",
                  template_split: tuple[int, int, int] | None = None, mask_token_id: int | None = None,
-                 adapter_dir: str | None = None) -> None:
+                 modules_to_save: list[str] | None = None, adapter_dir: str | None = None) -> None:
         from lightning_peft.methods.p_tuning import PTuningConfig
 
         super().__init__(adapter_dir=adapter_dir)
@@ -1270,7 +1272,7 @@ class PTuningCallback(PEFTCallback):
                                     encoder_num_layers=encoder_num_layers, encoder_dropout=encoder_dropout,
                                     template=template,
                                     template_split=tuple(template_split) if template_split else None,
-                                    mask_token_id=mask_token_id)
+                                    mask_token_id=mask_token_id, modules_to_save=modules_to_save)
 
 
 class MultitaskPromptTuningCallback(PEFTCallback):
@@ -1286,14 +1288,14 @@ class MultitaskPromptTuningCallback(PEFTCallback):
     def __init__(self, num_virtual_tokens: int = 20, num_tasks: int = 1, num_ranks: int = 1,
                  init: str = "random", init_text: str | None = None,
                  tokenizer_name_or_path: str | None = None, source: str | None = None, init_task: int = 0,
-                 adapter_dir: str | None = None) -> None:
+                 modules_to_save: list[str] | None = None, adapter_dir: str | None = None) -> None:
         from lightning_peft.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 
         super().__init__(adapter_dir=adapter_dir)
         self.config = MultitaskPromptTuningConfig(
             num_virtual_tokens=num_virtual_tokens, num_tasks=num_tasks, num_ranks=num_ranks, init=init,
             init_text=init_text, tokenizer_name_or_path=tokenizer_name_or_path, source=source,
-            init_task=init_task)
+            init_task=init_task, modules_to_save=modules_to_save)
 
 
 class PrefixTuningCallback(PEFTCallback):

@@ -22,7 +22,10 @@ cache); on later steps the attention mask is extended and the positions shifted 
 
 Adapter files are HF PEFT's: ``prompt_embeddings`` (n, d) at the top level (``file_prefix=""``,
 ``keys_from_root``), and PEFT's ``PromptLearningConfig`` fields (``num_virtual_tokens``,
-``token_dim``, ``num_transformer_submodules``, ``num_attention_heads``, ``num_layers``).
+``token_dim``, ``num_transformer_submodules``, ``num_attention_heads``, ``num_layers``,
+``modules_to_save``). A module named by ``modules_to_save`` (a fresh classifier head, as HF PEFT's
+``SEQ_CLS`` adds) is trained in full as a :class:`PrefixModulesToSave` copy, saved under PEFT's
+prompt-learning keys ``base_model.<path>.<param>``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft._base import AdapterLayer, freeze_all_but_adapters
+from lightning_peft._base import AdapterLayer, ModulesToSave, freeze_all_but_adapters, inside_any
+from lightning_peft.targeting import find_modules, get_parent
 
 PROMPT_ATTR = "prompt_encoder"
 """Name of the prompt layer as a submodule of the transformers model."""
@@ -102,7 +106,8 @@ def common_json(root: nn.Module, layer: VirtualTokens) -> dict[str, Any]:
     return {"task_type": task_type(root), "num_virtual_tokens": layer.num_virtual_tokens,
             "token_dim": layer.token_dim, "num_transformer_submodules": 1,
             "num_attention_heads": getattr(text, "num_attention_heads", None),
-            "num_layers": getattr(text, "num_hidden_layers", None), "modules_to_save": None}
+            "num_layers": getattr(text, "num_hidden_layers", None),
+            "modules_to_save": saved_module_names(root)}
 
 
 def check_common_json(root: nn.Module, config: dict[str, Any], where: str) -> int:
@@ -120,10 +125,66 @@ def check_common_json(root: nn.Module, config: dict[str, Any], where: str) -> in
     if subs not in (None, 1):
         raise ValueError(f"{where}: num_transformer_submodules must be 1 (encoder-decoder prompts are not "
                          f"supported), got {subs!r}")
-    if config.get("modules_to_save"):
-        raise ValueError(f"{where}: modules_to_save is not supported with prompt methods, got "
-                         f"{config['modules_to_save']!r}")
+    read_modules_to_save(root, config, where)
     return n
+
+
+# --------------------------------------------------------------------------------------------
+# Modules trained in full beside the prompt (a classifier head: ``modules_to_save``)
+# --------------------------------------------------------------------------------------------
+
+
+class PrefixModulesToSave(ModulesToSave):
+    """A module trained in full beside a prompt or prefix, keyed in files as HF PEFT's
+    prompt-learning models key it: ``base_model.<path>.<param>`` (``path`` from the transformers
+    model)."""
+
+    keys_from_root = True
+
+    def __init__(self, module: nn.Module, path: str) -> None:
+        super().__init__(module)
+        self.path = path
+
+    def file_key(self, name: str) -> str:
+        return f"base_model.{self.path}.{super().file_key(name)}"
+
+
+def saved_module_names(root: nn.Module) -> list[str] | None:
+    """The paths (from ``root``) of the modules trained in full, sorted, or None."""
+    return sorted(m.path for m in root.modules() if isinstance(m, PrefixModulesToSave)) or None
+
+
+def plan_modules_to_save(root: nn.Module, names: Sequence[str] | None, skip: Sequence[str] = (PROMPT_ATTR,)
+                         ) -> list[str]:
+    """The paths of the modules of ``root`` that ``names`` (``modules_to_save``) select, none inside
+    the prompt layer (``skip``); a ``ValueError`` naming an entry that matches nothing. Read only."""
+    saved = find_modules(root, names, "modules_to_save") if names else []
+    return [s for s in saved if not inside_any(s, skip)]
+
+
+def wrap_modules_to_save(root: nn.Module, paths: Sequence[str]) -> None:
+    """Replace each module of ``root`` at ``paths`` by a :class:`PrefixModulesToSave` (once)."""
+    for name in paths:
+        module = root.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            parent, child = get_parent(root, name)
+            setattr(parent, child, PrefixModulesToSave(module, name))
+
+
+def read_modules_to_save(root: nn.Module, config: dict[str, Any], where: str) -> list[str] | None:
+    """A file's ``modules_to_save``, checked, kept to the entries ``root`` has (HF PEFT lists both
+    ``"classifier"`` and ``"score"`` for ``SEQ_CLS``, whichever the model has)."""
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(s, str) and s for s in saved)):
+        raise ValueError(f"{where}: modules_to_save must be a list of module names or null, got {saved!r}")
+    entries = []
+    for entry in dict.fromkeys(saved or []):
+        try:
+            find_modules(root, [entry], "modules_to_save")
+        except ValueError:
+            continue
+        entries.append(entry)
+    return entries or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +349,13 @@ def _cache_length(cache: Any) -> int:
 
 
 def install(model: nn.Module, layer_class: type[VirtualTokens], build, num_virtual_tokens: int,
-            settings: dict[str, Any] | None = None) -> nn.Module:
+            settings: dict[str, Any] | None = None,
+            modules_to_save: Sequence[str] | None = None) -> nn.Module:
     """Add the prompt layer ``build(root)`` to the transformers model of ``model`` unless it is
-    there already (idempotent), check that no other prompt method is, freeze the rest."""
+    there already (idempotent), check that no other prompt method is, wrap the modules named by
+    ``modules_to_save`` as trainable copies, freeze the rest. Everything is checked first."""
     root = transformers_root(model)
+    saved = plan_modules_to_save(root, modules_to_save)
     existing = prompt_layer(root)
     if existing is not None and not isinstance(existing, layer_class):
         raise ValueError(f"the model already carries a {type(existing).__name__} prompt; one prompt method "
@@ -315,6 +379,7 @@ def install(model: nn.Module, layer_class: type[VirtualTokens], build, num_virtu
     if existing is None:
         layer = build(root)
         layer.attach(root)
+    wrap_modules_to_save(root, saved)
     freeze_all_but_adapters(model)
     return model
 
@@ -339,4 +404,5 @@ def tokenizer_name(tokenizer: Any, fallback: str | None) -> str | None:
     return name if isinstance(name, str) and name else fallback
 
 
-__all__ = ["PROMPT_ATTR", "TEMPLATES", "VirtualTokens", "install", "prompt_layer", "transformers_root"]
+__all__ = ["PROMPT_ATTR", "TEMPLATES", "PrefixModulesToSave", "VirtualTokens", "install", "prompt_layer",
+           "transformers_root"]

@@ -39,11 +39,13 @@ from lightning_peft.methods._virtual_tokens import (
     common_json,
     install,
     prompt_layer,
+    read_modules_to_save,
     token_dim,
     tokenizer_name,
     transformers_root,
 )
 from lightning_peft.methods.prompt_tuning import _check_text, init_from_ids, read_init_json, text_ids
+from lightning_peft.targeting import check_module_names
 
 INITS = ("random", "text", "average_source_tasks", "exact_source_task", "only_source_shared")
 _UPPER = {name: name.upper() for name in INITS}
@@ -77,6 +79,8 @@ class MultitaskPromptTuningConfig:
     or its ``.safetensors`` file (HF PEFT's ``prompt_tuning_init_state_dict_path``)."""
     init_task: int = 0
     """The source task for ``init="exact_source_task"``."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full, as trainable copies (a fresh classifier head: ``["classifier"]``)."""
 
     def __post_init__(self) -> None:
         check_num_virtual_tokens(self.num_virtual_tokens)
@@ -96,6 +100,7 @@ class MultitaskPromptTuningConfig:
             self.source = str(self.source)
         if isinstance(self.init_task, bool) or not isinstance(self.init_task, int) or self.init_task < 0:
             raise ValueError(f"init_task must be a non-negative task index, got {self.init_task!r}")
+        self.modules_to_save = check_module_names(self.modules_to_save, "modules_to_save")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +229,7 @@ def read_source(source: str, n: int, dim: int, ranks: int) -> dict[str, Tensor]:
 def apply_multitask_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, num_tasks: int = 1,
                                   num_ranks: int = 1, init: str = "random", init_text: str | None = None,
                                   tokenizer: Any = None, source: str | None = None, init_task: int = 0,
+                                  modules_to_save: Sequence[str] | None = None,
                                   config: MultitaskPromptTuningConfig | None = None) -> nn.Module:
     """Insert a multitask prompt (see the module docstring) into every input of the transformers
     model in ``model``, freeze everything else, return ``model``. Everything (the source file
@@ -231,7 +237,8 @@ def apply_multitask_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20
     cfg = config if config is not None else MultitaskPromptTuningConfig(
         num_virtual_tokens=num_virtual_tokens, num_tasks=num_tasks, num_ranks=num_ranks, init=init,
         init_text=init_text, tokenizer_name_or_path=tokenizer if isinstance(tokenizer, str) else None,
-        source=source, init_task=init_task)
+        source=source, init_task=init_task,
+        modules_to_save=modules_to_save)
     tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer_name_or_path
     if cfg.init == "text" and tokenizer is None:
         raise ValueError("init='text' needs a tokenizer to tokenise init_text: pass tokenizer= (an object or "
@@ -268,7 +275,7 @@ def apply_multitask_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20
         return layer
 
     return install(model, MultitaskPromptEmbedding, build, cfg.num_virtual_tokens,
-                   {"num_tasks": cfg.num_tasks})
+                   {"num_tasks": cfg.num_tasks}, modules_to_save=cfg.modules_to_save)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,10 +311,11 @@ def _from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable
     n = check_common_json(root, config, where)
     tasks, ranks = _shape_fields(config, where)
     init, text, tok = read_init_json(config, where, _UPPER)
+    saved = read_modules_to_save(root, config, where)
 
     def inject(target: nn.Module) -> None:  # the weights come from the file: no source is read
         apply_multitask_prompt_tuning(target, config=MultitaskPromptTuningConfig(
-            num_virtual_tokens=n, num_tasks=tasks, num_ranks=ranks))
+            num_virtual_tokens=n, num_tasks=tasks, num_ranks=ranks, modules_to_save=saved))
         layer = prompt_layer(transformers_root(target))
         layer.init = "random" if init in _FROM_SOURCE else init
         layer.init_text, layer.tokenizer_name_or_path = text, tok

@@ -47,9 +47,11 @@ from lightning_peft.methods._virtual_tokens import (
     install,
     is_causal_lm,
     prompt_layer,
+    read_modules_to_save,
     token_dim,
     transformers_root,
 )
+from lightning_peft.targeting import check_module_names
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -80,9 +82,13 @@ class PTuningConfig:
     ⌊n/3⌋, ⌊n/3⌋."""
     mask_token_id: int | None = None
     """The [MASK] token id (``tokenizer.mask_token_id``), needed by ``"mask"``."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full, as trainable copies (a fresh classifier head: ``["classifier"]``,
+    as HF PEFT's ``SEQ_CLS``)."""
 
     def __post_init__(self) -> None:
         n = check_num_virtual_tokens(self.num_virtual_tokens)
+        self.modules_to_save = check_module_names(self.modules_to_save, "modules_to_save")
         if not isinstance(self.encoder_type, str) or self.encoder_type.upper() not in ENCODER_TYPES:
             raise ValueError(f"encoder_type must be one of {list(ENCODER_TYPES)}, got {self.encoder_type!r}")
         self.encoder_type = self.encoder_type.upper()
@@ -200,6 +206,7 @@ def apply_p_tuning(model: nn.Module, num_virtual_tokens: int = 20, encoder_type:
                    encoder_hidden_size: int | None = None, encoder_num_layers: int = 2,
                    encoder_dropout: float = 0.0, template: str = "prefix",
                    template_split: Sequence[int] | None = None, mask_token_id: int | None = None,
+                   modules_to_save: Sequence[str] | None = None,
                    config: PTuningConfig | None = None) -> nn.Module:
     """Insert ``num_virtual_tokens`` virtual tokens made by a prompt encoder into every input of
     the transformers model in ``model`` (see the module docstring), freeze everything else, return
@@ -209,7 +216,8 @@ def apply_p_tuning(model: nn.Module, num_virtual_tokens: int = 20, encoder_type:
         encoder_hidden_size=encoder_hidden_size, encoder_num_layers=encoder_num_layers,
         encoder_dropout=encoder_dropout, template=template,
         template_split=tuple(template_split) if template_split is not None else None,
-        mask_token_id=mask_token_id)
+        mask_token_id=mask_token_id,
+        modules_to_save=modules_to_save)
     return _install(model, cfg, cfg.encoder_type)
 
 
@@ -229,7 +237,8 @@ def _install(model: nn.Module, cfg: PTuningConfig, encoder_type: str | None) -> 
                              device=root.get_input_embeddings().weight.device, template=cfg.template,
                              template_split=cfg.template_split, mask_token_id=cfg.mask_token_id)
 
-    return install(model, PromptEncoder, build, cfg.num_virtual_tokens, {"encoder_type": encoder_type})
+    return install(model, PromptEncoder, build, cfg.num_virtual_tokens, {"encoder_type": encoder_type},
+                   modules_to_save=cfg.modules_to_save)
 
 
 def verbalizer_logits(model: nn.Module, logits: Tensor, input_ids: Tensor,
@@ -293,7 +302,8 @@ def _config_from_json(root: nn.Module, config: dict[str, Any], where: str) -> PT
                              encoder_dropout=config.get("encoder_dropout", 0.0),
                              template=config.get("template", "prefix"),
                              template_split=tuple(split) if isinstance(split, list) else split,
-                             mask_token_id=config.get("mask_token_id"))
+                             mask_token_id=config.get("mask_token_id"),
+                             modules_to_save=read_modules_to_save(root, config, where))
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
 

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from lightning_peft._base import AdapterLayer, ModulesToSave, freeze_all_but_adapters, inside_any
 from lightning_peft.methods import Method, planned_injection, register
+from lightning_peft.methods._virtual_tokens import PrefixModulesToSave
 from lightning_peft.targeting import check_module_names, find_modules, get_parent
 
 ENCODER_NAME = "prefix_encoder"
@@ -293,20 +294,6 @@ def _checkpointing(module: nn.Module) -> bool:
         if hasattr(type(module), name):
             return bool(getattr(module, name))
     return False
-
-
-class PrefixModulesToSave(ModulesToSave):
-    """A module trained in full beside a prefix, keyed in files as HF PEFT's prompt-learning models
-    key it: ``base_model.<path>.<param>``."""
-
-    keys_from_root = True
-
-    def __init__(self, module: nn.Module, path: str) -> None:
-        super().__init__(module)
-        self.path = path
-
-    def file_key(self, name: str) -> str:
-        return f"base_model.{self.path}.{super().file_key(name)}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Files are HF PEFT's (``peft_type`` ``"PROMPT_TUNING"``): ``prompt_embeddings`` (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,10 +37,12 @@ from lightning_peft.methods._virtual_tokens import (
     init_token_ids,
     install,
     prompt_layer,
+    read_modules_to_save,
     token_dim,
     tokenizer_name,
     transformers_root,
 )
+from lightning_peft.targeting import check_module_names
 
 INITS = ("random", "sample_vocab", "text")
 
@@ -65,11 +67,15 @@ class PromptTuningConfig:
     tokenizer_name_or_path: str | None = None
     """The tokenizer that tokenises ``init_text`` (a name or path for ``AutoTokenizer``), unless a
     tokenizer object is passed to :func:`apply_prompt_tuning`."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full, as trainable copies (a fresh classifier head: ``["classifier"]``,
+    as HF PEFT's ``SEQ_CLS``)."""
 
     def __post_init__(self) -> None:
         check_num_virtual_tokens(self.num_virtual_tokens)
         self.init = check_choice(self.init, "init", INITS)
         _check_text(self.init, self.init_text, self.tokenizer_name_or_path)
+        self.modules_to_save = check_module_names(self.modules_to_save, "modules_to_save")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,17 +148,19 @@ def text_ids(root: nn.Module, text: str, tokenizer: Any, count: int) -> list[int
 
 def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: str = "random",
                         init_text: str | None = None, tokenizer: Any = None,
+                        modules_to_save: Sequence[str] | None = None,
                         config: PromptTuningConfig | None = None) -> nn.Module:
     """Prepend ``num_virtual_tokens`` trainable embeddings to every input of the transformers
     model in ``model`` (see the module docstring), freeze everything else, return ``model``.
 
     ``tokenizer`` (a tokenizer object or a name/path) tokenises ``init_text`` for ``init="text"``;
-    by default ``config.tokenizer_name_or_path``. Everything is checked before the model changes;
-    applying twice is harmless.
+    by default ``config.tokenizer_name_or_path``. ``modules_to_save`` names modules trained in full
+    (a classifier head). Everything is checked before the model changes; applying twice is harmless.
     """
     cfg = config if config is not None else PromptTuningConfig(
         num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text,
-        tokenizer_name_or_path=tokenizer if isinstance(tokenizer, str) else None)
+        tokenizer_name_or_path=tokenizer if isinstance(tokenizer, str) else None,
+        modules_to_save=modules_to_save)
     tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer_name_or_path
     if cfg.init == "text" and tokenizer is None:
         raise ValueError("init='text' needs a tokenizer to tokenise init_text: pass tokenizer= (an object or "
@@ -171,7 +179,8 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: st
             init_from_ids(layer.embedding, root, ids)
         return layer
 
-    return install(model, PromptEmbedding, build, cfg.num_virtual_tokens)
+    return install(model, PromptEmbedding, build, cfg.num_virtual_tokens,
+                   modules_to_save=cfg.modules_to_save)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +228,10 @@ def _from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable
     root = transformers_root(model)
     n = check_common_json(root, config, where)
     init, text, tok = read_init_json(config, where, _UPPER)
+    saved = read_modules_to_save(root, config, where)
 
     def inject(target: nn.Module) -> None:  # the weights come from the file: no initialisation
-        apply_prompt_tuning(target, config=PromptTuningConfig(num_virtual_tokens=n))
+        apply_prompt_tuning(target, config=PromptTuningConfig(num_virtual_tokens=n, modules_to_save=saved))
         layer = prompt_layer(transformers_root(target))
         layer.init, layer.init_text, layer.tokenizer_name_or_path = init, text, tok
 
