@@ -316,6 +316,10 @@ CLASSIFY_METHODS: list[MethodSpec] = [
           p=0.3, fisher_batches=8, trainable_modules=[_HEAD]),
     _spec("fishmask", "FishMask (keep 0.5%, Fisher of 8 batches)", "fishmask", 5e-4, keep=0.005,
           fisher_batches=8, trainable_modules=[_HEAD]),
+    _spec("prompt_tuning", "Prompt tuning (n=20, sampled-vocab init)", "prompt_tuning", 3e-2,
+          num_virtual_tokens=20, init="sample_vocab", modules_to_save=[_HEAD]),
+    _spec("p_tuning", "P-tuning (n=20, MLP encoder)", "p_tuning", 1e-3, num_virtual_tokens=20,
+          encoder_type="MLP", modules_to_save=[_HEAD]),
     _spec("prefix_tuning", "Prefix tuning (n=20, MLP projection)", "prefix_tuning", 1e-3,
           num_virtual_tokens=20, prefix_projection=True, modules_to_save=[_HEAD]),
     _spec("p_tuning_v2", "P-tuning v2 (n=20, prefixes without projection)", "prefix_tuning", 1e-2,
@@ -327,11 +331,10 @@ CLASSIFY_METHODS: list[MethodSpec] = [
 Learning rates: full fine-tuning, LoRA and the head as measured on this task; BitFit 1e-3 (the
 paper's range on GLUE, 1e-4..1e-3) and IA3 3e-3 (the T-Few paper's), not tuned on the held-out set;
 the rows of issue 12 as on the causal task (:data:`METHODS`), each training the head in full
-(``trainable_modules``). Of the soft-prompt rows of issue 13 only prefix tuning and P-tuning v2
-are here, at their causal-task learning rates, with the head as a trainable copy
-(``modules_to_save``): prompt tuning, P-tuning and multitask prompt tuning offer no way to train
-a head (their callbacks take no ``modules_to_save`` and their files refuse one), so the fresh
-head would stay random; LLaMA-Adapter supports Llama-family decoders only, not BERT."""
+(``trainable_modules``). The soft-prompt rows of issue 13 run at their causal-task learning rates
+with the head as a trainable copy (``modules_to_save``, as HF PEFT's SEQ_CLS models train it);
+multitask prompt tuning has one task here and is left out, and LLaMA-Adapter supports Llama-family
+decoders only, not BERT."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -316,13 +316,14 @@ def test_issue_13_soft_prompt_rows():
     assert (configs["llama_adapter"].adapter_len, configs["llama_adapter"].adapter_layers) == (10, 30)
     assert configs["mpt_single"].num_tasks == 1
     classify = {m.key: m for m in methods.CLASSIFY_METHODS}
-    assert not {"prompt_tuning", "p_tuning", "llama_adapter", "mpt_single"} & set(classify)
-    for key in ("prefix_tuning", "p_tuning_v2", "p_tuning_v2_zero"):
+    assert not {"llama_adapter", "mpt_single"} & set(classify)
+    for key in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "p_tuning_v2_zero"):
         (callback,) = classify[key].callbacks()
-        assert callback.config.modules_to_save == ["classifier"]
-        assert callback.config.prefix_projection == (key == "prefix_tuning")
-        assert callback.config.init_weights == ("zero" if key.endswith("_zero") else None)
+        assert callback.config.modules_to_save == ["classifier"]  # the fresh head trains
         assert classify[key].lr == causal[key].lr
+        if key.startswith(("prefix", "p_tuning_v2")):
+            assert callback.config.prefix_projection == (key == "prefix_tuning")
+            assert callback.config.init_weights == ("zero" if key.endswith("_zero") else None)
 
 def test_trainable_count_is_new_tensors_plus_own_weights_that_moved(tmp_path):
     """_changed_counts: every element of a parameter added since the snapshot that requires grad, and
