@@ -15,3 +15,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def write_result(out: Path, stem: str, result: dict, markdown) -> None:
+    """Write ``result`` as ``<out>/<stem>.json`` and, through ``markdown(result, path)``, as
+    ``<out>/<stem>.md``; say where."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown(result, out / f"{stem}.md")
+    print(f"Wrote {out / f'{stem}.md'}, {out / f'{stem}.json'}")

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import os
 import statistics
 import sys
@@ -56,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import cpu_model
+from benchmarks import cpu_model, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu-intel-xeon"
@@ -322,10 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out / "adapter_latency.md")
-    print(f"Wrote {args.out / 'adapter_latency.md'}, {args.out / 'adapter_latency.json'}")
+    write_result(args.out, "adapter_latency", result, write_markdown)
     return result
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import cpu_model
+from benchmarks import cpu_model, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu-intel-xeon"
 CONFIGS = {"base": "Base model, prompt L + n", "prefix": "Prefix n (P-tuning v2), prompt L"}
@@ -198,10 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prefix_generation.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out / "prefix_generation.md")
-    print(f"Wrote {args.out / 'prefix_generation.md'}, {args.out / 'prefix_generation.json'}")
+    write_result(args.out, "prefix_generation", result, write_markdown)
     return result
 
 
