@@ -7,6 +7,7 @@ lazily on the Triton path.
 """
 
 from kernels._backend import get_backend, set_backend, use_backend
+from kernels.hadamard import hadamard_transform
 from kernels.ia3 import ia3_linear
 from kernels.lora import dora_linear, dora_weight_norm, lora_linear, lora_linear_grouped
 from kernels.nf4 import NF4Tensor, dequantize_nf4, nf4_linear, quantize_nf4
@@ -19,6 +20,7 @@ __all__ = [
     "NF4Tensor",
     "dequantize_nf4",
     "get_backend",
+    "hadamard_transform",
     "ia3_linear",
     "lora_linear",
     "lora_linear_grouped",
