@@ -141,6 +141,11 @@ def save_adapter(model: nn.Module, directory: str | Path,
     the mode the umask gives (0644 under umask 022). Concurrent saves to one directory are not
     supported.
 
+    Under FSDP (FSDP1's ``FullyShardedDataParallel``, FSDP2's ``fully_shard``) every rank calls
+    it with the same arguments: the sharded adapter tensors are gathered to their full values
+    (:func:`lightning_peft.fsdp.full_adapter_tensors`, wrapper prefixes such as
+    ``_fsdp_wrapped_module.`` dropped from the keys) and rank 0 alone writes the files.
+
     Named adapters (LoRA's :func:`lightning_peft.add_adapter`) are saved as HF PEFT's
     ``save_pretrained`` saves a model with several adapters: the default adapter in ``directory``,
     each other one alone (PEFT's plain keys, ``lora_A.weight``) in ``directory/<name>``.
@@ -158,25 +163,33 @@ def save_adapter(model: nn.Module, directory: str | Path,
                          f"{['default', *named]}")
     path = Path(directory)
     if adapter_name is not None and adapter_name != "default":
-        return _save_one(root, method, path / adapter_name, base_model_name_or_path, adapter_name)
-    _save_one(root, method, path, base_model_name_or_path, None)
+        return _save_one(root, method, path / adapter_name, base_model_name_or_path, adapter_name, model)
+    _save_one(root, method, path, base_model_name_or_path, None, model)
     if adapter_name is None:
         for name in named:
-            _save_one(root, method, path / name, base_model_name_or_path, name)
+            _save_one(root, method, path / name, base_model_name_or_path, name, model)
     return path
 
 
 def _save_one(root: nn.Module, method: Any, path: Path, base_model_name_or_path: str | None,
-              adapter_name: str | None) -> Path:
+              adapter_name: str | None, outer: nn.Module | None = None) -> Path:
     """Write the adapter of ``root`` (the named adapter ``adapter_name`` alone if given) to ``path``."""
+    from lightning_peft.fsdp import clean_name, full_adapter_tensors, is_sharded, rank
+
     named = {"adapter_name": adapter_name} if adapter_name is not None else {}
-    entries = _file_entries(root) if adapter_name is None else _named_entries(root, adapter_name)
-    fields = method.to_json(root, **named)
+    outer = root if outer is None else outer
+    writes = not is_sharded(outer) or rank() == 0  # sharded: every rank gathers, rank 0 writes
+    with full_adapter_tensors(outer) as full:
+        entries = _file_entries(root) if adapter_name is None else _named_entries(root, adapter_name)
+        tensors = {method.file_prefix + clean_name(key):
+                   full(param).detach().to("cpu", copy=True).contiguous()
+                   for key, (_, param) in sorted(entries.items())}
+        fields = method.to_json(root, **named) if writes else {}
+    if not writes:
+        return path
     config = {"peft_type": method.peft_type, "task_type": _task_type(root),
               "base_model_name_or_path": base_model_name_or_path or _name_or_path(root),
               "revision": None, "inference_mode": True, **fields}
-    tensors = {method.file_prefix + key: param.detach().to("cpu", copy=True).contiguous()
-               for key, (_, param) in sorted(entries.items())}
     bound_fields = method.bound_fields if method.bound_fields is not None else ("peft_type", *fields)
     bound = json.dumps({k: config.get(k) for k in bound_fields}, sort_keys=True)
     _write_directory(path, json.dumps(config, indent=2, sort_keys=True) + "\n", tensors,

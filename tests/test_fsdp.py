@@ -1,0 +1,121 @@
+"""Sharded training on CPU: FSDP2 (``fully_shard``) and FSDP1 on 2 gloo processes
+(tests/_fsdp_run.py, started once for every scenario), and the shardable 4-bit layer in one process.
+
+Tolerance of the 2-process runs against one process over the same global batch: rtol 1e-4,
+atol 1e-5 (fp32; the two ranks' gradients are averaged in another order than one process sums)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_peft.fsdp import ShardableNF4Linear, clean_name, is_sharded, prepare_nf4_for_fsdp
+from lightning_peft.methods.qlora import NF4Linear, apply_qlora
+from tests import _tiny
+
+torch.set_num_threads(1)
+SCRIPT = Path(__file__).with_name("_fsdp_run.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(SCRIPT), str(out), str(_free_port())], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("scenario", ["fsdp2_lora", "fsdp2_qlora", "fsdp1_lora", "fsdp1_qlora"])
+def test_two_processes_train_save_and_resume_like_one(two_process_results, scenario):
+    """Only adapters get gradients, the base stays bit-identical, losses and adapters after 3 SGD
+    steps equal one process over the global batch, save_adapter (called on both ranks) writes on
+    rank 0 the full adapter equal to the single process's; FSDP2 also: the adapter-only sharded
+    (DCP) and full state dicts round-trip and training resumes from both."""
+    _, results = two_process_results
+    assert results[scenario] == "ok", results[scenario]
+
+
+def test_nf4_base_splits_in_half_across_two_ranks(two_process_results):
+    out, results = two_process_results
+    assert results["nf4_shards"] == "ok", results["nf4_shards"]
+    nf4 = json.loads((out / "nf4_bytes.json").read_text())
+    assert sum(nf4["held_per_rank"]) == nf4["total"]
+    assert all(abs(h - nf4["total"] / 2) <= 64 for h in nf4["held_per_rank"])
+
+
+# ------------------------------------------------------------------ one process, no sharding
+def _qlora_model(double_quant=True):
+    model = _tiny.llama(0)
+    torch.manual_seed(3)
+    apply_qlora(model, r=4, compute_dtype="float32", double_quant=double_quant, target_modules="all-linear")
+    _tiny.randomize_lora(model)
+    return model
+
+
+@pytest.mark.parametrize("storage_dtype", [torch.uint8, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_shardable_nf4_linear_is_the_same_layer(storage_dtype, double_quant):
+    model = _qlora_model(double_quant)
+    ids = torch.randint(0, 96, (2, 7))
+    before = model(ids).logits
+    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    prepare_nf4_for_fsdp(model, storage_dtype)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ShardableNF4Linear)}
+    assert layers.keys() == originals.keys()
+    for name, layer in layers.items():
+        q = layer.weight
+        assert layer.is_whole() and layer.weight_packed.dtype == storage_dtype
+        assert not layer.weight_packed.requires_grad and not layer.weight_absmax.requires_grad
+        assert torch.equal(q.packed, originals[name].packed) and torch.equal(q.absmax, originals[name].absmax)
+        assert torch.equal(q.dequantize(torch.float32), originals[name].dequantize(torch.float32))
+    assert torch.equal(model(ids).logits, before)
+    assert not is_sharded(model)
+
+
+def test_shardable_nf4_dtype_casts_keep_the_bytes_and_state_dict_round_trips():
+    model = prepare_nf4_for_fsdp(_qlora_model(), torch.uint8)
+    layer = model.model.layers[0].self_attn.q_proj.base_layer
+    packed = layer.weight_packed.detach().clone()
+    model.to(torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and torch.equal(layer.weight_packed, packed)
+    assert layer.weight_nested_code.dtype == torch.float32
+    model.to(torch.float32)
+    state = layer.state_dict()
+    assert {"weight_packed", "weight_absmax", "weight_nested_absmax"} <= set(state)
+    other = ShardableNF4Linear.from_nf4_linear(NF4Linear(layer.in_features, layer.out_features, bias=False,
+                                                         compute_dtype=torch.float32))
+    other.load_state_dict(state)
+    assert torch.equal(other.weight.dequantize(torch.float32), layer.weight.dequantize(torch.float32))
+
+
+def test_sharded_placeholder_and_bad_arguments():
+    layer = prepare_nf4_for_fsdp(_qlora_model(), torch.uint8).model.layers[0].mlp.up_proj.base_layer
+    whole = layer.weight
+    shard = layer.weight_packed[:5].clone()
+    layer._parameters["weight_packed"] = torch.nn.Parameter(shard, requires_grad=False)
+    assert not layer.is_whole()
+    placeholder = layer.weight  # a shard: the format and shape, on the meta device
+    assert placeholder.device.type == "meta" and placeholder.shape == whole.shape
+    with pytest.raises(ValueError, match="storage_dtype"):
+        ShardableNF4Linear.from_nf4_linear(NF4Linear(4, 4), storage_dtype="uint8")
+    with pytest.raises(TypeError, match="NF4Linear"):
+        ShardableNF4Linear.from_nf4_linear(torch.nn.Linear(4, 4))
+
+
+def test_clean_name_drops_wrapper_prefixes():
+    assert clean_name("model._fsdp_wrapped_module.layers.0._fsdp_wrapped_module.q.lora_A") == \
+        "model.layers.0.q.lora_A"
+    assert clean_name("_orig_mod.a._checkpoint_wrapped_module.b") == "a.b"
