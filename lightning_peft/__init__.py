@@ -46,6 +46,12 @@ from lightning_peft.methods.prefix_tuning import PrefixEncoder, PrefixTuningConf
 from lightning_peft.methods.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
 from lightning_peft.methods.qlora import NF4Linear, QLoRAConfig, apply_qlora, merge_and_dequantize
 from lightning_peft.methods.relora import ReLoRAConfig, apply_relora, jagged_cosine_schedule, relora_reset
+from lightning_peft.methods.trainable_tokens import (
+    TrainableTokensConfig,
+    TrainableTokensLayer,
+    add_tokens,
+    apply_trainable_tokens,
+)
 from lightning_peft.multi_adapter import (
     active_adapters,
     adapter_names_for_rows,
@@ -78,6 +84,7 @@ _LAZY = {
     "PEFTCallback": "lightning_peft.callbacks",
     "PrefixTuningCallback": "lightning_peft.callbacks",
     "QLoRACallback": "lightning_peft.callbacks",
+    "TrainableTokensCallback": "lightning_peft.callbacks",
     "save_adapter": "lightning_peft.io",
     "load_adapter": "lightning_peft.io",
     "adapter_state_dict": "lightning_peft.io",
@@ -137,6 +144,9 @@ __all__ = [
     "ReLoRAConfig",
     "SequenceClassificationModule",
     "SparseUpdate",
+    "TrainableTokensCallback",
+    "TrainableTokensConfig",
+    "TrainableTokensLayer",
     "active_adapters",
     "adalora_orthogonal_penalty",
     "adalora_prune",
@@ -144,6 +154,7 @@ __all__ = [
     "adapter_names_for_rows",
     "adapter_state_dict",
     "add_adapter",
+    "add_tokens",
     "apply_adalora",
     "apply_adapter_fusion",
     "apply_adapters",
@@ -161,6 +172,7 @@ __all__ = [
     "apply_prompt_tuning",
     "apply_qlora",
     "apply_relora",
+    "apply_trainable_tokens",
     "attach_child_tuning",
     "child_tuning_changed",
     "child_tuning_fisher_masks",

@@ -484,6 +484,29 @@ class BitFitCallback(PEFTCallback):
                                    add_missing_biases=add_missing_biases)
 
 
+class TrainableTokensCallback(PEFTCallback):
+    """Train only some token rows of the embedding:
+    ``Trainer(callbacks=[TrainableTokensCallback(token_indices=new_ids)])``.
+
+    Only the rows ``token_indices`` of the input embedding (or of ``target_modules``) train, as
+    one (n, d) tensor; a head tied to the embedding follows them (stage 1 of Chinese-LLaMA's
+    recipe after :func:`lightning_peft.add_tokens`). Arguments are those of
+    :func:`lightning_peft.apply_trainable_tokens` plus ``merge_on_fit_end`` (write the rows into
+    the embedding when ``fit`` ends) and ``adapter_dir`` (write the adapter there in HF PEFT's
+    TRAINABLE_TOKENS format when ``fit`` ends, on rank 0). Beside LoRA, use
+    ``LoRAConfig(trainable_token_indices=...)`` instead.
+    """
+
+    method = "trainable_tokens"
+
+    def __init__(self, token_indices: list[int], target_modules: str | list[str] | None = None,
+                 merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.trainable_tokens import TrainableTokensConfig
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = TrainableTokensConfig(token_indices=token_indices, target_modules=target_modules)
+
+
 class DyLoRACallback(PEFTCallback):
     """Fine-tune with DyLoRA: ``Trainer(callbacks=[DyLoRACallback(r=8, r_min=1)])``: every training
     batch runs at one rank ``b`` drawn in ``[r_min, r]`` for the whole model, so that afterwards

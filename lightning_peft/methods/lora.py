@@ -53,6 +53,14 @@ from lightning_peft._base import (
     wrap_modules_to_save,
 )
 from lightning_peft.methods import Method, _grouping, register
+from lightning_peft.methods.trainable_tokens import (
+    LORA_PART_ATTR,
+    TrainableTokensLayer,
+    check_token_spec,
+    inject_tokens,
+    input_embedding_name,
+    plan_tokens,
+)
 from lightning_peft.targeting import (
     TargetSpec,
     check_module_spec,
@@ -115,6 +123,13 @@ class LoRAConfig:
     computes in float32 and its result is added in the base's dtype. A 4-bit (NF4) base keeps
     its adapters in its ``compute_dtype``. ``False``: adapters take the base weight's dtype."""
 
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Train only these rows of the input embedding beside LoRA (HF PEFT's option of the same
+    name; :mod:`lightning_peft.methods.trainable_tokens`): a list of token ids (e.g. those
+    :func:`lightning_peft.add_tokens` returned), or ``{module name: token ids}`` for other
+    embeddings. A head tied to the embedding follows its rows. With this or ``modules_to_save``,
+    ``target_modules`` may match nothing (or be ``[]``): then only those train."""
+
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
@@ -131,8 +146,14 @@ class LoRAConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        self.target_modules = check_module_spec(self.target_modules, "target_modules")
+        if not (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):
+            self.target_modules = check_module_spec(self.target_modules, "target_modules")
+        else:  # [] adapts nothing: only modules_to_save / trainable_token_indices train
+            self.target_modules = []
         self.exclude_modules = check_module_spec(self.exclude_modules, "exclude_modules")
+        if self.trainable_token_indices is not None:
+            self.trainable_token_indices = check_token_spec(self.trainable_token_indices,
+                                                            "trainable_token_indices")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
@@ -141,6 +162,10 @@ class LoRAConfig:
                 raise ValueError(f"modules_to_save must be a list of module names, got "
                                  f"{self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save) or None
+        if self.target_modules == [] and not self.modules_to_save and self.trainable_token_indices is None:
+            raise ValueError("target_modules [] adapts no module, and neither modules_to_save nor "
+                             "trainable_token_indices is given, so nothing would train; name the modules "
+                             "to adapt (names, a regex or 'all-linear')")
 
     @property
     def scaling(self) -> float:
@@ -640,7 +665,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
                modules_to_save: Sequence[str] | None = None, use_rslora: bool = False,
                init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
-               use_dora: bool = False, config: LoRAConfig | None = None) -> nn.Module:
+               use_dora: bool = False,
+               trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+               config: LoRAConfig | None = None) -> nn.Module:
     """Inject LoRA into ``model`` in place, freeze everything else, and return ``model``.
 
     Arguments are the fields of :class:`LoRAConfig` (or pass ``config=``). Layers that already
@@ -651,16 +678,28 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     RoBERTa's two-layer ``classifier``); naming it in ``target_modules`` as well is an error.
     Everything is checked before the model is changed. ``use_dora=True`` injects DoRA layers
     (a magnitude per output feature as well; see the module docstring).
+    ``trainable_token_indices`` trains those rows of the input embedding (and of a tied head)
+    beside the LoRA layers. With it or ``modules_to_save``, ``target_modules`` may match nothing
+    (a warning, unless it is ``[]``): then only those train.
     """
     if config is None:
         config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                             exclude_modules=exclude_modules,
                             modules_to_save=modules_to_save, use_rslora=use_rslora, init=init,
                             bias=bias, autocast_adapter_dtype=autocast_adapter_dtype,
-                            use_dora=use_dora)
+                            use_dora=use_dora, trainable_token_indices=trainable_token_indices)
     elif not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    others = bool(config.modules_to_save) or config.trainable_token_indices is not None
+    try:
+        targets = find_targets(model, config.target_modules, config.exclude_modules) \
+            if config.target_modules != [] else []
+    except ValueError as err:
+        if not others:
+            raise
+        warnings.warn(f"{err} No LoRA layer is injected; only modules_to_save/trainable_token_indices "
+                      f"train", stacklevel=2)
+        targets = []
     saved = find_modules(model, config.modules_to_save, "modules_to_save") \
         if config.modules_to_save else []
     explicit = config.target_modules is not None and config.target_modules != "all-linear"
@@ -668,10 +707,13 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     if clash:
         raise ValueError(f"modules_to_save and target_modules both select {clash}; a module trained "
                          f"in full gets no LoRA")
-    targets = [t for t in targets if not inside_any(t, saved)]
-    if not targets:
+    if targets and not [t for t in targets if not inside_any(t, saved)] and not others:
         raise ValueError(f"every module target_modules={config.target_modules!r} selects is in "
                          f"modules_to_save={config.modules_to_save!r}, so nothing is left to adapt")
+    targets = [t for t in targets if not inside_any(t, saved)]
+    tokens: tuple[dict[str, list[int]], dict[str, str]] = ({}, {})
+    if config.trainable_token_indices is not None:
+        tokens = _plan_lora_tokens(model, config.trainable_token_indices, targets, saved)
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer):
@@ -683,6 +725,10 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                            use_dora=config.use_dora)
         setattr(parent, child, layer)
     wrap_modules_to_save(model, saved)
+    for name in saved:
+        model.get_submodule(name).__dict__[LORA_PART_ATTR] = True
+    if tokens[0]:
+        inject_tokens(model, *tokens, in_lora=True, arg="trainable_token_indices")
     if config.bias == "all":
         inside_saved = {id(m) for w in model.modules() if isinstance(w, ModulesToSave)
                         for m in w.modules()}
@@ -704,6 +750,48 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     return model
 
 
+def _plan_lora_tokens(model: nn.Module, spec: list[int] | dict[str, list[int]], targets: list[str],
+                      saved: list[str]) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Where ``trainable_token_indices`` trains rows (read only); a ``ValueError`` when a module
+    also gets LoRA or is trained in full (or lies inside one that is)."""
+    wanted, tied = plan_tokens(model, spec, None, "trainable_token_indices")
+    clash = [n for n in [*wanted, *tied] if inside_any(n, [*targets, *saved])
+             or any(inside_any(t, [n]) for t in [*targets, *saved])]
+    if clash:
+        raise ValueError(f"trainable_token_indices trains rows of {clash}, which target_modules or "
+                         f"modules_to_save select as well; a module either trains some rows, gets LoRA or "
+                         f"trains in full")
+    return wanted, tied
+
+
+def lora_token_layers(model: nn.Module) -> list[tuple[str, TrainableTokensLayer]]:
+    """``(name, layer)`` of the trainable-token layers a LoRA adapter of ``model`` owns (tied ones
+    excluded)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, TrainableTokensLayer) and m.in_lora and not m._tied]
+
+
+def _tokens_json(root: nn.Module) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices`` as HF PEFT writes it: a list for the input embedding alone,
+    else ``{module name: ids}``."""
+    layers = lora_token_layers(root)
+    if not layers:
+        return None
+    try:
+        embedding = input_embedding_name(root)
+    except ValueError:
+        embedding = None
+    if len(layers) == 1 and layers[0][0] == embedding:
+        return list(layers[0][1].token_indices)
+    free = names_outside_adapters(root)
+    return {short_names([n], free, dotted=True)[0]: list(m.token_indices) for n, m in layers}
+
+
+def _detect(model: nn.Module) -> bool:
+    """LoRA layers, or (with no target) the token layers and modules trained in full it owns."""
+    return any(isinstance(m, LoRALinear) or m.__dict__.get(LORA_PART_ATTR, False) for m in model.modules())
+
+
 # ------------------------------------------------------------------------------ file format
 # HF PEFT's LoRA adapter_config.json, read and written through the method registry.
 
@@ -711,7 +799,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
 # a different model, so it is refused. A falsy value (None, False, [], {}) means "not used".
 _UNSUPPORTED_OPTIONS = (
     "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication",
-    "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
+    "target_parameters", "alora_invocation_tokens", "use_qalora",
     "use_bdlora", "megatron_config", "arrow_config", "kasa_config", "monteclora_config",
 )
 # Config fields that hold true or false (a string "false" would read as true).
@@ -722,7 +810,8 @@ _BOOL_FIELDS = ("inference_mode", "use_rslora", "fan_in_fan_out", "use_dora", "l
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # The fields that decide how the weights are read (recorded in the weights' metadata on save).
 _BOUND_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
-                 "target_modules", "exclude_modules", "modules_to_save", "bias")
+                 "target_modules", "exclude_modules", "modules_to_save", "bias",
+                 "trainable_token_indices")
 
 
 def _to_json(root: nn.Module, adapter_name: str | None = None) -> dict[str, Any]:
@@ -730,13 +819,15 @@ def _to_json(root: nn.Module, adapter_name: str | None = None) -> dict[str, Any]
     ``root``: the most common r and alpha, the others as ``rank_pattern``/``alpha_pattern``.
     ``adapter_name``: those of that named adapter (the default adapter's when None)."""
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALinear)]
-    if not layers:
+    if not layers and not _detect(root):
         raise ValueError(f"{type(root).__name__} has no LoRA layers to save; inject them first with "
                          f"apply_lora(model, ...)")
     if any(not name for name, _ in layers):
         raise ValueError("the model itself is a LoRALinear; save the model that contains it")
     if adapter_name is not None and adapter_name != DEFAULT_ADAPTER:
         return _named_to_json(root, layers, adapter_name)
+    if not layers:  # only modules_to_save / trainable_token_indices train
+        return _untargeted_json(root)
     rslora = {m.use_rslora for _, m in layers}
     if len(rslora) > 1:
         mixed = [n for n, m in layers if m.use_rslora]
@@ -770,7 +861,21 @@ def _to_json(root: nn.Module, adapter_name: str | None = None) -> dict[str, Any]
         "layers_to_transform": None,
         "layers_pattern": None,
         "layer_replication": None,
+        "trainable_token_indices": _tokens_json(root),
     }
+
+
+def _untargeted_json(root: nn.Module) -> dict[str, Any]:
+    """The fields of a LoRA adapter with no LoRA layer (``target_modules`` ``[]``; HF PEFT 0.21
+    refuses such a file): r and alpha are the defaults and unused."""
+    saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
+    free = names_outside_adapters(root)
+    return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": [], "exclude_modules": None,
+            "modules_to_save": sorted(short_names(saved, free, dotted=False)) or None,
+            "bias": _bias_mode(root, [], saved), "use_rslora": False, "use_dora": False, "lora_bias": False,
+            "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
+            "trainable_token_indices": _tokens_json(root)}
 
 
 def _named_to_json(root: nn.Module, layers: list[tuple[str, LoRALinear]],
@@ -893,6 +998,11 @@ def _check_json(config: dict[str, Any], where: str) -> None:
     saved = config.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(s, str) and s for s in saved)):
         fail("modules_to_save", "a list of module names or null")
+    if config.get("trainable_token_indices") is not None:
+        try:
+            check_token_spec(config["trainable_token_indices"], "trainable_token_indices")
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
 
 
 def _is_rank(value: Any) -> bool:
@@ -920,10 +1030,13 @@ def _injection_plan(root: nn.Module, config: dict[str, Any],
     target = config.get("target_modules")
     if isinstance(target, list):
         target = sorted(set(target))
+    tokens = config.get("trainable_token_indices")
     try:
-        targets = find_targets(root, target, config.get("exclude_modules"))
+        targets = find_targets(root, target, config.get("exclude_modules")) if target != [] else []
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
+        if not (config.get("modules_to_save") or tokens is not None):
+            raise ValueError(f"{where}: {err}") from err
+        targets = []
     saved: list[str] = []
     for entry in dict.fromkeys(config.get("modules_to_save") or []):  # PEFT may list one twice
         try:  # PEFT skips entries that match nothing (e.g. the "score" it adds for SEQ_CLS)
@@ -933,10 +1046,15 @@ def _injection_plan(root: nn.Module, config: dict[str, Any],
     # PEFT adapts nothing it trains in full, nor anything inside it (RoBERTa's two-Linear
     # classifier under "all-linear": PEFT lists its Linears in target_modules all the same)
     kept = [t for t in targets if not inside_any(t, saved)]
-    if not kept:
+    if not kept and not saved and tokens is None:
         raise ValueError(f"{where}: every module target_modules selects ({first_names(targets)}) is or "
                          f"lies inside a module of modules_to_save ({first_names(saved)}); nothing is "
                          f"left to adapt")
+    if tokens is not None:
+        try:
+            _plan_lora_tokens(root, check_token_spec(tokens, "trainable_token_indices"), kept, saved)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
     groups: dict[tuple[int, float], list[str]] = {}
     for name in kept:
         r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
@@ -949,13 +1067,14 @@ def _inject(root: nn.Module, config: dict[str, Any], groups: dict[tuple[int, flo
             saved: list[str]) -> None:
     """Inject the planned adapter into ``root`` with :func:`apply_lora`, one call per (r, alpha)."""
     init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
-    for i, ((r, alpha), names) in enumerate(groups.items()):
+    for i, ((r, alpha), names) in enumerate(groups.items() or [((config["r"], config["lora_alpha"]), [])]):
         apply_lora(root, config=LoRAConfig(
             r=r, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
-            target_modules="|".join(re.escape(n) for n in names),
+            target_modules="|".join(re.escape(n) for n in names) if names else [],
             modules_to_save=list(saved) if i == 0 and saved else None,
             use_rslora=bool(config.get("use_rslora", False)), init=init,
-            bias=config.get("bias") or "none", use_dora=bool(config.get("use_dora", False))))
+            bias=config.get("bias") or "none", use_dora=bool(config.get("use_dora", False)),
+            trainable_token_indices=config.get("trainable_token_indices") if i == 0 else None))
 
 
 def _planned_scalings(root: nn.Module, config: dict[str, Any]) -> dict[LoRALinear, tuple[float, bool, float]]:
@@ -996,8 +1115,9 @@ def _plan_named(model: nn.Module, config: dict[str, Any], where: str,
                 adapter_name: str) -> Callable[[nn.Module], None]:
     """Plan adding the file's adapter as the named adapter ``adapter_name`` (read only)."""
     check_adapter_name(adapter_name)
-    if config.get("modules_to_save"):
-        raise ValueError(f"{where}: modules_to_save={config['modules_to_save']!r}; a named adapter holds "
+    if config.get("modules_to_save") or config.get("trainable_token_indices") is not None:
+        key = "modules_to_save" if config.get("modules_to_save") else "trainable_token_indices"
+        raise ValueError(f"{where}: {key}={config[key]!r}; a named adapter holds "
                          f"LoRA factors only (load it as the default adapter instead)")
     if (config.get("bias") or "none") != "none":
         raise ValueError(f"{where}: bias={config['bias']!r}; a named adapter trains no biases")
@@ -1047,6 +1167,18 @@ def _update_from_json(model: nn.Module, config: dict[str, Any], where: str,
     if differ:
         raise ValueError(f"{where}: use_dora is {dora} but the model's LoRA layers {first_names(differ)} "
                          f"have use_dora={not dora}; load it into a model without this adapter")
+    tokens = config.get("trainable_token_indices")
+    carried = {n: m.token_indices for n, m in lora_token_layers(model)}
+    wanted: dict[str, list[int]] = {}
+    if tokens is not None:
+        try:
+            wanted, _ = plan_tokens(model, check_token_spec(tokens, "trainable_token_indices"), None,
+                                    "trainable_token_indices")
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+    if wanted != carried:
+        raise ValueError(f"{where}: trainable_token_indices={tokens!r} trains {wanted or 'no rows'}, but the "
+                         f"model's LoRA adapter trains {carried or 'no rows'}; load it into a fresh model")
     plan = _planned_scalings(model, config)
 
     def update() -> None:
@@ -1081,6 +1213,6 @@ def _update_named(model: nn.Module, config: dict[str, Any], where: str,
 
 METHOD = register(Method(
     name="lora", config_class=LoRAConfig, peft_type="LORA", apply=apply_lora,
-    detect=lambda model: any(isinstance(m, LoRALinear) for m in model.modules()),
+    detect=_detect,
     to_json=_to_json, from_json=_from_json, update_from_json=_update_from_json,
     bound_fields=_BOUND_FIELDS, aliases=("rslora",), named_adapters=True))
