@@ -34,6 +34,12 @@ from lightning_peft.methods.child_tuning import (
 from lightning_peft.methods.dylora import DyLoRAConfig, apply_dylora, dylora_sample_rank, truncate_rank
 from lightning_peft.methods.fishmask import FishMaskConfig, SparseUpdate, apply_fishmask, fishmask_scores
 from lightning_peft.methods.ia3 import IA3Config, IA3Linear, apply_ia3
+from lightning_peft.methods.intrinsic_dimension import (
+    IntrinsicDimensionConfig,
+    IntrinsicDimensionLayer,
+    IntrinsicProjection,
+    apply_intrinsic,
+)
 from lightning_peft.methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear, apply_lora
 from lightning_peft.methods.multitask_prompt_tuning import (
@@ -73,6 +79,7 @@ _LAZY = {
     "ChildTuningCallback": "lightning_peft.callbacks",
     "DyLoRACallback": "lightning_peft.callbacks",
     "FishMaskCallback": "lightning_peft.callbacks",
+    "IntrinsicDimensionCallback": "lightning_peft.callbacks",
     "ReLoRACallback": "lightning_peft.callbacks",
     "IA3Callback": "lightning_peft.callbacks",
     "LlamaAdapterCallback": "lightning_peft.callbacks",
@@ -116,6 +123,10 @@ __all__ = [
     "DyLoRAConfig",
     "FishMaskCallback",
     "FishMaskConfig",
+    "IntrinsicDimensionCallback",
+    "IntrinsicDimensionConfig",
+    "IntrinsicDimensionLayer",
+    "IntrinsicProjection",
     "IA3Callback",
     "IA3Config",
     "IA3Linear",
@@ -162,6 +173,7 @@ __all__ = [
     "apply_child_tuning",
     "apply_dylora",
     "apply_fishmask",
+    "apply_intrinsic",
     "apply_ia3",
     "apply_llama_adapter",
     "apply_lora",

@@ -1347,6 +1347,33 @@ class PrefixTuningCallback(PEFTCallback):
                                          modules_to_save=modules_to_save, init_weights=init_weights)
 
 
+class IntrinsicDimensionCallback(PEFTCallback):
+    """Fine-tune in a random ``d``-dimensional subspace of the weights (intrinsic dimension,
+    Aghajanyan et al. 2020): ``Trainer(callbacks=[IntrinsicDimensionCallback(d=1000)])``: only
+    ``θ_d`` (and, with ``said=True``, one scale per projected tensor) train; every weight runs as
+    ``θ0 + P·θ_d`` with ``P`` a Fastfood projection rebuilt from ``seed``.
+
+    Arguments are the fields of :class:`lightning_peft.IntrinsicDimensionConfig` plus
+    ``merge_on_fit_end`` (write ``θ0 + P·θ_d`` into the weights when ``fit`` ends) and
+    ``adapter_dir`` (write ``θ_d``, ``λ`` and the seed there when ``fit`` ends, on rank 0).
+    """
+
+    method = "intrinsic_dimension"
+
+    def __init__(self, d: int = 1000, said: bool = True, seed: int = 0,
+                 target_modules: str | list[str] | None = None,
+                 exclude_modules: str | list[str] | None = None, include_embeddings: bool = False,
+                 trainable_modules: list[str] | None = None, merge_on_fit_end: bool = False,
+                 adapter_dir: str | None = None) -> None:
+        from lightning_peft.methods.intrinsic_dimension import IntrinsicDimensionConfig
+
+        super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
+        self.config = IntrinsicDimensionConfig(d=d, said=said, seed=seed, target_modules=target_modules,
+                                               exclude_modules=exclude_modules,
+                                               include_embeddings=include_embeddings,
+                                               trainable_modules=trainable_modules)
+
+
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""

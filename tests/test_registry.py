@@ -56,6 +56,7 @@ CALLBACKS = {
     "p_tuning": dict(num_virtual_tokens=4, encoder_type="LSTM", encoder_hidden_size=8),
     "multitask_prompt_tuning": dict(num_virtual_tokens=4, num_ranks=2),
     "prefix_tuning": dict(num_virtual_tokens=4),
+    "intrinsic_dimension": dict(d=64, said=True),
 }
 CONFIGS = {
     "adapter": get_method("adapter").config_class(bottleneck=4, placement="parallel"),
@@ -76,6 +77,7 @@ CONFIGS = {
     "multitask_prompt_tuning": get_method("multitask_prompt_tuning").config_class(num_virtual_tokens=4,
                                                                                  num_ranks=2),
     "prefix_tuning": get_method("prefix_tuning").config_class(num_virtual_tokens=4, prefix_projection=True),
+    "intrinsic_dimension": get_method("intrinsic_dimension").config_class(d=100, said=False),
 }
 # methods whose fresh adapter is not zero-effect: prompts add virtual positions to the logits
 NOT_ZERO_START = {"prompt_tuning", "p_tuning", "multitask_prompt_tuning", "prefix_tuning"}
