@@ -360,3 +360,21 @@ def test_add_tokens_refuses_known_or_repeated_tokens_and_changes_nothing():
     with pytest.raises(ValueError, match="carries adapters already"):
         add_tokens(model, tok, ["<new>"])
     assert len(tok) == size
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_unload_writes_the_rows_and_restores_plain_modules(tie):
+    from lightning_peft.methods.trainable_tokens import unload_trainable_tokens
+
+    model = llama(tie)
+    original = model.model.embed_tokens
+    apply_trainable_tokens(model, token_indices=IDS)
+    perturb(model)
+    ids = batch()
+    out = logits(model, ids)
+    rows = model.model.embed_tokens.trainable_tokens_delta.detach().clone()
+    unload_trainable_tokens(model)
+    assert model.model.embed_tokens is original and not has_adapters(model)
+    assert (model.lm_head.weight is original.weight) == tie
+    assert torch.equal(original.weight[IDS], rows)
+    assert torch.allclose(logits(model, ids), out, atol=1e-5, rtol=0)

@@ -414,6 +414,19 @@ def apply_trainable_tokens(model: nn.Module, token_indices: Sequence[int] | None
     return model
 
 
+def unload_trainable_tokens(model: nn.Module) -> nn.Module:
+    """Write the trained rows into their embeddings (and tied heads) and put the plain modules
+    back in place of the token layers (standalone and LoRA-owned alike): the model is then a
+    plain model with the new rows, ready for a next stage (Chinese-LLaMA's stage 1 -> stage 2).
+    Returns ``model``."""
+    layers = token_layers(model)
+    for _, layer in layers:
+        layer.merge()
+    for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):
+        _replace(model, name, layer.base_layer)
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Extending the vocabulary
 # --------------------------------------------------------------------------------------------
@@ -578,4 +591,4 @@ METHOD = register(Method(
 ))
 
 __all__ = ["TrainableTokensConfig", "TrainableTokensLayer", "add_tokens", "apply_trainable_tokens",
-           "token_layers"]
+           "token_layers", "unload_trainable_tokens"]
