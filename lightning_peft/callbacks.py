@@ -43,6 +43,7 @@ from lightning_peft._base import (
     restore_adapter_dtypes,
     trainable_parameters,
 )
+from lightning_peft.fsdp import clean_name
 from lightning_peft.io import _validate
 from lightning_peft.methods import apply_peft, get_method
 from lightning_peft.methods.lora import LoRAConfig
@@ -157,14 +158,21 @@ class PEFTCallback(Callback):
             self.merge(pl_module)
 
     def save_adapter(self, directory: str | Path) -> Path | None:
-        """Write the adapter in HF PEFT format (rank 0 only); returns the directory on rank 0."""
+        """Write the adapter in HF PEFT format (rank 0 only); returns the directory on rank 0.
+        Under FSDP (``strategy="fsdp"``, ``ModelParallelStrategy``) call it on every rank: the
+        shards are gathered and rank 0 writes the full adapter."""
         if self._module is None:
             raise RuntimeError(f"{type(self).__name__}.save_adapter needs a module: call it after "
                                "trainer.fit/validate/test has set the callback up")
-        if self._trainer is not None and not self._trainer.is_global_zero:
-            return None
+        from lightning_peft.fsdp import is_sharded
         from lightning_peft.io import save_adapter
 
+        outer = getattr(self._trainer.strategy, "model", None) if self._trainer is not None else None
+        if outer is not None and is_sharded(outer):  # FSDP: every rank gathers, rank 0 writes
+            path = save_adapter(outer, directory)
+            return path if self._trainer.is_global_zero else None
+        if self._trainer is not None and not self._trainer.is_global_zero:
+            return None
         return save_adapter(self._module, directory)
 
     # -- internals ----------------------------------------------------------------------------
@@ -193,7 +201,7 @@ class PEFTCallback(Callback):
             owner.__dict__[name] = wrapped
 
         if self._builds_in_configure_model(pl_module):
-            hook(pl_module, "configure_model", lambda: self.apply(pl_module))
+            hook(pl_module, "configure_model", lambda: _check_injected_before_sharding(self.apply(pl_module)))
         hook(pl_module, "on_save_checkpoint", lambda ckpt: self._filter_checkpoint(pl_module, ckpt))
         hook(pl_module, "on_load_checkpoint", lambda ckpt: self._check_checkpoint(pl_module, ckpt))
         pl_module.strict_loading = False
@@ -231,9 +239,9 @@ class PEFTCallback(Callback):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        keep = {name for name, _ in adapter_named_parameters(pl_module)}
-        keep.update(name for name, _ in adapter_named_buffers(pl_module))
-        frozen = set(pl_module.state_dict(keep_vars=True)) - keep
+        keep = {clean_name(name) for name, _ in adapter_named_parameters(pl_module)}
+        keep.update(clean_name(name) for name, _ in adapter_named_buffers(pl_module))
+        frozen = _state_keys(pl_module) - keep
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
 
     def _check_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -244,19 +252,51 @@ class PEFTCallback(Callback):
         saved = self._saved_config(checkpoint)
         config = None if saved is None else self._config_differences(*saved)
         state = checkpoint.get("state_dict")
+        if state is None and self._check_strategy_loaded_checkpoint(pl_module):
+            return
         if not isinstance(state, dict):
             raise ValueError(f"the checkpoint has no 'state_dict' (keys: {sorted(map(str, checkpoint))}); "
                              f"{type(self).__name__} loads the adapter from it")
-        expected: dict[str, Tensor] = dict(adapter_named_parameters(pl_module))
-        expected.update(adapter_named_buffers(pl_module))
-        known = set(pl_module.state_dict(keep_vars=True))
+        expected: dict[str, Tensor] = {clean_name(n): p for n, p in adapter_named_parameters(pl_module)}
+        expected.update((clean_name(n), b) for n, b in adapter_named_buffers(pl_module))
+        known = _state_keys(pl_module)
         given = {k: v for k, v in state.items() if k in expected or k not in known}
+        if _has_fsdp1(pl_module):  # FSDP1 holds flat shards outside forward: check names, not shapes
+            expected = {k: given.get(k, v) for k, v in expected.items()}
         hint = f" It was written {config}." if config else ""
         _validate(expected, given, strict=True, where="checkpoint",
                   hint=hint + f" Use a checkpoint written with {self!r}.")
         if config:
             raise ValueError(f"the checkpoint was written {config}. Nothing was loaded; the model is "
                              "unchanged. Use the checkpoint's config, or a checkpoint written with this one.")
+
+    def _check_strategy_loaded_checkpoint(self, pl_module: nn.Module) -> bool:
+        """FSDP and ModelParallelStrategy load the weights themselves, before this hook (which
+        then gets no ``state_dict``): check from the file (a distributed checkpoint's metadata, or
+        the consolidated file's keys) that it held every adapter tensor of the model (a
+        ``ValueError`` naming the missing ones). False when there is no such file."""
+        path = getattr(self._trainer, "ckpt_path", None)
+        if path is None:
+            return False
+        if (Path(path) / ".metadata").is_file():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            keys = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
+        elif Path(path).is_file():
+            import torch
+
+            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            keys = set(stored.get("state_dict", {}))
+        else:
+            return False
+        expected = {clean_name(n) for n, _ in adapter_named_parameters(pl_module)}
+        expected.update(clean_name(n) for n, _ in adapter_named_buffers(pl_module))
+        missing = sorted(expected - keys)
+        if missing:
+            raise ValueError(f"the checkpoint {path} lacks {len(missing)} adapter tensors of "
+                             f"this model ({missing[:3]}...). Use a checkpoint written with {self!r}.")
+        return True
 
     def _saved_config(self, checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         """``(callback class name, config)`` of the PEFT callback that wrote ``checkpoint``, from
@@ -290,6 +330,57 @@ class PEFTCallback(Callback):
                   for field, value in current.items()
                   if field in saved and field not in self.free_fields and saved[field] != value]
         return f"with another {name} config: " + "; ".join(differ) if differ else None
+
+
+def inject_adapters(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """Inject the adapter of the trainer's PEFT callback into ``pl_module`` now (idempotent).
+
+    For ``configure_model`` hooks that shard with FSDP2 (``ModelParallelStrategy``): FSDP2 manages
+    only the parameters present when ``fully_shard`` runs, so build the model, call this, then
+    shard (:func:`lightning_peft.fsdp.fully_shard_peft`)::
+
+        def configure_model(self):
+            self.model = build_model()
+            inject_adapters(self)
+            fully_shard_peft(self.model, mesh=self.device_mesh["data_parallel"])
+    """
+    trainer = pl_module._trainer
+    peft = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, PEFTCallback)]
+    if not peft:
+        raise ValueError("inject_adapters(pl_module) needs a trainer with a PEFT callback (e.g. "
+                         "LoRACallback); call it inside configure_model of a module being fit")
+    peft[0].apply(pl_module)
+    return pl_module
+
+
+def _check_injected_before_sharding(module: nn.Module) -> nn.Module:
+    """A ``RuntimeError`` when FSDP2 sharded ``module`` before the adapters existed: their
+    gradients would never be reduced across ranks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        late = [n for n, p in adapter_named_parameters(module) if not hasattr(p, "full_tensor")]
+        if late:
+            raise RuntimeError(f"configure_model sharded the model with fully_shard before the adapter was "
+                               f"injected ({late[:3]} are not sharded), so FSDP would not reduce their "
+                               "gradients: call lightning_peft.inject_adapters(self) in configure_model "
+                               "before fully_shard")
+    return module
+
+
+def _has_fsdp1(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def _state_keys(module: nn.Module) -> set[str]:
+    """The keys of ``module.state_dict()``; under FSDP1 (whose state dict gathers the whole model)
+    the names of its parameters and buffers, without the wrapper prefixes."""
+    if _has_fsdp1(module):
+        return {clean_name(n) for n, _ in module.named_parameters()} | \
+            {clean_name(n) for n, _ in module.named_buffers()}
+    return set(module.state_dict(keep_vars=True))
 
 
 def _peft_callback_names() -> set[str]:
@@ -432,6 +523,34 @@ class QLoRACallback(PEFTCallback):
                                   use_rslora=use_rslora, init=init, bias=bias,
                                   double_quant=double_quant, compute_dtype=compute_dtype,
                                   blocksize=blocksize)
+
+    @override
+    def apply(self, module: nn.Module) -> nn.Module:
+        """Inject QLoRA; under an FSDP strategy also store the 4-bit bytes as parameters FSDP
+        shards (:class:`lightning_peft.fsdp.ShardableNF4Linear`): ``ModelParallelStrategy`` (FSDP2)
+        in uint8, ``strategy="fsdp"`` (FSDP1, one dtype per unit) in the precision's dtype
+        ("bf16-true": bfloat16, "16-true": float16, otherwise float32; match ``compute_dtype``)."""
+        module = super().apply(module)
+        storage = _nf4_storage_dtype(self._trainer)
+        if storage is not None:
+            from lightning_peft.fsdp import prepare_nf4_for_fsdp
+
+            prepare_nf4_for_fsdp(module, storage)
+        return module
+
+
+def _nf4_storage_dtype(trainer: pl.Trainer | None) -> Any:
+    """The storage dtype of a 4-bit base under the trainer's FSDP strategy, None without one."""
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, ModelParallelStrategy):
+        return torch.uint8
+    if isinstance(strategy, FSDPStrategy):
+        precision = str(trainer.precision)
+        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+    return None
 
 
 class IA3Callback(PEFTCallback):

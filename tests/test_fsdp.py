@@ -119,3 +119,41 @@ def test_clean_name_drops_wrapper_prefixes():
     assert clean_name("model._fsdp_wrapped_module.layers.0._fsdp_wrapped_module.q.lora_A") == \
         "model.layers.0.q.lora_A"
     assert clean_name("_orig_mod.a._checkpoint_wrapped_module.b") == "a.b"
+
+
+# ------------------------------------------------- Lightning ModelParallelStrategy (FSDP2) on CPU
+LIGHTNING_SCRIPT = Path(__file__).with_name("_lightning_fsdp_run.py")
+
+
+@pytest.fixture(scope="module")
+def lightning_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lightning_fsdp")
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1]), "OMP_NUM_THREADS": "1"}
+    for mode in ("mp", "single"):
+        run = subprocess.run([sys.executable, str(LIGHTNING_SCRIPT), mode, str(out)], env=env, cwd=out,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_model_parallel_strategy_two_cpu_processes(lightning_runs, method):
+    """ModelParallelStrategy(data_parallel_size=2) with LoRACallback / QLoRACallback: the adapter
+    written by adapter_dir (gathered on rank 0) after 3 steps and after resuming from the
+    adapter-only checkpoint to step 5 equals 1 process over the same global batches; the
+    checkpoints (consolidated at step 3, distributed at step 5) hold only adapter tensors."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for step in (3, 5):
+        two = load_file(lightning_runs / "mp" / method / f"adapter{step}" / "adapter_model.safetensors")
+        one = load_file(lightning_runs / "single" / method / f"adapter{step}" / "adapter_model.safetensors")
+        assert two.keys() == one.keys() and len(one) == 28  # 7 projections x 2 layers x (A, B)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+        assert any(v.count_nonzero() > 0 for k, v in one.items() if "lora_B" in k)
+    consolidated = torch.load(lightning_runs / "mp" / method / "step=3.ckpt", weights_only=True)["state_dict"]
+    sharded = FileSystemReader(str(lightning_runs / "mp" / method / "step=5.ckpt")).read_metadata()
+    sharded_keys = {k for k in sharded.state_dict_metadata if k.startswith("state_dict.")}
+    assert len(consolidated) == 28 and all("lora_" in k for k in consolidated)
+    assert sharded_keys == {"state_dict." + k for k in consolidated}
