@@ -108,12 +108,12 @@ class PEFTLightningCLI(LightningCLI):
                 self.parser.error(f"trainer.callbacks[{i}] ({cls.__name__}): {err}")
 
     def instantiate_classes(self) -> None:
-        """LightningCLI's, with a ``ValueError`` of the task or data module's arguments reported
-        as a parser error naming the module (its message names the argument)."""
+        """LightningCLI's, with a ``ValueError`` (or ``OSError``) of the task or data module's
+        arguments reported as a parser error naming the module (its message names the argument)."""
         self._built = "model"  # what is being built: "data" once the model's tokenizer was linked
         try:
             super().instantiate_classes()
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # OSError: files transformers cannot read
             config = self.config[self.subcommand] if self.subcommand else self.config
             key = self._built
             class_name = getattr(config.get(key), "class_path", "?").rsplit(".", 1)[-1]
