@@ -378,3 +378,44 @@ def test_unload_writes_the_rows_and_restores_plain_modules(tie):
     assert (model.lm_head.weight is original.weight) == tie
     assert torch.equal(original.weight[IDS], rows)
     assert torch.allclose(logits(model, ids), out, atol=1e-5, rtol=0)
+
+
+def test_rows_stay_float32_on_a_half_precision_base():
+    from lightning_peft._base import restore_adapter_dtypes
+
+    model = llama(True)
+    apply_trainable_tokens(model, token_indices=IDS)
+    model.to(torch.bfloat16)  # what Lightning's "bf16-true" does after injection
+    assert restore_adapter_dtypes(model) == 1
+    layer = model.model.embed_tokens
+    assert layer.trainable_tokens_delta.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    assert layer.trainable_tokens_delta.grad.dtype == torch.float32
+    base = llama(True).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)  # fresh rows: the bf16 base exactly
+
+
+def test_rows_of_an_untied_head_beside_the_embedding_and_peft_both_ways(tmp_path):
+    spec = {"embed_tokens": [3, 17], "lm_head": [5, 90, 91]}
+    model = apply_lora(llama(False), r=2, target_modules=["q_proj"], trainable_token_indices=spec)
+    assert model.lm_head.token_indices == [5, 90, 91] and not model.lm_head._tied
+    perturb(model)
+    ids = batch()
+    out = logits(model, ids)
+    save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == spec
+    theirs = peft.PeftModel.from_pretrained(llama(False), str(tmp_path / "ours"))
+    assert torch.allclose(logits(theirs, ids), out, atol=1e-5, rtol=0)
+    peft_model = peft.get_peft_model(llama(False), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                   trainable_token_indices=spec))
+    perturb(peft_model, seed=5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = load_adapter(llama(False), tmp_path / "peft")
+    assert torch.allclose(logits(ours, ids), logits(peft_model, ids), atol=1e-5, rtol=0)
+    # a tied head must follow the embedding's rows: other ids for it are refused
+    with pytest.raises(ValueError, match="shares its weight with 'model.embed_tokens' but is given other"):
+        apply_lora(llama(True), r=2, target_modules=["q_proj"], trainable_token_indices=spec)

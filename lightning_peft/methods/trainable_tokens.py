@@ -143,7 +143,10 @@ class TrainableTokensLayer(AdapterLayer):
             return
         self._merged = False
         dtype = weight.dtype
-        self.adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+        # fp32 rows on a base of at most 32 bits, kept through a later cast of the whole model
+        # ("bf16-true": lightning_peft._base.restore_adapter_dtypes): small updates to bf16 rows round away
+        floats = (torch.float16, torch.bfloat16, torch.float32)
+        self.adapter_dtype = torch.float32 if dtype in floats else None
         rows = len(self.token_indices)
         factory = {"device": weight.device}
         index = torch.tensor(self.token_indices, dtype=torch.long, device=weight.device)
