@@ -549,6 +549,11 @@ def _nf4_storage_dtype(trainer: pl.Trainer | None) -> Any:
         return torch.uint8
     if isinstance(strategy, FSDPStrategy):
         precision = str(trainer.precision)
+        if precision.endswith("-mixed"):
+            raise ValueError(f"QLoRACallback under strategy='fsdp' needs precision 'bf16-true', '16-true' or "
+                             f"'32-true', got {precision!r}: FSDP1's mixed precision casts every flat "
+                             "parameter, the stored 4-bit bytes included (ModelParallelStrategy has no "
+                             "such limit)")
         return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
     return None
 

@@ -229,9 +229,32 @@ def fsdp1(kind, out):
     close(written, saved(root / "single"), "FSDP1 saved adapter")
 
 
+def late_injection(out):
+    """Sharding before injecting is refused: FSDP2 would never reduce the adapters' gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_peft import apply_lora
+    from lightning_peft.callbacks import _check_injected_before_sharding
+    from tests import _tiny
+
+    model = _tiny.llama(0)
+    fully_shard(model)
+    apply_lora(model, r=2)
+    try:
+        _check_injected_before_sharding(model)
+    except RuntimeError as err:
+        assert "inject_adapters" in str(err) and "lora_A" in str(err)
+    else:
+        raise AssertionError("adapters injected after fully_shard were not refused")
+    ok = build("lora")
+    from lightning_peft.fsdp import fully_shard_peft
+
+    assert _check_injected_before_sharding(fully_shard_peft(ok)) is ok
+
+
 SCENARIOS = {"fsdp2_lora": lambda out: fsdp2("lora", out), "fsdp2_qlora": lambda out: fsdp2("qlora", out),
              "nf4_shards": nf4_shards, "fsdp1_lora": lambda out: fsdp1("lora", out),
-             "fsdp1_qlora": lambda out: fsdp1("qlora", out)}
+             "fsdp1_qlora": lambda out: fsdp1("qlora", out), "late_injection": late_injection}
 
 
 def worker(rank, out, port, names):

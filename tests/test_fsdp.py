@@ -48,6 +48,32 @@ def test_two_processes_train_save_and_resume_like_one(two_process_results, scena
     assert results[scenario] == "ok", results[scenario]
 
 
+def test_fully_shard_before_injection_is_refused(two_process_results):
+    _, results = two_process_results
+    assert results["late_injection"] == "ok", results["late_injection"]
+
+
+def test_inject_adapters_needs_a_peft_callback_and_fsdp1_needs_a_true_precision():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lightning_peft.callbacks import _nf4_storage_dtype, inject_adapters
+    from tests import _lit
+
+    with pytest.raises(ValueError, match="PEFT callback"):
+        inject_adapters(_lit.TinyLM())
+    def storage(strategy, precision):
+        return _nf4_storage_dtype(SimpleNamespace(strategy=strategy, precision=precision))
+
+    assert storage(FSDPStrategy(), "bf16-true") == torch.bfloat16
+    assert storage(FSDPStrategy(), "32-true") == torch.float32
+    assert storage(ModelParallelStrategy(), "bf16-mixed") == torch.uint8
+    assert storage(None, "32-true") is None
+    with pytest.raises(ValueError, match="bf16-true"):
+        storage(FSDPStrategy(), "bf16-mixed")
+
+
 def test_nf4_base_splits_in_half_across_two_ranks(two_process_results):
     out, results = two_process_results
     assert results["nf4_shards"] == "ok", results["nf4_shards"]
