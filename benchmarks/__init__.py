@@ -17,6 +17,32 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_info() -> dict:
+    """What a CPU timing depends on: the model name, the vendor, whether the CPU has AVX-512 and
+    AVX2, the instruction set torch's kernels dispatch to (``ATEN_CPU_CAPABILITY`` can lower it),
+    and ``slug``, the results folder (``cpu-intel-xeon``, ``cpu-amd-epyc``)."""
+    import re
+
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    model = cpu_model()
+    vendor = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(fields.get("vendor_id", ""),
+                                                                  fields.get("vendor_id") or "unknown")
+    words = [w for w in re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*", " ", model.lower()).split()
+             if w.isalpha()][:2]
+    return {"model": model, "vendor": vendor, "avx512": "avx512f" in flags, "avx2": "avx2" in flags,
+            "amx": "amx_tile" in flags, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "slug": "cpu-" + "-".join(words or ["unknown"])}
+
+
 def write_result(out: Path, stem: str, result: dict, markdown) -> None:
     """Write ``result`` as ``<out>/<stem>.json`` and, through ``markdown(result, path)``, as
     ``<out>/<stem>.md``; say where."""

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import cpu_info
+from kernels import _nf4_cpu, use_backend
 from kernels import nf4 as _nf4
-from kernels import use_backend
 
 DEQUANT_SHAPES = [(4096, 4096), (4096, 11008), (8192, 28672)]
 MATMUL_SHAPE = (4096, 4096)
@@ -52,6 +53,8 @@ def _device_name(device: torch.device) -> str:
 
 def device_slug(device: torch.device) -> str:
     """``cpu-amd-epyc`` / ``cuda-nvidia-h100-80gb-hbm3``: the results folder of a device."""
+    if device.type == "cpu":
+        return cpu_info()["slug"]
     name = _device_name(device).split(" (")[0]
     return f"{device.type}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -204,6 +207,8 @@ def _markdown(result: dict) -> str:
     lines = [f"# NF4 kernels on {result['device']}", "",
              f"torch {result['torch']}, bitsandbytes {result['bitsandbytes']}; copy bandwidth "
              f"{result['copy_gbps']:.1f} GB/s; load average {result['load_average']}.", "",
+             *([f"CPU: {json.dumps(result['cpu'])}; ours on CPU: {result['ours_cpu_path']}.", ""]
+               if "cpu" in result else []),
              f"Targets: {json.dumps(result['targets'])}", "",
              "## Dequantize to bf16 (blocksize 64, double quant)", "",
              "| shape | impl | ms | GB/s | % copy BW | time / bitsandbytes |",
@@ -249,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         "matmul": [] if args.skip_matmul else bench_matmul(mm_shape, ms, device, repeats),
         "load_average": _load_average(),
     }
+    if cpu:
+        native = _nf4_cpu.library()
+        result["cpu"] = cpu_info()
+        result["ours_cpu_path"] = (f"compiled C loop ({' '.join(_nf4_cpu.flags())})" if native
+                                   else "Torch ops (no C compiler)")
     result["targets"] = _targets(result, cpu)
     folder = Path(args.out) / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)

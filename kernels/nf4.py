@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels import _backend
+from kernels import _backend, _nf4_cpu
 
 __all__ = [
     "BLOCKSIZES",
@@ -477,7 +477,9 @@ def _absmax_torch(q: NF4Tensor) -> Tensor:
 def _dequantize_torch(q: NF4Tensor, out: Tensor) -> Tensor:
     """Write ``c[q]·absmax`` into ``out`` (any float dtype, contiguous, ``q.numel()`` elements).
 
-    Reads the bytes two at a time as uint16: one gather per 4 elements from a 65536-entry table of
+    On a CPU with a C compiler the full blocks go through one compiled loop
+    (:func:`_dequantize_native`, :mod:`kernels._nf4_cpu`); otherwise, and on other devices, it
+    reads the bytes two at a time as uint16: one gather per 4 elements from a 65536-entry table of
     fp32 quadruples (1 MiB), then scale in place, then one rounding copy into ``out`` (an fp32
     ``out`` receives the gather directly). On a CPU each op covers fewer than torch's grain size
     (32768) elements, so it runs inline without waking torch's thread pool (whose spinning
@@ -489,7 +491,10 @@ def _dequantize_torch(q: NF4Tensor, out: Tensor) -> Tensor:
     absmax = _absmax_torch(q)                                          # (blocks,)
     flat = out.view(-1)
     full_blocks = n // bs
-    if full_blocks:
+    native = _nf4_cpu.library() if q.device.type == "cpu" and full_blocks else None
+    if native is not None and out.dtype in native.functions:
+        _dequantize_native(native, q.packed, absmax, tables.code, flat, full_blocks, bs)
+    elif full_blocks:
         step = min(_chunk_elements(q.device) // bs, full_blocks)       # blocks per chunk
         packed = q.packed if q.packed.data_ptr() % 2 == 0 else q.packed.clone()
         job = _DequantizeJob(
@@ -516,6 +521,35 @@ def _dequantize_torch(q: NF4Tensor, out: Tensor) -> Tensor:
         tail_vals = tables.pair.index_select(0, tail).view(torch.float32)[:rem]
         flat[n - rem:].copy_(tail_vals * absmax[full_blocks])
     return out
+
+
+_NATIVE_CHUNK = 1 << 18   # elements per task of the compiled loop's threads
+
+
+def _dequantize_native(lib: Any, packed: Tensor, absmax: Tensor, code: Tensor, flat: Tensor,
+                       blocks: int, bs: int) -> None:
+    """The first ``blocks`` full blocks through the compiled loop (:mod:`kernels._nf4_cpu`): one
+    pass, no temporaries. Weights over two chunks are split over up to ``min(torch threads, 4)``
+    Python threads (the C call releases the GIL), each taking the next chunk of blocks."""
+    step = max(1, _NATIVE_CHUNK // bs)                                 # blocks per task
+    chunks = -(-blocks // step)
+    threads = min(torch.get_num_threads(), 4, chunks // 2)
+    if threads <= 1:
+        _nf4_cpu.dequantize_blocks(lib, packed, absmax, code, flat, 0, blocks, bs)
+        return
+    counter = itertools.count()
+
+    def work() -> None:
+        for chunk in counter:
+            b0 = chunk * step
+            if b0 >= blocks:
+                return
+            _nf4_cpu.dequantize_blocks(lib, packed, absmax, code, flat, b0, min(b0 + step, blocks), bs)
+
+    done = [_thread_pool(3).submit(work) for _ in range(threads - 1)]
+    work()
+    for d in done:
+        d.result()
 
 
 class _DequantizeJob:

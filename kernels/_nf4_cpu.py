@@ -1,0 +1,179 @@
+"""The NF4 dequantizer's CPU loop in C, compiled once per machine with the system C compiler.
+
+One pass over the packed bytes writes ``c[nibble]·absmax[block]`` (one fp32 product, then rounded to
+the output dtype: round to nearest even, as torch's casts do) straight into the output, which
+torch's ops cannot do without several passes over (n,)-sized temporaries. The source is plain C
+(no torch headers, so compiling takes well under a second), built with ``-O3 -march=native`` so the
+compiler vectorizes the loop for the CPU it runs on (AVX2, AVX-512, NEON: nothing here is written
+for one of them), and ``-ffp-contract=off`` so no product is fused with anything. The library is
+cached under ``$XDG_CACHE_HOME/lightning_peft`` (or ``~/.cache``, else the temp folder), keyed by
+the source, the flags, the compiler and the CPU's feature flags, and written atomically, so
+processes may race to build it. Without a working compiler (or with ``LIGHTNING_PEFT_NF4_NATIVE=0``)
+:func:`library` returns ``None`` and :mod:`kernels.nf4` keeps its Torch path. The calls release
+the GIL (ctypes), so several threads may run chunks of one weight at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* fp32 -> bf16, round to nearest even; NaN -> 0x7fc0 (what torch's cast gives). */
+static inline uint16_t to_bf16(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+/* Blocks [b0, b1) of bs elements (bs even): out[b·bs + 2j + k] = code[nibble k of byte j]·absmax[b],
+   the first element in the high nibble. */
+#define NF4_LOOP(NAME, T, CONVERT)                                                       \
+  void NAME(const uint8_t *restrict packed, const float *restrict absmax,                \
+            const float *restrict code, T *restrict out, int64_t b0, int64_t b1,         \
+            int64_t bs) {                                                                 \
+    float c[16];                                                                          \
+    memcpy(c, code, sizeof c);                                                            \
+    const int64_t half = bs / 2;                                                          \
+    for (int64_t b = b0; b < b1; b++) {                                                   \
+      const float s = absmax[b];                                                          \
+      const uint8_t *p = packed + b * half;                                               \
+      T *o = out + b * bs;                                                                \
+      for (int64_t j = 0; j < half; j++) {                                                \
+        const uint8_t v = p[j];                                                           \
+        o[2 * j] = CONVERT(c[v >> 4] * s);                                                \
+        o[2 * j + 1] = CONVERT(c[v & 15] * s);                                            \
+      }                                                                                   \
+    }                                                                                     \
+  }
+
+#define AS_IS(x) (x)
+NF4_LOOP(nf4_dequantize_f32, float, AS_IS)
+NF4_LOOP(nf4_dequantize_bf16, uint16_t, to_bf16)
+#ifdef NF4_HAVE_FLOAT16
+#define TO_F16(x) ((_Float16)(x))
+NF4_LOOP(nf4_dequantize_f16, _Float16, TO_F16)
+#endif
+"""
+
+_ARCH_ENV = "LIGHTNING_PEFT_NF4_MARCH"
+
+
+def flags() -> tuple[str, ...]:
+    """The compiler flags: ``-march=native`` unless ``LIGHTNING_PEFT_NF4_MARCH`` names another
+    target (e.g. ``x86-64-v3``, AVX2, to measure what an AVX2 CPU would run)."""
+    return ("-O3", f"-march={os.environ.get(_ARCH_ENV) or 'native'}", "-ffp-contract=off", "-fPIC",
+            "-shared")
+
+
+_FALLBACK_FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
+_ENV = "LIGHTNING_PEFT_NF4_NATIVE"
+_LOCK = threading.Lock()
+
+
+class _Library:
+    """The compiled loops, one per output dtype (fp16 only where the compiler has ``_Float16``)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self.functions: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        for dtype, name in ((torch.float32, "nf4_dequantize_f32"),
+                            (torch.bfloat16, "nf4_dequantize_bf16"),
+                            (torch.float16, "nf4_dequantize_f16")):
+            fn = getattr(lib, name, None)
+            if fn is None:
+                continue
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+            fn.restype = None
+            self.functions[dtype] = fn
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what ``-march=native`` compiles for), or its name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lightning_peft"
+
+
+def _compile(compiler: str, options: tuple[str, ...], source: str, target: Path) -> bool:
+    """Build ``source`` into ``target`` (atomically: a temporary file, then a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, lib = Path(tmp) / "nf4_cpu.c", Path(tmp) / "nf4_cpu.so"
+        src.write_text(source)
+        try:
+            done = subprocess.run([compiler, *options, "-o", str(lib), str(src)], capture_output=True,
+                                  timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if done.returncode != 0 or not lib.exists():
+            return False
+        os.replace(lib, target)
+    return True
+
+
+def _build() -> _Library | None:
+    if os.environ.get(_ENV, "1") == "0" or sys.platform == "win32":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None
+    for opts in (flags(), _FALLBACK_FLAGS):
+        for fp16 in (True, False):
+            source = ("#define NF4_HAVE_FLOAT16 1\n" if fp16 else "") + _SOURCE
+            key = hashlib.sha256("\0".join((source, *opts, compiler, _cpu_flags(),
+                                            platform.machine())).encode()).hexdigest()[:16]
+            for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "lightning_peft"):
+                target = folder / f"nf4_cpu-{key}.so"
+                try:
+                    if not target.exists() and not _compile(compiler, opts, source, target):
+                        break                                          # this source/flags fail
+                    return _Library(ctypes.CDLL(str(target)), target)
+                except OSError:
+                    continue                                           # folder not writable
+    return None
+
+
+@functools.cache
+def _library() -> _Library | None:
+    with _LOCK:
+        return _build()
+
+
+def library() -> _Library | None:
+    """The compiled loops (built on the first call, a fraction of a second), or ``None``."""
+    if os.environ.get(_ENV, "1") == "0":
+        return None
+    return _library()
+
+
+def dequantize_blocks(lib: _Library, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                      out: torch.Tensor, b0: int, b1: int, blocksize: int) -> None:
+    """Write full blocks ``[b0, b1)`` of ``out`` (contiguous, flat) from ``packed`` and the fp32
+    ``absmax`` (both contiguous); the caller keeps all tensors alive and checked."""
+    lib.functions[out.dtype](packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(),
+                             b0, b1, blocksize)
