@@ -184,6 +184,88 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def step_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per training step (forward, backward, AdamW step; batch ``--batch-size`` of the
+    roles pairs) of full fine-tuning, of the frozen model (the same step with nothing but the head
+    training: the cost any method starts from) and of SAID at each ``d`` of ``--dims``, every
+    model in this process, rounds interleaved, the median of ``--rounds``; plus the projection
+    alone (``P·θ_d`` forward and backward)."""
+    import statistics
+    import time
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from benchmarks.methods import DATA, _minilm_dir
+    from lightning_peft import apply_intrinsic
+    from lightning_peft.data import load_classification_records
+    from lightning_peft.methods.intrinsic_dimension import find_projection
+
+    torch.set_num_threads(args.threads)
+    directory = Path(args.model) if args.model else _minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    records = load_classification_records(args.train or str(DATA / "roles_train.jsonl"))
+    records = records[: args.batch_size or 32]
+    batch = tokenizer([r["text"] for r in records], [r["text_pair"] for r in records], padding=True,
+                      return_tensors="pt")
+    labels = torch.tensor([r["label"] for r in records])
+
+    def load() -> Any:
+        torch.manual_seed(args.seed)
+        return AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=2, dtype=torch.float32, local_files_only=True).train()
+
+    runs: dict[str, Any] = {"full": load(), "frozen (head only)": load()}
+    for name, param in runs["frozen (head only)"].named_parameters():
+        param.requires_grad_(name.startswith("classifier."))
+    for d in args.dims:
+        runs[f"SAID d={d}"] = apply_intrinsic(load(), d=d, said=True)
+    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+                  for k, m in runs.items()}
+
+    def step(key: str) -> float:
+        start = time.perf_counter()
+        runs[key](**batch, labels=labels).loss.backward()
+        optimizers[key].step()
+        optimizers[key].zero_grad()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for key in runs:
+        step(key)  # warm-up: the projection draws its constants here
+    for _ in range(args.rounds):
+        for key in runs:
+            times[key].append(step(key))
+    projection = {}
+    for d in args.dims:
+        proj = find_projection(runs[f"SAID d={d}"])[1]
+        samples = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            torch.cat([t.reshape(-1) for t in proj.all_deltas()]).sum().backward()
+            samples.append(time.perf_counter() - start)
+        projection[str(d)] = round(statistics.median(samples), 4)
+    median = {k: round(statistics.median(v), 4) for k, v in times.items()}
+    base = median["frozen (head only)"]
+    return {"cpu": cpu_model(), "threads": args.threads, "batch": len(records),
+            "tokens": int(batch["input_ids"].numel()), "rounds": args.rounds,
+            "command": "python -m benchmarks.intrinsic_dimension " + " ".join(args.argv),
+            "seconds_per_step": median, "over_frozen": {k: round(v / base, 2) for k, v in median.items()},
+            "projection_fwd_bwd_seconds": projection}
+
+
+def step_markdown(result: dict[str, Any], path: Path) -> None:
+    lines = ["# Intrinsic dimension: cost of a training step (MiniLM-L6, CPU)", "",
+             f"Batch of {result['batch']} roles pairs ({result['tokens']} tokens), {result['threads']} "
+             f"thread(s), median of {result['rounds']} interleaved rounds, CPU: {result['cpu']}. Command: "
+             f"`{result['command']}`.", "", "| Run | s/step | x frozen-model step |", "|---|---:|---:|"]
+    for key, value in result["seconds_per_step"].items():
+        lines.append(f"| {key} | {value} | {result['over_frozen'][key]} |")
+    lines += ["", "| d | projection P·θ_d, forward + backward (s) |", "|---:|---:|"]
+    lines += [f"| {d} | {v} |" for d, v in result["projection_fwd_bwd_seconds"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import sys
 
@@ -210,6 +292,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do not run full fine-tuning; take its accuracy from --full-accuracy")
     p.add_argument("--full-accuracy", type=float, default=None, help="with --skip-full")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--step-cost", action="store_true",
+                   help="instead of the sweep: seconds per training step of full fine-tuning, the frozen "
+                        "model and SAID at each --dims, interleaved (intrinsic_dimension_step.{md,json})")
+    p.add_argument("--rounds", type=int, default=5, help="with --step-cost: interleaved rounds")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -231,6 +317,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.step_cost:
+        result = step_cost(args)
+        write_result(Path(args.out), "intrinsic_dimension_step", result, step_markdown)
+        return result
     result = run(args)
     out = Path(args.out)
     write_result(out, "intrinsic_dimension", result, markdown)

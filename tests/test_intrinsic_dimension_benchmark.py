@@ -47,3 +47,16 @@ def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_step_cost_on_a_tiny_bert(tmp_path):
+    model = _save_tiny_bert(tmp_path / "tiny_bert")
+    train = _write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    out = tmp_path / "results"
+    result = bench.main(["--step-cost", "--model", str(model), "--train", str(train), "--batch-size", "4",
+                         "--dims", "60,200", "--rounds", "2", "--out", str(out)])
+    assert set(result["seconds_per_step"]) == {"full", "frozen (head only)", "SAID d=60", "SAID d=200"}
+    assert result["over_frozen"]["frozen (head only)"] == 1.0 and result["batch"] == 4
+    assert set(result["projection_fwd_bwd_seconds"]) == {"60", "200"}
+    assert "| SAID d=60 |" in (out / "intrinsic_dimension_step.md").read_text()
+    assert json.loads((out / "intrinsic_dimension_step.json").read_text()) == result
