@@ -22,8 +22,8 @@ of the unit's other parameters (``bfloat16`` under ``precision="bf16-true"``). I
 :func:`fully_shard_peft` is the FSDP2 recipe for a model with adapters (inject first, then shard:
 FSDP2 manages only the parameters present when ``fully_shard`` runs). :func:`full_adapter_tensors`
 gathers each sharded adapter tensor to its full value (a collective: every rank calls it);
-:func:`lightning_peft.save_adapter` uses it, so it writes the full adapter on rank 0 under FSDP1
-or FSDP2, never a shard or an empty tensor.
+:func:`lightning_peft.save_adapter` uses it, so it writes the full adapter on rank 0 under FSDP1,
+FSDP2 or DeepSpeed ZeRO-3, never a shard or an empty tensor.
 """
 
 from __future__ import annotations
@@ -216,11 +216,16 @@ def fully_shard_peft(model: nn.Module, mesh: Any = None, blocks: Iterable[nn.Mod
 
 # ------------------------------------------------------------------------ gathering, names
 def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP1 wraps part of ``model`` or any of its parameters is a DTensor (FSDP2)."""
+    """Whether FSDP1 wraps part of ``model``, or any of its parameters is a DTensor (FSDP2) or
+    partitioned by DeepSpeed ZeRO-3."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or \
-        any(_is_dtensor(p) for p in model.parameters())
+        any(_is_dtensor(p) or _is_zero3(p) for p in model.parameters())
+
+
+def _is_zero3(t: Any) -> bool:
+    return hasattr(t, "ds_id") and hasattr(t, "ds_tensor")
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -245,7 +250,9 @@ def clean_name(name: str) -> str:
 def full_adapter_tensors(model: nn.Module) -> Iterator[Callable[[Tensor], Tensor]]:
     """Inside: a function that gives the full value of an adapter tensor of ``model``.
 
-    Under FSDP1 (``use_orig_params=True``, Lightning's default) the parameters are gathered for
+    Under DeepSpeed ZeRO-3 the adapter parameters alone are gathered for the block
+    (``deepspeed.zero.GatheredParameters``, read-only). Under FSDP1 (``use_orig_params=True``,
+    Lightning's default) the parameters are gathered for
     the block with ``summon_full_params(writeback=False, rank0_only=True, offload_to_cpu=...)``
     (on a GPU the full values land in CPU memory of rank 0 only; the other ranks see their
     shards); under FSDP2 each DTensor is gathered when asked (``full_tensor()``). Both are
@@ -258,7 +265,15 @@ def full_adapter_tensors(model: nn.Module) -> Iterator[Callable[[Tensor], Tensor
         return t.full_tensor() if _is_dtensor(t) else t
 
     units = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
-    if units:
+    from lightning_peft._base import adapter_named_parameters
+
+    zero3 = [p for _, p in adapter_named_parameters(model) if _is_zero3(p)]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            yield full
+    elif units:
         offload = any(p.device.type == "cuda" for p in model.parameters())
         with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
                                                          offload_to_cpu=offload):

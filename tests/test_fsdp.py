@@ -4,6 +4,7 @@
 Tolerance of the 2-process runs against one process over the same global batch: rtol 1e-4,
 atol 1e-5 (fp32; the two ranks' gradients are averaged in another order than one process sums)."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -183,3 +184,21 @@ def test_model_parallel_strategy_two_cpu_processes(lightning_runs, method):
     sharded_keys = {k for k in sharded.state_dict_metadata if k.startswith("state_dict.")}
     assert len(consolidated) == 28 and all("lora_" in k for k in consolidated)
     assert sharded_keys == {"state_dict." + k for k in consolidated}
+
+
+# ------------------------------------------------------------- DeepSpeed ZeRO-3 on 2 CPU processes
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (optional: pip install deepspeed)")
+def test_deepspeed_zero3_two_cpu_processes_save_the_full_adapter(tmp_path):
+    """ZeRO-3 partitions the adapter; losses equal 1 process over the global batch; save_adapter
+    on both ranks writes on rank 0 the full adapter (not ZeRO-3's empty placeholders), equal to the
+    single process's."""
+    path = os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    run = subprocess.run([sys.executable, str(SCRIPT.with_name("_deepspeed_run.py")), str(tmp_path),
+                          str(_free_port())], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert (tmp_path / "ok").is_file()
