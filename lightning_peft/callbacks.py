@@ -271,10 +271,11 @@ class PEFTCallback(Callback):
                              "unchanged. Use the checkpoint's config, or a checkpoint written with this one.")
 
     def _check_strategy_loaded_checkpoint(self, pl_module: nn.Module) -> bool:
-        """FSDP and ModelParallelStrategy load the weights themselves, before this hook (which
-        then gets no ``state_dict``): check from the file (a distributed checkpoint's metadata, or
-        the consolidated file's keys) that it held every adapter tensor of the model (a
-        ``ValueError`` naming the missing ones). False when there is no such file."""
+        """FSDP, ModelParallelStrategy and DeepSpeed load the weights themselves, before this hook
+        (which then gets no ``state_dict``): check from the file (a distributed checkpoint's
+        metadata, or the consolidated file's keys) that it held every adapter tensor of the model
+        (a ``ValueError`` naming the missing ones); a DeepSpeed directory is left to DeepSpeed.
+        False when there is no such file or directory."""
         path = getattr(self._trainer, "ckpt_path", None)
         if path is None:
             return False
@@ -288,8 +289,8 @@ class PEFTCallback(Callback):
 
             stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             keys = set(stored.get("state_dict", {}))
-        else:
-            return False
+        else:  # another strategy's directory (DeepSpeed's): it loaded what it holds, unchecked here
+            return Path(path).is_dir()
         expected = {clean_name(n) for n, _ in adapter_named_parameters(pl_module)}
         expected.update(clean_name(n) for n, _ in adapter_named_buffers(pl_module))
         missing = sorted(expected - keys)

@@ -202,3 +202,28 @@ def test_deepspeed_zero3_two_cpu_processes_save_the_full_adapter(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert (tmp_path / "ok").is_file()
+
+
+def test_checkpoints_loaded_by_the_strategy_are_checked_from_their_file(tmp_path):
+    """FSDP/ModelParallelStrategy/DeepSpeed load the weights before on_load_checkpoint, which gets no
+    state_dict: the adapter keys are read from the file (a missing one named), a DeepSpeed
+    directory is left to DeepSpeed, no file at all is no such checkpoint."""
+    from types import SimpleNamespace
+
+    from lightning_peft import LoRACallback, apply_lora
+
+    model = apply_lora(_tiny.llama(0), r=2)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    cb = LoRACallback(r=2)
+    full = tmp_path / "full.ckpt"
+    torch.save({"state_dict": {n: torch.zeros(1) for n in names}}, full)
+    cb._trainer = SimpleNamespace(ckpt_path=str(full))
+    assert cb._check_strategy_loaded_checkpoint(model)
+    torch.save({"state_dict": {n: torch.zeros(1) for n in names[1:]}}, full)
+    with pytest.raises(ValueError, match="lacks 1 adapter tensors"):
+        cb._check_strategy_loaded_checkpoint(model)
+    (tmp_path / "deepspeed_dir").mkdir()
+    cb._trainer = SimpleNamespace(ckpt_path=str(tmp_path / "deepspeed_dir"))
+    assert cb._check_strategy_loaded_checkpoint(model)
+    cb._trainer = SimpleNamespace(ckpt_path=None)
+    assert not cb._check_strategy_loaded_checkpoint(model)
