@@ -43,7 +43,7 @@ __all__ = ["ShardableNF4Linear", "clean_name", "full_adapter_tensors", "fully_sh
 
 _STORAGE = ("weight_packed", "weight_absmax")
 _NESTED = ("weight_nested_absmax", "weight_nested_code", "weight_nested_offset")
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def _as_storage(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -239,8 +239,9 @@ def rank() -> int:
 
 
 def clean_name(name: str) -> str:
-    """``name`` without the wrapper prefixes FSDP1, activation checkpointing and
-    ``torch.compile`` insert (``_fsdp_wrapped_module.``...), as their state dicts spell it."""
+    """``name`` without the wrapper prefixes FSDP1 and activation checkpointing insert in module
+    names (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``), which their state dicts
+    leave out. (``torch.compile``'s ``_orig_mod.`` stays: its state dict keeps it.)"""
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
