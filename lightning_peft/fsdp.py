@@ -29,6 +29,7 @@ FSDP2 or DeepSpeed ZeRO-3, never a shard or an empty tensor.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -131,7 +132,10 @@ class ShardableNF4Linear(NF4Linear):
         return True
 
     def frozen_numel(self) -> int:
-        return 0  # the storage parameters are counted by parameters() already
+        """The 4-bit weight's elements beyond what ``parameters()`` counts of its storage, so that
+        :func:`~lightning_peft.trainable_parameters` counts the logical weight, as for an ``NF4Linear``."""
+        stored = sum(self._parameters[name].numel() for name in _STORAGE)
+        return math.prod(self._nf4_meta["shape"]) - stored
 
     def storage_nbytes(self) -> int:
         """Bytes of the storage parameters held by this process (its shard under FSDP)."""

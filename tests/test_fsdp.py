@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_peft import trainable_parameters
 from lightning_peft.fsdp import ShardableNF4Linear, clean_name, is_sharded, prepare_nf4_for_fsdp
 from lightning_peft.methods.qlora import NF4Linear, apply_qlora
 from tests import _tiny
@@ -99,7 +100,9 @@ def test_shardable_nf4_linear_is_the_same_layer(storage_dtype, double_quant):
     ids = torch.randint(0, 96, (2, 7))
     before = model(ids).logits
     originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    counts = trainable_parameters(model)
     prepare_nf4_for_fsdp(model, storage_dtype)
+    assert trainable_parameters(model) == counts
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ShardableNF4Linear)}
     assert layers.keys() == originals.keys()
     for name, layer in layers.items():
