@@ -187,6 +187,12 @@ METHODS: list[MethodSpec] = [
     _spec("ia3", "IA3 (k, v, down)", "ia3", 3e-3),
     _spec("bitfit", "BitFit (zero biases added, all linear)", "bitfit", 1e-3, target_modules="all-linear",
           add_missing_biases=True),
+    # SmolLM2's ids of the tokens the answers are made of: ( ) " |" ");" " (" the relation words
+    # (" born", " in", " lives", " studied", " at", " married", " to", " works", " for", " founded",
+    # " based") and <|im_end|>; the tied head's rows follow
+    _spec("trainable_tokens", "Trainable tokens (17 rows: the answers' format and relation tokens)",
+          "trainable_tokens", 1e-2, token_indices=[24, 25, 2504, 4258, 365, 3988, 281, 2397, 6030, 418, 7553,
+                                                   288, 1806, 327, 7498, 1552, 2]),
     _spec("adapter_houlsby", "Adapters b=64, serial (Houlsby: attention + FFN)", "adapter", 1e-3,
           bottleneck=64, placement="serial", config="houlsby"),
     _spec("adapter_pfeiffer", "Adapters b=64, serial (Pfeiffer: FFN)", "adapter", 1e-3, bottleneck=64,

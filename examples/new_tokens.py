@@ -15,7 +15,7 @@ and the answers are rewritten with them, ``(Yusuf Sato | <born_in> | Perth)``.
    head gets the same rows).
 2. Stage 1: :class:`lightning_peft.TrainableTokensCallback` trains only those seven rows
    (7 x 576 parameters; the tied head's rows follow), then writes them into the embedding
-   (:func:`~lightning_peft.methods.trainable_tokens.unload_trainable_tokens`).
+   (:func:`lightning_peft.unload_trainable_tokens`).
 3. Stage 2: LoRA on every linear layer plus the seven rows again
    (``apply_lora(..., trainable_token_indices=new_ids)``; through the tie, the head's rows too),
    trained with a plain Lightning ``Trainer``.
@@ -46,10 +46,10 @@ from lightning_peft import (
     apply_lora,
     save_adapter,
     trainable_parameters,
+    unload_trainable_tokens,
 )
 from lightning_peft.data import load_records
 from lightning_peft.evaluation import exact_match, generate_answers
-from lightning_peft.methods.trainable_tokens import unload_trainable_tokens
 from lightning_peft.tasks import (
     CausalLMModule,
     DefaultsHelpFormatter,

@@ -57,6 +57,7 @@ from lightning_peft.methods.trainable_tokens import (
     TrainableTokensLayer,
     add_tokens,
     apply_trainable_tokens,
+    unload_trainable_tokens,
 )
 from lightning_peft.multi_adapter import (
     active_adapters,
@@ -215,6 +216,7 @@ __all__ = [
     "set_adapter",
     "trainable_parameters",
     "truncate_rank",
+    "unload_trainable_tokens",
     "unmerge_adapters",
     "use_task_ids",
     "verbalizer_logits",
