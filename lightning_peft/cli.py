@@ -108,19 +108,26 @@ class PEFTLightningCLI(LightningCLI):
                 self.parser.error(f"trainer.callbacks[{i}] ({cls.__name__}): {err}")
 
     def instantiate_classes(self) -> None:
-        """LightningCLI's, with a ``ValueError`` (or ``OSError``) of the task or data module's
-        arguments reported as a parser error naming the module (its message names the argument)."""
+        """LightningCLI's, with a ``ValueError`` (or ``OSError``) of the task or data module's (or
+        the trainer's) arguments reported as a parser error naming the module (its message names
+        the argument)."""
         self._built = "model"  # what is being built: "data" once the model's tokenizer was linked
         try:
             super().instantiate_classes()
         except (ValueError, OSError) as err:  # OSError: files transformers cannot read
             config = self.config[self.subcommand] if self.subcommand else self.config
             key = self._built
+            if key == "trainer":
+                self.parser.error(f"trainer: {err}")
             class_name = getattr(config.get(key), "class_path", "?").rsplit(".", 1)[-1]
             # jsonargparse reports each subtype it tried ("  - <error>"); keep the class's own
             reasons = [line[4:] for line in str(err).splitlines()
                        if line.startswith("  - ") and "NoneType" not in line]
             self.parser.error(f"{key}.init_args ({class_name}): {'; '.join(reasons) or err}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        self._built = "trainer"
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         model_labels = getattr(self.model, "num_labels", None)
@@ -144,10 +151,12 @@ class PEFTLightningCLI(LightningCLI):
                  f"optimizer steps: {self.trainer.global_step} in "
                  f"{time.perf_counter() - self._started:.1f} s"]
         lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items())]
+        source = getattr(self.model, "_model_source", None)
+        base = f" --base {source}" if source is not None else ""
         for callback in peft:
             if callback.adapter_dir is not None:
-                lines.append(f"adapter: {callback.adapter_dir} (merge it: lightning-peft merge --adapter "
-                             f"{callback.adapter_dir} --base MODEL --out DIR)")
+                lines.append(f"adapter: {callback.adapter_dir} (merged model: lightning-peft merge{base} "
+                             f"--adapter {callback.adapter_dir} --out DIR)")
         print("\n".join(f"lightning-peft fit | {line}" for line in lines), flush=True)
 
 
@@ -279,7 +288,8 @@ def merge_to_directory(base: str | None, adapter: str, out: str | Path, dtype: t
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.config.torch_dtype = dtype
+    _forget_gguf(model)
+    model.config.dtype = dtype
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     if verify:
@@ -291,6 +301,18 @@ def merge_to_directory(base: str | None, adapter: str, out: str | Path, dtype: t
         shutil.rmtree(out)
     staging.rename(out)
     return out
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """A model read from a GGUF file holds dense fp32 tensors (transformers dequantizes them on
+    load) but keeps the GGUF "quantizer", which ``save_pretrained`` refuses: drop the marks."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if method is not None and getattr(method, "value", method) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def _check_written(model: nn.Module, directory: Path, dtype: torch.dtype) -> str | None:
@@ -434,18 +456,26 @@ def _generate_main(argv: Sequence[str]) -> str:
 
 
 def main(args: Sequence[str] | None = None) -> Any:
-    """Run the command line (``args``: the arguments after the program name; ``None``:
-    ``sys.argv[1:]``). Returns the ``LightningCLI`` of ``fit``/``validate``/``test``/``predict``,
-    the output directory of ``merge``, the text of ``generate``."""
+    """Run the command line. ``args``: the arguments after the program name; then it returns the
+    ``LightningCLI`` of ``fit``/``validate``/``test``/``predict``, the output directory of
+    ``merge``, the text of ``generate``. ``None`` (the console script): ``sys.argv[1:]``, and it
+    returns None (the exit status 0)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "merge":
-        return _merge_main(argv[1:])
-    if argv and argv[0] == "generate":
-        return _generate_main(argv[1:])
-    if args is None:
-        return PEFTLightningCLI()
-    program = sys.argv[:1]
-    saved, sys.argv = sys.argv, program  # args given: LightningCLI warns when sys.argv holds more
+        result: Any = _merge_main(argv[1:])
+    elif argv and argv[0] == "generate":
+        result = _generate_main(argv[1:])
+    elif args is None:
+        PEFTLightningCLI()
+        return None
+    else:
+        result = _cli(argv)
+    return None if args is None else result
+
+
+def _cli(argv: list[str]) -> PEFTLightningCLI:
+    """``PEFTLightningCLI(args=argv)`` in-process (LightningCLI warns when sys.argv holds more)."""
+    saved, sys.argv = sys.argv, sys.argv[:1]
     try:
         return PEFTLightningCLI(args=argv)
     finally:

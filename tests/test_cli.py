@@ -321,3 +321,12 @@ def test_console_script_entry_point_is_declared():
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["lightning-peft"] == "lightning_peft.cli:main"
+
+
+def test_console_entry_point_returns_none_so_the_exit_status_is_0(llama_dir, tmp_path, monkeypatch, capsys):
+    """The console script calls ``sys.exit(main())``: anything but None would exit with status 1."""
+    adapter = save_adapter(_adapted(llama_dir, "ia3"), tmp_path / "adapter")
+    monkeypatch.setattr(sys, "argv", ["lightning-peft", "generate", "--base", str(llama_dir), "--adapter",
+                                      str(adapter), "--prompt", "Extract", "--max-new-tokens", "3"])
+    assert main() is None
+    assert capsys.readouterr().out.strip()
