@@ -219,6 +219,7 @@ class PEFTCallback(Callback):
             return result
 
         plugin.__dict__["convert_module"] = convert_module
+        _wrap_sharded_load(trainer.strategy, pl_module, record)
 
     def _undo(self, pl_module: pl.LightningModule) -> None:
         """Undo this callback's wrapping, merge again what :meth:`setup` unmerged."""
@@ -367,6 +368,42 @@ def _check_injected_before_sharding(module: nn.Module) -> nn.Module:
                                "gradients: call lightning_peft.inject_adapters(self) in configure_model "
                                "before fully_shard")
     return module
+
+
+def _wrap_sharded_load(strategy: Any, pl_module: nn.Module, record: dict[str, Any]) -> None:
+    """Let ``ModelParallelStrategy`` resume from an adapter-only distributed checkpoint.
+
+    Lightning 2.6 asks a distributed checkpoint for every key of ``pl_module.state_dict()``
+    (``get_model_state_dict``), which an adapter-only checkpoint lacks; while it loads one, the
+    module's ``state_dict`` is narrowed to the keys the checkpoint holds (read from its metadata).
+    :meth:`PEFTCallback._check_checkpoint` then checks that every adapter tensor was among them."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    record["hooks"][(id(strategy), "load_checkpoint")] = (strategy, strategy.__dict__.get("load_checkpoint"))
+    original = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        metadata = Path(checkpoint_path) / ".metadata"
+        if not metadata.is_file():
+            return original(checkpoint_path, *args, **kwargs)
+        from torch.distributed.checkpoint import FileSystemReader
+
+        stored = FileSystemReader(str(checkpoint_path)).read_metadata().state_dict_metadata
+        keys = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
+        full = type(pl_module).state_dict
+
+        def state_dict(*a: Any, **kw: Any) -> dict[str, Any]:
+            return {k: v for k, v in full(pl_module, *a, **kw).items() if k in keys}
+
+        pl_module.__dict__["state_dict"] = state_dict
+        try:
+            return original(checkpoint_path, *args, **kwargs)
+        finally:
+            pl_module.__dict__.pop("state_dict", None)
+
+    strategy.__dict__["load_checkpoint"] = load_checkpoint
 
 
 def _has_fsdp1(module: nn.Module) -> bool:

@@ -3,7 +3,7 @@ LoRACallback and QLoRACallback (fp32 compute), or the same fit on 1 process (``s
 same global batches. For each method: fit 3 steps (ModelCheckpoint writes a consolidated
 adapter-only checkpoint at step 3) and write the adapter with ``adapter_dir``; then resume from
 that checkpoint to step 5 (ModelCheckpoint writes a distributed, sharded checkpoint there) and
-write the adapter again.
+write the adapter again; then resume from that one to step 6.
 
 usage: python tests/_lightning_fsdp_run.py mp|single OUT
 """
@@ -77,3 +77,4 @@ if __name__ == "__main__":
         fit(world, make(str(root / "adapter3")), root, 3)
         ckpt = root / "step=3.ckpt"  # written by ModelCheckpoint inside fit, filtered by the callback
         fit(world, make(str(root / "adapter5")), root, 5, ckpt_path=ckpt, distributed=True)
+        fit(world, make(str(root / "adapter6")), root / "6", 6, ckpt_path=root / "step=5.ckpt")

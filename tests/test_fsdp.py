@@ -169,13 +169,14 @@ def lightning_runs(tmp_path_factory):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_model_parallel_strategy_two_cpu_processes(lightning_runs, method):
     """ModelParallelStrategy(data_parallel_size=2) with LoRACallback / QLoRACallback: the adapter
-    written by adapter_dir (gathered on rank 0) after 3 steps and after resuming from the
-    adapter-only checkpoint to step 5 equals 1 process over the same global batches; the
+    written by adapter_dir (gathered on rank 0) after 3 steps, after resuming from the consolidated
+    adapter-only checkpoint to step 5 and from the distributed one to step 6 (SGD with momentum:
+    the optimizer state resumes too) equals 1 process over the same global batches; the
     checkpoints (consolidated at step 3, distributed at step 5) hold only adapter tensors."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
-    for step in (3, 5):
+    for step in (3, 5, 6):
         two = load_file(lightning_runs / "mp" / method / f"adapter{step}" / "adapter_model.safetensors")
         one = load_file(lightning_runs / "single" / method / f"adapter{step}" / "adapter_model.safetensors")
         assert two.keys() == one.keys() and len(one) == 28  # 7 projections x 2 layers x (A, B)
