@@ -511,9 +511,9 @@ class LoRACallback(PEFTCallback):
     """Fine-tune with LoRA: ``Trainer(callbacks=[LoRACallback(r=8)])``.
 
     Arguments are those of :func:`lightning_peft.apply_lora` (``use_dora=True``: DoRA, as HF PEFT
-    spells it) plus ``merge_on_fit_end`` (merge the adapters into the base weights when ``fit``
-    ends) and ``adapter_dir`` (write the adapter there in HF PEFT format when ``fit`` ends, on
-    rank 0).
+    spells it; ``trainable_token_indices``: those embedding rows train as well) plus
+    ``merge_on_fit_end`` (merge the adapters into the base weights when ``fit`` ends) and
+    ``adapter_dir`` (write the adapter there in HF PEFT format when ``fit`` ends, on rank 0).
     """
 
     method = "lora"
@@ -524,12 +524,14 @@ class LoRACallback(PEFTCallback):
                  modules_to_save: list[str] | None = None, use_rslora: bool = False,
                  init: str = "kaiming", bias: str = "none", autocast_adapter_dtype: bool = True,
                  use_dora: bool = False, merge_on_fit_end: bool = False,
-                 adapter_dir: str | None = None) -> None:
+                 adapter_dir: str | None = None,
+                 trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> None:
         super().__init__(merge_on_fit_end=merge_on_fit_end, adapter_dir=adapter_dir)
         self.config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                                  exclude_modules=exclude_modules, modules_to_save=modules_to_save,
                                  use_rslora=use_rslora, init=init, bias=bias,
-                                 autocast_adapter_dtype=autocast_adapter_dtype, use_dora=use_dora)
+                                 autocast_adapter_dtype=autocast_adapter_dtype, use_dora=use_dora,
+                                 trainable_token_indices=trainable_token_indices)
 
 
 class QLoRACallback(PEFTCallback):
@@ -656,7 +658,7 @@ class TrainableTokensCallback(PEFTCallback):
     :func:`lightning_peft.apply_trainable_tokens` plus ``merge_on_fit_end`` (write the rows into
     the embedding when ``fit`` ends) and ``adapter_dir`` (write the adapter there in HF PEFT's
     TRAINABLE_TOKENS format when ``fit`` ends, on rank 0). Beside LoRA, use
-    ``LoRAConfig(trainable_token_indices=...)`` instead.
+    ``LoRACallback(trainable_token_indices=...)`` instead.
     """
 
     method = "trainable_tokens"

@@ -419,3 +419,57 @@ def test_rows_of_an_untied_head_beside_the_embedding_and_peft_both_ways(tmp_path
     # a tied head must follow the embedding's rows: other ids for it are refused
     with pytest.raises(ValueError, match="shares its weight with 'model.embed_tokens' but is given other"):
         apply_lora(llama(True), r=2, target_modules=["q_proj"], trainable_token_indices=spec)
+
+
+def test_callback_checkpoints_only_the_rows_resumes_and_writes_the_adapter(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_peft import TrainableTokensCallback
+    from tests import _lit
+
+    ids_ = [1, 5, 7, 42]
+    module = _lit.TinyLM()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="rows", every_n_train_steps=3, save_top_k=-1)
+    callback = TrainableTokensCallback(token_indices=ids_, adapter_dir=str(tmp_path / "adapter"))
+    _lit.trainer(tmp_path, callbacks=[callback, saver], enable_checkpointing=True).fit(module, _lit.loader())
+    state = torch.load(tmp_path / "rows.ckpt", weights_only=True)["state_dict"]
+    assert list(state) == ["model.model.embed_tokens.trainable_tokens_delta"]
+    assert state["model.model.embed_tokens.trainable_tokens_delta"].shape == (4, 32)
+    resumed = _lit.TinyLM()
+    _lit.trainer(tmp_path, callbacks=[TrainableTokensCallback(token_indices=ids_)], max_steps=3).fit(
+        resumed, _lit.loader(), ckpt_path=tmp_path / "rows.ckpt")
+    x = batch()
+    assert torch.equal(logits(resumed.model, x), logits(module.model, x))
+    # a checkpoint of other rows is refused
+    other = _lit.TinyLM()
+    with pytest.raises(ValueError, match="token_indices"):
+        _lit.trainer(tmp_path, callbacks=[TrainableTokensCallback(token_indices=[1, 2])], max_steps=3).fit(
+            other, _lit.loader(), ckpt_path=tmp_path / "rows.ckpt")
+    fresh = load_adapter(_tiny.llama(), tmp_path / "adapter")
+    assert torch.equal(logits(fresh, x), logits(module.model, x))
+    # merge_on_fit_end writes the rows into the embedding
+    merged = _lit.TinyLM()
+    merging = TrainableTokensCallback(token_indices=ids_, merge_on_fit_end=True)
+    _lit.trainer(tmp_path, callbacks=[merging]).fit(merged, _lit.loader())
+    assert merged.model.model.embed_tokens.merged
+    weight = merged.model.model.embed_tokens.base_layer.weight
+    assert torch.equal(weight[ids_], merged.model.model.embed_tokens.trainable_tokens_delta.detach())
+
+
+def test_lora_callback_trains_the_rows_beside_lora(tmp_path):
+    from lightning_peft import LoRACallback
+    from tests import _lit
+
+    module = _lit.TinyLM()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    callback = LoRACallback(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 5, 7, 42],
+                            adapter_dir=str(tmp_path / "adapter"))
+    _lit.trainer(tmp_path, callbacks=[callback]).fit(module, _lit.loader())
+    owned = dict(adapter_named_parameters(module.model))
+    assert "model.embed_tokens.trainable_tokens_delta" in owned and len(owned) == 5
+    after = {n.replace(".base_layer", ""): p for n, p in module.model.named_parameters()}
+    assert all(torch.equal(after[n], p) for n, p in before.items())  # the base, bit for bit
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == [1, 5, 7, 42]
+    x = batch()
+    assert torch.equal(logits(load_adapter(_tiny.llama(), tmp_path / "adapter"), x), logits(module.model, x))
