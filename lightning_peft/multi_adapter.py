@@ -62,6 +62,7 @@ from lightning_peft.methods.lora import (
     check_adapter_name,
     lora_layers,
 )
+from lightning_peft.methods.trainable_tokens import TrainableTokensLayer
 from lightning_peft.targeting import find_targets
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare")
@@ -220,10 +221,12 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     ``bias="all"``/``"lora_only"`` adapter trained stay as trained). Merged layers are unmerged
     for the block (``W0`` restored exactly) and merged again after it."""
     layers = _layers(model)
-    merged = [layer for _, layer in layers if layer.merged]
+    # modules trained in full and trainable-token rows (trainable_token_indices) run their base too
+    saved = [m for m in model.modules() if isinstance(m, (ModulesToSave, TrainableTokensLayer))]
+    merged = [layer for _, layer in layers if layer.merged] + \
+        [m for m in saved if isinstance(m, TrainableTokensLayer) and m.merged and not m._tied]
     for layer in merged:
         layer.unmerge()
-    saved = [m for m in model.modules() if isinstance(m, ModulesToSave)]
     previous = [(m, m.__dict__.get("_disabled", False)) for m in [*(layer for _, layer in layers), *saved]]
     try:
         for layer, _ in previous:

@@ -473,3 +473,21 @@ def test_lora_callback_trains_the_rows_beside_lora(tmp_path):
     assert config["trainable_token_indices"] == [1, 5, 7, 42]
     x = batch()
     assert torch.equal(logits(load_adapter(_tiny.llama(), tmp_path / "adapter"), x), logits(module.model, x))
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_disable_adapters_also_runs_the_original_rows(merge):
+    from lightning_peft import disable_adapters
+
+    model = llama(True)
+    ids = batch()
+    base = logits(model, ids)
+    apply_lora(model, r=2, target_modules=["q_proj"], trainable_token_indices=IDS)
+    perturb(model)
+    if merge:
+        merge_adapters(model)
+    out = logits(model, ids)
+    with disable_adapters(model):
+        assert torch.equal(logits(model, ids), base)
+    assert model.model.embed_tokens.merged == merge
+    assert torch.equal(logits(model, ids), out)
