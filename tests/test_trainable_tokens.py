@@ -491,3 +491,17 @@ def test_disable_adapters_also_runs_the_original_rows(merge):
         assert torch.equal(logits(model, ids), base)
     assert model.model.embed_tokens.merged == merge
     assert torch.equal(logits(model, ids), out)
+
+
+def test_add_tokens_into_a_padded_embedding_uses_its_spare_rows():
+    tok = _tiny.tokenizer(["alpha beta gamma delta"], vocab_size=300)
+    model = llama(False, vocab=len(tok) + 8)  # an embedding padded beyond the tokenizer
+    old = model.get_input_embeddings().weight.detach().clone()
+    ids = add_tokens(model, tok, ["<a>", "<b>"])
+    assert ids == [len(tok) - 2, len(tok) - 1]
+    emb = model.get_input_embeddings().weight
+    assert emb.shape == old.shape  # no resize: the new ids fall in the spare rows
+    mean = old[: len(tok) - 2].double().mean(0).float()  # the rows of the tokens it had
+    assert torch.equal(emb[ids], mean.expand(2, -1))
+    others = [i for i in range(old.shape[0]) if i not in ids]
+    assert torch.equal(emb[others], old[others])
