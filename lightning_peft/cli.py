@@ -153,10 +153,15 @@ class PEFTLightningCLI(LightningCLI):
         lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items())]
         source = getattr(self.model, "_model_source", None)
         base = f" --base {source}" if source is not None else ""
+        from lightning_peft.tasks import CausalLMModule
+
         for callback in peft:
-            if callback.adapter_dir is not None:
-                lines.append(f"adapter: {callback.adapter_dir} (merged model: lightning-peft merge{base} "
-                             f"--adapter {callback.adapter_dir} --out DIR)")
+            if callback.adapter_dir is None:
+                continue
+            qlora = " --qlora" if callback.method == "qlora" else ""
+            hint = (f" (merged model: lightning-peft merge{base} --adapter {callback.adapter_dir} --out DIR"
+                    f"{qlora})" if isinstance(self.model, CausalLMModule) else "")
+            lines.append(f"adapter: {callback.adapter_dir}{hint}")
         print("\n".join(f"lightning-peft fit | {line}" for line in lines), flush=True)
 
 
