@@ -330,3 +330,37 @@ def test_console_entry_point_returns_none_so_the_exit_status_is_0(llama_dir, tmp
                                       str(adapter), "--prompt", "Extract", "--max-new-tokens", "3"])
     assert main() is None
     assert capsys.readouterr().out.strip()
+
+
+def test_merge_of_a_base_read_from_gguf(llama_dir, tmp_path, monkeypatch):
+    """transformers marks a model read from a GGUF file with its GGUF "quantizer" (the tensors are
+    dense fp32) and ``save_pretrained`` refuses such a model: merge drops the marks."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from lightning_peft import cli
+    from lightning_peft.tasks import load_causal_lm
+
+    def as_if_from_gguf(base):
+        model, tokenizer = load_causal_lm(base)
+        quantizer = GgufHfQuantizer(GgufConfig())
+        model.hf_quantizer, model.is_quantized = quantizer, True
+        model.config.quantization_config = quantizer.quantization_config
+        return model, tokenizer
+
+    monkeypatch.setattr(cli, "load_causal_lm", as_if_from_gguf)
+    model = _adapted(llama_dir, "lora", r=4, target_modules="all-linear")
+    adapter = save_adapter(model, tmp_path / "adapter")
+    out = main(["merge", "--base", str(llama_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")])
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with torch.no_grad():
+        torch.testing.assert_close(transformers.AutoModelForCausalLM.from_pretrained(out)(input_ids=IDS).logits,
+                                   model(input_ids=IDS).logits, rtol=1e-5, atol=2e-5)
+
+
+def test_classifier_and_data_must_agree_on_the_classes(bert_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "bitfit.yaml"), f"--model.model={bert_dir}",
+              "--model.init_args.num_labels=3", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.logger=false", "--trainer.accelerator=cpu"])
+    assert "model.init_args.num_labels is 3 but the data has 2 classes" in capsys.readouterr().err
