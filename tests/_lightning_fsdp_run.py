@@ -5,7 +5,10 @@ adapter-only checkpoint at step 3) and write the adapter with ``adapter_dir``; t
 that checkpoint to step 5 (ModelCheckpoint writes a distributed, sharded checkpoint there) and
 write the adapter again; then resume from that one to step 6.
 
-usage: python tests/_lightning_fsdp_run.py mp|single OUT
+With ``fsdp1``: Lightning's FSDPStrategy (on CPU through a test-only subclass), 3 steps, a sharded
+checkpoint and the adapter.
+
+usage: python tests/_lightning_fsdp_run.py mp|single|fsdp1 OUT
 """
 
 import sys
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -52,28 +55,49 @@ class Seed(pl.Callback):
         torch.manual_seed(1234)
 
 
-def fit(world, callback, out, steps, ckpt_path=None, distributed=False):
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1) on CPU, for this test only: Lightning refuses the class itself
+    with a CPU accelerator (an exact type check) and wraps with ``device_id=None``, which torch's
+    FSDP1 refuses without an accelerator; ``device_id=cpu`` runs. (Its "full" state dict gathers
+    with ``offload_to_cpu=True``, which crashes torch's FSDP1 on CPU tensors, so only "sharded".)"""
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                        mixed_precision=self.mixed_precision_config,
+                                        sharding_strategy=self.sharding_strategy,
+                                        device_id=torch.device("cpu"), **self.kwargs)
+
+
+def fit(world, callback, out, steps, ckpt_path=None, distributed=False, fsdp1=False):
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     save = ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=steps, save_top_k=-1)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
                                      save_distributed_checkpoint=distributed) if world > 1 else "auto"
+    if fsdp1:
+        strategy = CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="sharded")
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps,
                          logger=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False,
                          default_root_dir=out, callbacks=[Seed(), callback, save])
-    trainer.fit(ShardedLM(world), ckpt_path=ckpt_path)
+    trainer.fit(ShardedLM(1 if fsdp1 else world), ckpt_path=ckpt_path)
     return trainer
 
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    world = 2 if mode == "mp" else 1
+    world = 1 if mode == "single" else 2
     for name, make in (("lora", lambda d: LoRACallback(r=4, target_modules="all-linear", adapter_dir=d)),
                        ("qlora", lambda d: QLoRACallback(r=4, target_modules="all-linear",
                                                          compute_dtype="float32", adapter_dir=d))):
         root = out / mode / name
+        if mode == "fsdp1":  # 3 steps, a sharded adapter-only checkpoint (Lightning cannot resume from it)
+            fit(world, make(str(root / "adapter3")), root, 3, fsdp1=True)
+            continue
         fit(world, make(str(root / "adapter3")), root, 3)
         ckpt = root / "step=3.ckpt"  # written by ModelCheckpoint inside fit, filtered by the callback
         fit(world, make(str(root / "adapter5")), root, 5, ckpt_path=ckpt, distributed=True)

@@ -159,7 +159,7 @@ LIGHTNING_SCRIPT = Path(__file__).with_name("_lightning_fsdp_run.py")
 def lightning_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("lightning_fsdp")
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1]), "OMP_NUM_THREADS": "1"}
-    for mode in ("mp", "single"):
+    for mode in ("mp", "single", "fsdp1"):
         run = subprocess.run([sys.executable, str(LIGHTNING_SCRIPT), mode, str(out)], env=env, cwd=out,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-4000:]
@@ -231,3 +231,22 @@ def test_checkpoints_loaded_by_the_strategy_are_checked_from_their_file(tmp_path
     assert cb._check_strategy_loaded_checkpoint(model)
     cb._trainer = SimpleNamespace(ckpt_path=None)
     assert not cb._check_strategy_loaded_checkpoint(model)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lightning_fsdp_strategy_two_cpu_processes(lightning_runs, method):
+    """Lightning's FSDPStrategy (FSDP1, auto-wrapped decoder layers; on CPU through a test-only
+    subclass) with LoRACallback / QLoRACallback (4-bit bytes in fp32 storage): the adapter written
+    by adapter_dir on rank 0 after 3 steps equals 1 process, with the FSDP wrapper prefixes gone;
+    the sharded checkpoint holds only adapter tensors (and the optimizer state)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    two = load_file(lightning_runs / "fsdp1" / method / "adapter3" / "adapter_model.safetensors")
+    one = load_file(lightning_runs / "single" / method / "adapter3" / "adapter_model.safetensors")
+    assert two.keys() == one.keys() and len(one) == 28
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    stored = FileSystemReader(str(lightning_runs / "fsdp1" / method / "step=3.ckpt")).read_metadata()
+    model_keys = [k for k in stored.state_dict_metadata if k.startswith("model.")]
+    assert len(model_keys) == 28 and all("lora_" in k for k in model_keys)
