@@ -222,6 +222,8 @@ def fully_shard_peft(model: nn.Module, mesh: Any = None, blocks: Iterable[nn.Mod
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP1 wraps part of ``model``, or any of its parameters is a DTensor (FSDP2) or
     partitioned by DeepSpeed ZeRO-3."""
+    if not torch.distributed.is_available():  # a torch build without distributed support
+        return False
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or \
@@ -264,10 +266,13 @@ def full_adapter_tensors(model: nn.Module) -> Iterator[Callable[[Tensor], Tensor
     collectives: every rank enters the block and asks for the same tensors in the same order.
     ``model`` must be the outermost FSDP1 wrapper (Lightning's ``trainer.strategy.model``) or
     contain it. Without sharding the function returns its argument."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     def full(t: Tensor) -> Tensor:
         return t.full_tensor() if _is_dtensor(t) else t
+
+    if not torch.distributed.is_available():  # a torch build without distributed support
+        yield full
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     units = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
     from lightning_peft._base import adapter_named_parameters

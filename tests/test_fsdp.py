@@ -250,3 +250,17 @@ def test_lightning_fsdp_strategy_two_cpu_processes(lightning_runs, method):
     stored = FileSystemReader(str(lightning_runs / "fsdp1" / method / "step=3.ckpt")).read_metadata()
     model_keys = [k for k in stored.state_dict_metadata if k.startswith("model.")]
     assert len(model_keys) == 28 and all("lora_" in k for k in model_keys)
+
+
+def test_save_adapter_without_distributed_support(tmp_path, monkeypatch):
+    """A torch build without torch.distributed still saves (nothing can be sharded there)."""
+    from lightning_peft import apply_lora, save_adapter
+    from lightning_peft.fsdp import full_adapter_tensors
+
+    model = apply_lora(_tiny.llama(0), r=2)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
+    assert not is_sharded(model)
+    with full_adapter_tensors(model) as full:
+        t = torch.ones(2)
+        assert full(t) is t
+    assert (save_adapter(model, tmp_path / "a") / "adapter_model.safetensors").is_file()
