@@ -334,6 +334,8 @@ CLASSIFY_METHODS: list[MethodSpec] = [
           num_virtual_tokens=20, prefix_projection=False, init_weights="zero", modules_to_save=[_HEAD]),
     _spec("said_d10000", "Intrinsic dimension, SAID d=10000 (head in the subspace)", "intrinsic_dimension",
           1.58e-2, d=10000, said=True),
+    _spec("did_d10000", "Intrinsic dimension, DID d=10000 (head in the subspace)", "intrinsic_dimension",
+          1.58e-2, d=10000, said=False),
 ]
 """The methods compared on the sequence-classification task (``--task classify``), in table order.
 Learning rates: full fine-tuning, LoRA and the head as measured on this task; BitFit 1e-3 (the
@@ -342,8 +344,8 @@ the rows of issue 12 as on the causal task (:data:`METHODS`), each training the 
 (``trainable_modules``). The soft-prompt rows of issue 13 run at their causal-task learning rates
 with the head as a trainable copy (``modules_to_save``, as HF PEFT's SEQ_CLS models train it);
 multitask prompt tuning has one task here and is left out, and LLaMA-Adapter supports Llama-family
-decoders only, not BERT. The intrinsic-dimension row (issue 15) trains d = 10000 numbers in all, the
-head included through the subspace, at benchmarks.intrinsic_dimension's rate for that d
+decoders only, not BERT. The intrinsic-dimension rows (issue 15, SAID and DID) train d = 10000 numbers
+in all, the head included through the subspace, at benchmarks.intrinsic_dimension's rate for that d
 (5e-2·√(1000/d)); its d90 sweep is that module's."""
 
 
