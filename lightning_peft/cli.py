@@ -233,7 +233,8 @@ def export_merged(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mo
             merge_and_dequantize(model, dtype=torch.float32)
     else:
         stuck = sorted({type(m).__name__ for m in model.modules() if isinstance(m, AdapterLayer)
-                        and not isinstance(m, ModulesToSave) and not callable(getattr(m, "merge", None))})
+                        and not isinstance(m, ModulesToSave) and not callable(getattr(m, "merge", None))
+                        and not getattr(m, "merges_away", False)})
         if stuck:
             names = ", ".join(repr(m.name) for m in found)
             raise ValueError(f"method {names} cannot be merged into the base weights (its layers "
@@ -243,11 +244,14 @@ def export_merged(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mo
         for name, module in list(model.named_modules()):
             if not isinstance(module, AdapterLayer) or not name:
                 continue
+            parent, child = get_parent(model, name)
+            if getattr(module, "merges_away", False):  # holds what its merged layers read
+                delattr(parent, child)
+                continue
             if isinstance(module, ModulesToSave):
                 plain = module.modules_to_save
             else:
                 plain = module.base_layer
-            parent, child = get_parent(model, name)
             setattr(parent, child, plain)
     left = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if left:
@@ -349,7 +353,8 @@ def _merge_parser() -> argparse.ArgumentParser:
                     "(model.safetensors, config.json, tokenizer) that AutoModelForCausalLM.from_pretrained "
                     "loads; an inference server takes it as any model. Methods whose layers merge (LoRA, "
                     "DoRA, rsLoRA, AdaLoRA, DyLoRA, ReLoRA, QLoRA, IA3, FishMask, Child-tuning, BitFit on "
-                    "existing biases) export; prompts, prefixes and bottleneck adapters do not.")
+                    "existing biases, trainable tokens, intrinsic dimension) export; prompts, prefixes and "
+                    "bottleneck adapters do not.")
     parser.add_argument("--base", type=_model_path, default=None, help=_MODEL_HELP)
     parser.add_argument("--adapter", type=_adapter_dir, required=True,
                         help="adapter directory (adapter_config.json + adapter_model.safetensors)")
@@ -359,7 +364,8 @@ def _merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qlora", action="store_true",
                         help="the adapter was trained with QLoRA: quantize the adapted base layers to NF4 "
                              "(as in training), then merge into their dequantized weights")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
+    parser.set_defaults(verify=True)
+    parser.add_argument("--no-verify", dest="verify", action="store_false", default=argparse.SUPPRESS,
                         help="skip loading the written directory back to compare its logits")
     return parser
 

@@ -273,6 +273,9 @@ class IntrinsicProjection(AdapterLayer):
     per forward pass. Its own ``forward`` returns its input (it may sit in an ``nn.Sequential``)."""
 
     adapter_dtype = torch.float32
+    merges_away = True
+    """Once every :class:`IntrinsicDimensionLayer` is merged, nothing reads this module: an export
+    to a plain model drops it."""
 
     def __init__(self, d: int, said: bool, seed: int, names: Sequence[str],
                  shapes: Sequence[Sequence[int]], device: torch.device | str | None = None) -> None:
