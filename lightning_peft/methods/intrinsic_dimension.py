@@ -487,15 +487,19 @@ def select_parameters(model: nn.Module, config: IntrinsicDimensionConfig) -> tup
         for pname, param in module._parameters.items():
             if param is not None and param.is_floating_point() and id(param) not in shared:
                 names.append(f"{name}.{pname}")
+    if isinstance(spec, list) or not names:
+        leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                         if n and not any(True for _ in m.children()) and any(True for _ in m.parameters())})
+        known = f"; leaf modules with parameters: {leaves[:30]}{' ...' if len(leaves) > 30 else ''}"
     if isinstance(spec, list):
         for entry in spec:
             if not any(_matcher([entry])(n) for n in matched):
                 raise ValueError(f"target_modules entry {entry!r} matches no leaf module of "
-                                 f"{type(model).__name__}")
+                                 f"{type(model).__name__}{known}")
     if not names:
         raise ValueError(f"target_modules={spec!r} (exclude_modules={config.exclude_modules!r}, "
                          f"include_embeddings={config.include_embeddings}) leaves no parameter of "
-                         f"{type(model).__name__} to project")
+                         f"{type(model).__name__} to project{known}")
     return names, trainable
 
 
