@@ -284,7 +284,9 @@ class PEFTCallback(Callback):
             from torch.distributed.checkpoint import FileSystemReader
 
             stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-            keys = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
+            # ModelParallelStrategy stores the module under "state_dict.", FSDPStrategy under "model."
+            prefix = "state_dict." if any(k.startswith("state_dict.") for k in stored) else "model."
+            keys = {k.removeprefix(prefix) for k in stored if k.startswith(prefix)}
         elif Path(path).is_file():
             import torch
 
@@ -371,15 +373,21 @@ def _check_injected_before_sharding(module: nn.Module) -> nn.Module:
 
 
 def _wrap_sharded_load(strategy: Any, pl_module: nn.Module, record: dict[str, Any]) -> None:
-    """Let ``ModelParallelStrategy`` resume from an adapter-only distributed checkpoint.
+    """Let ``ModelParallelStrategy`` and ``FSDPStrategy`` resume from an adapter-only distributed
+    (sharded) checkpoint.
 
-    Lightning 2.6 asks a distributed checkpoint for every key of ``pl_module.state_dict()``
-    (``get_model_state_dict``), which an adapter-only checkpoint lacks; while it loads one, the
-    module's ``state_dict`` is narrowed to the keys the checkpoint holds (read from its metadata).
-    :meth:`PEFTCallback._check_checkpoint` then checks that every adapter tensor was among them."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    Lightning 2.6 asks a distributed checkpoint for every key of the module's state dict
+    (``get_model_state_dict`` for FSDP2, the FSDP1 wrapper's sharded ``state_dict()``), which an
+    adapter-only checkpoint lacks; while it loads one, that ``state_dict`` is narrowed to the keys
+    the checkpoint holds (read from its metadata). :meth:`PEFTCallback._check_checkpoint` then
+    checks that every adapter tensor was among them."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    if not isinstance(strategy, ModelParallelStrategy):
+    if isinstance(strategy, ModelParallelStrategy):
+        prefix = "state_dict."
+    elif isinstance(strategy, FSDPStrategy):
+        prefix = "model."
+    else:
         return
     record["hooks"][(id(strategy), "load_checkpoint")] = (strategy, strategy.__dict__.get("load_checkpoint"))
     original = strategy.load_checkpoint
@@ -391,17 +399,19 @@ def _wrap_sharded_load(strategy: Any, pl_module: nn.Module, record: dict[str, An
         from torch.distributed.checkpoint import FileSystemReader
 
         stored = FileSystemReader(str(checkpoint_path)).read_metadata().state_dict_metadata
-        keys = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
-        full = type(pl_module).state_dict
+        keys = {k.removeprefix(prefix) for k in stored if k.startswith(prefix)}
+        # FSDP2: the LightningModule's own state_dict; FSDP1: the wrapper's (strategy.model)
+        owner = pl_module if prefix == "state_dict." else strategy.model
+        full = type(owner).state_dict
 
         def state_dict(*a: Any, **kw: Any) -> dict[str, Any]:
-            return {k: v for k, v in full(pl_module, *a, **kw).items() if k in keys}
+            return {k: v for k, v in full(owner, *a, **kw).items() if k in keys}
 
-        pl_module.__dict__["state_dict"] = state_dict
+        owner.__dict__["state_dict"] = state_dict
         try:
             return original(checkpoint_path, *args, **kwargs)
         finally:
-            pl_module.__dict__.pop("state_dict", None)
+            owner.__dict__.pop("state_dict", None)
 
     strategy.__dict__["load_checkpoint"] = load_checkpoint
 

@@ -6,7 +6,7 @@ that checkpoint to step 5 (ModelCheckpoint writes a distributed, sharded checkpo
 write the adapter again; then resume from that one to step 6.
 
 With ``fsdp1``: Lightning's FSDPStrategy (on CPU through a test-only subclass), 3 steps, a sharded
-checkpoint and the adapter.
+checkpoint and the adapter, then a resume from that checkpoint to step 5.
 
 usage: python tests/_lightning_fsdp_run.py mp|single|fsdp1 OUT
 """
@@ -95,8 +95,10 @@ if __name__ == "__main__":
                        ("qlora", lambda d: QLoRACallback(r=4, target_modules="all-linear",
                                                          compute_dtype="float32", adapter_dir=d))):
         root = out / mode / name
-        if mode == "fsdp1":  # 3 steps, a sharded adapter-only checkpoint (Lightning cannot resume from it)
+        if mode == "fsdp1":  # 3 steps, a sharded adapter-only checkpoint, then resume from it to step 5
             fit(world, make(str(root / "adapter3")), root, 3, fsdp1=True)
+            fit(world, make(str(root / "adapter5")), root / "5", 5, ckpt_path=root / "step=3.ckpt",
+                fsdp1=True)
             continue
         fit(world, make(str(root / "adapter3")), root, 3)
         ckpt = root / "step=3.ckpt"  # written by ModelCheckpoint inside fit, filtered by the callback

@@ -238,15 +238,19 @@ def test_lightning_fsdp_strategy_two_cpu_processes(lightning_runs, method):
     """Lightning's FSDPStrategy (FSDP1, auto-wrapped decoder layers; on CPU through a test-only
     subclass) with LoRACallback / QLoRACallback (4-bit bytes in fp32 storage): the adapter written
     by adapter_dir on rank 0 after 3 steps equals 1 process, with the FSDP wrapper prefixes gone;
-    the sharded checkpoint holds only adapter tensors (and the optimizer state)."""
+    the sharded checkpoint holds only adapter tensors (and the optimizer state), and resuming from it
+    to step 5 (momentum state included) equals 1 process too."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
-    two = load_file(lightning_runs / "fsdp1" / method / "adapter3" / "adapter_model.safetensors")
-    one = load_file(lightning_runs / "single" / method / "adapter3" / "adapter_model.safetensors")
-    assert two.keys() == one.keys() and len(one) == 28
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    for step in (3, 5):
+        two = load_file(lightning_runs / "fsdp1" / method / f"adapter{step}" / "adapter_model.safetensors")
+        one = load_file(lightning_runs / "single" / method / f"adapter{step}" / "adapter_model.safetensors")
+        assert two.keys() == one.keys() and len(one) == 28
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    three = load_file(lightning_runs / "fsdp1" / method / "adapter3" / "adapter_model.safetensors")
+    assert not all(torch.equal(two[k], three[k]) for k in two)  # the resumed run trained on
     stored = FileSystemReader(str(lightning_runs / "fsdp1" / method / "step=3.ckpt")).read_metadata()
     model_keys = [k for k in stored.state_dict_metadata if k.startswith("model.")]
     assert len(model_keys) == 28 and all("lora_" in k for k in model_keys)
