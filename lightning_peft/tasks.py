@@ -80,6 +80,16 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int = 0, schedule: str 
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
+def _fusable(params: list[nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW (one kernel over every tensor: on a CPU about 5x faster than the
+    default per-tensor loop over a LoRA model's few hundred small tensors) takes ``params``: plain
+    tensors (not FSDP's DTensors) of a float dtype, all on the CPU or all on one CUDA device."""
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(type(p.data) is torch.Tensor and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
+                                                                  torch.float64) for p in params))
+
+
 class _ScheduledAdamWModule(L.LightningModule):
     """What the task modules share: AdamW over the parameters that require grad when
     ``configure_optimizers`` runs (weight decay on matrices only, not on biases, norms or other
@@ -139,7 +149,7 @@ class _ScheduledAdamWModule(L.LightningModule):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                      betas=self.betas)
+                                      betas=self.betas, fused=_fusable(params) or None)
         total = int(self.trainer.estimated_stepping_batches)
         if total <= 0 or total == float("inf"):
             raise ValueError("set Trainer(max_steps=...) or max_epochs: the learning-rate "
