@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft._base import ModulesToSave, first_names
+from lightning_peft._base import AdapterLayer, first_names
 from lightning_peft.methods.lora import (
     BASE_ROWS,
     DEFAULT_ADAPTER,
@@ -62,7 +62,6 @@ from lightning_peft.methods.lora import (
     check_adapter_name,
     lora_layers,
 )
-from lightning_peft.methods.trainable_tokens import TrainableTokensLayer
 from lightning_peft.targeting import find_targets
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare")
@@ -221,10 +220,12 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     ``bias="all"``/``"lora_only"`` adapter trained stay as trained). Merged layers are unmerged
     for the block (``W0`` restored exactly) and merged again after it."""
     layers = _layers(model)
-    # modules trained in full and trainable-token rows (trainable_token_indices) run their base too
-    saved = [m for m in model.modules() if isinstance(m, (ModulesToSave, TrainableTokensLayer))]
+    # every other adapter layer beside LoRA (modules trained in full, trainable-token rows) runs
+    # its base too; merged ones are unmerged for the block (their merge/unmerge are idempotent)
+    lora = {id(layer) for _, layer in layers}
+    saved = [m for m in model.modules() if isinstance(m, AdapterLayer) and id(m) not in lora]
     merged = [layer for _, layer in layers if layer.merged] + \
-        [m for m in saved if isinstance(m, TrainableTokensLayer) and m.merged and not m._tied]
+        [m for m in saved if getattr(m, "merged", False)]
     for layer in merged:
         layer.unmerge()
     previous = [(m, m.__dict__.get("_disabled", False)) for m in [*(layer for _, layer in layers), *saved]]
