@@ -158,8 +158,11 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
 
     Modules already wrapped by an adapter layer are returned (so that re-applying is idempotent);
     nothing inside an adapter layer is. Raises ``ValueError`` when nothing matches, listing the
-    Linear/Conv1D modules that exist, and when a matched module is not a Linear/Conv1D.
+    Linear/Conv1D modules that exist, and when a matched module is not a Linear/Conv1D. An
+    explicit ``[]`` selects nothing (a method that trains other modules only).
     """
+    if isinstance(target_modules, (list, tuple)) and not target_modules:
+        return []
     adapters = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     spec = f"target_modules={target_modules!r}"  # how error messages name what selected modules
     if target_modules is None:
@@ -238,11 +241,14 @@ def short_names(chosen: list[str], names: list[str], dotted: bool) -> list[str]:
     return list(out)
 
 
-def check_module_spec(spec: object, arg: str) -> str | list[str] | None:
+def check_module_spec(spec: object, arg: str, allow_empty: bool = False) -> str | list[str] | None:
     """``spec`` as a ``target_modules``-style value (None, a non-empty string, or a list of
-    non-empty strings; a tuple becomes a list), or a ``ValueError`` naming ``arg``."""
+    non-empty strings; a tuple becomes a list; with ``allow_empty`` also ``[]``, which selects
+    nothing), or a ``ValueError`` naming ``arg``."""
     if spec is None:
         return None
+    if allow_empty and isinstance(spec, (list, tuple)) and not spec:
+        return []
     if isinstance(spec, str):
         if not spec:
             raise ValueError(f"{arg} must not be an empty string")

@@ -146,10 +146,8 @@ class LoRAConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if not (isinstance(self.target_modules, (list, tuple)) and not self.target_modules):
-            self.target_modules = check_module_spec(self.target_modules, "target_modules")
-        else:  # [] adapts nothing: only modules_to_save / trainable_token_indices train
-            self.target_modules = []
+        # [] adapts nothing: only modules_to_save / trainable_token_indices train
+        self.target_modules = check_module_spec(self.target_modules, "target_modules", allow_empty=True)
         self.exclude_modules = check_module_spec(self.exclude_modules, "exclude_modules")
         if self.trainable_token_indices is not None:
             self.trainable_token_indices = check_token_spec(self.trainable_token_indices,
@@ -692,8 +690,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     others = bool(config.modules_to_save) or config.trainable_token_indices is not None
     try:
-        targets = find_targets(model, config.target_modules, config.exclude_modules) \
-            if config.target_modules != [] else []
+        targets = find_targets(model, config.target_modules, config.exclude_modules)
     except ValueError as err:
         if not others:
             raise
@@ -1032,7 +1029,7 @@ def _injection_plan(root: nn.Module, config: dict[str, Any],
         target = sorted(set(target))
     tokens = config.get("trainable_token_indices")
     try:
-        targets = find_targets(root, target, config.get("exclude_modules")) if target != [] else []
+        targets = find_targets(root, target, config.get("exclude_modules"))
     except ValueError as err:
         if not (config.get("modules_to_save") or tokens is not None):
             raise ValueError(f"{where}: {err}") from err
