@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from kernels import _backend
+from kernels.nf4 import NF4Tensor
 
 __all__ = [
     "bernoulli_positions",
@@ -158,30 +159,47 @@ def _zero_dropped_(t: Tensor, drop: Tensor) -> Tensor:
     return t
 
 
+def _needs_graph(*tensors: Any) -> bool:
+    """Whether an op on ``tensors`` must record autograd: grad mode is on and one of them requires
+    a gradient. Otherwise (``torch.no_grad()``, inference, frozen everything) the ops below run
+    their forward math directly, without an autograd Function's bookkeeping, which on one token
+    costs as much as the layer's matrix-vector products."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _lora_forward(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                  bias: Tensor | None, dropout_p: float, generator: torch.Generator | None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(y, x2, s·S, dropped)``: the output of :class:`_LoRALinear` and what its backward needs."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])                                       # (M, K)
+    w = _dense(weight, x.dtype)                                         # (N, K)
+    branch = lora_a.dtype  # x's dtype, or the adapters' when wider (then S, B·S in it)
+    drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
+        else None
+    xd = _dropped(x2, drop, branch)                                     # (M, K)
+    s_lora = torch.mm(xd, lora_a.t()).mul_(scaling / (1.0 - dropout_p))  # s·S (M, r)
+    del xd
+    # a fresh output (not a view made here): models edit layer outputs in place
+    y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+    y2 = y.view(x2.shape[0], w.shape[0])                                # (M, N)
+    _lowrank_into(y2, s_lora, lora_b, bias)                             # b + s·S·Bᵀ
+    y2.addmm_(x2, w.t())                                                # y += x·W0ᵀ
+    return y, x2, s_lora, drop
+
+
 class _LoRALinear(torch.autograd.Function):
     # The rank-r terms are written first and each big GEMM accumulates onto them (beta=1, the read
     # of C hidden inside the compute-bound GEMM), rather than a separate read-modify-write pass over
     # the (M, N) output and the (M, K) input gradient afterwards.
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
-        w = _dense(weight, x.dtype)                                     # (N, K)
-        branch = lora_a.dtype  # x's dtype, or the adapters' when wider (then S, B·S in it)
-        drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
-            else None
-        xd = _dropped(x2, drop, branch)                                 # (M, K)
-        s_lora = torch.mm(xd, lora_a.t()).mul_(scaling / (1.0 - dropout_p))  # s·S (M, r)
-        del xd
-        # a fresh output (not a view made here): models edit layer outputs in place
-        y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
-        y2 = y.view(x2.shape[0], w.shape[0])                            # (M, N)
-        _lowrank_into(y2, s_lora, lora_b, bias)                         # b + s·S·Bᵀ
-        y2.addmm_(x2, w.t())                                            # y += x·W0ᵀ
+        y, x2, s_lora, drop = _lora_forward(x, weight, lora_a, lora_b, scaling, bias, dropout_p,
+                                            generator)
         ctx.save_for_backward(x2, lora_a, lora_b, s_lora, drop,
                               weight if isinstance(weight, Tensor) else None)
         ctx.weight = None if isinstance(weight, Tensor) else weight
-        ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, shape
+        ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, x.shape
         return y
 
     @staticmethod
@@ -249,6 +267,9 @@ def lora_linear_reference(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor
                           bias: Tensor | None = None, dropout_p: float = 0.0,
                           generator: torch.Generator | None = None) -> Tensor:
     """The pure-PyTorch op (CPU fallback and the specification of the Triton kernels)."""
+    if not _needs_graph(x, weight, lora_a, lora_b, bias):
+        return _lora_forward(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p),
+                             generator)[0]
     return _LoRALinear.apply(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p),
                              generator)
 
@@ -294,14 +315,39 @@ def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
 
         return _lora_triton.lora_linear_triton(x, weight, lora_a, lora_b, float(scaling), bias,
                                                float(dropout_p), generator)
-    from kernels.nf4 import NF4Tensor
-
     if isinstance(weight, NF4Tensor) and _backend.use_triton(x, weight.packed, lora_a, lora_b):
         from kernels import _lora_nf4_triton  # QLoRA: dequantize to a scratch buffer, fused op
 
         return _lora_nf4_triton.lora_linear_nf4_triton(x, weight, lora_a, lora_b, float(scaling),
                                                        bias, float(dropout_p), generator)
     return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)
+
+
+def _grouped_forward(x: Tensor, scalings: list[float], dropout_p: float,
+                     generator: torch.Generator | None, weights: Any, lora_as: Any, lora_bs: Any,
+                     biases: Any) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor | None]:
+    """``(outputs, x2, S_cat, dropped)``: the outputs of :class:`_LoRALinearGrouped` (``S_cat``'s
+    blocks scaled by their ``s_i``) and what its backward needs."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])                                       # (M, K)
+    branch = lora_as[0].dtype  # x's dtype, or the adapters' when wider
+    drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
+        else None
+    xd = _dropped(x2, drop, branch)                                     # (M, K)
+    s_cat = torch.mm(xd, torch.cat(lora_as, dim=0).t())                 # (M, Σr)
+    del xd  # (the concatenated A is not kept: backward concatenates the A_i again)
+    outs, start = [], 0
+    for w, b, bias, s, a in zip(weights, lora_bs, biases, scalings, lora_as):
+        s_i = s_cat[:, start:start + a.shape[0]].mul_(s / (1.0 - dropout_p))  # s_i·S_i, in place
+        start += a.shape[0]
+        w = _dense(w, x.dtype)                                          # (N_i, K)
+        # fresh outputs (not views made here): models edit layer outputs in place
+        y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+        y2 = y.view(x2.shape[0], w.shape[0])                            # (M, N_i)
+        _lowrank_into(y2, s_i, b, bias)                                 # b_i + s_i·S_i·B_iᵀ
+        y2.addmm_(x2, w.t())                                            # y_i += x·W_iᵀ
+        outs.append(y)
+    return tuple(outs), x2, s_cat, drop
 
 
 class _LoRALinearGrouped(torch.autograd.Function):
@@ -315,34 +361,15 @@ class _LoRALinearGrouped(torch.autograd.Function):
     def forward(ctx, x, scalings, dropout_p, generator, *tensors):
         n = len(scalings)
         weights, lora_as, lora_bs, biases = (tensors[i * n:(i + 1) * n] for i in range(4))
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
-        branch = lora_as[0].dtype  # x's dtype, or the adapters' when wider
-        drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
-            else None
-        xd = _dropped(x2, drop, branch)                                 # (M, K)
-        a_cat = torch.cat(lora_as, dim=0)                               # (Σr, K)
-        s_cat = torch.mm(xd, a_cat.t())                                 # (M, Σr)
-        del xd
-        outs, start = [], 0
-        for w, b, bias, s, a in zip(weights, lora_bs, biases, scalings, lora_as):
-            s_i = s_cat[:, start:start + a.shape[0]].mul_(s / (1.0 - dropout_p))  # s_i·S_i, in place
-            start += a.shape[0]
-            w = _dense(w, x.dtype)                                      # (N_i, K)
-            # fresh outputs (not views made here): models edit layer outputs in place
-            y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
-            y2 = y.view(x2.shape[0], w.shape[0])                        # (M, N_i)
-            _lowrank_into(y2, s_i, b, bias)                             # b_i + s_i·S_i·B_iᵀ
-            y2.addmm_(x2, w.t())                                        # y_i += x·W_iᵀ
-            outs.append(y)
-        del a_cat  # backward concatenates the A_i again rather than keeping a copy alive
+        outs, x2, s_cat, drop = _grouped_forward(x, scalings, dropout_p, generator, weights,
+                                                 lora_as, lora_bs, biases)
         ctx.save_for_backward(x2, s_cat, drop, *lora_as, *lora_bs,
                               *(w if isinstance(w, Tensor) else None for w in weights))
         ctx.quantized = [None if isinstance(w, Tensor) else w for w in weights]
-        ctx.scalings, ctx.dropout_p, ctx.shape = scalings, dropout_p, shape
+        ctx.scalings, ctx.dropout_p, ctx.shape = scalings, dropout_p, x.shape
         ctx.ranks = [a.shape[0] for a in lora_as]
         ctx.set_materialize_grads(False)
-        return tuple(outs)
+        return outs
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -393,12 +420,16 @@ def lora_linear_grouped_reference(x: Tensor, weights: list[Tensor], lora_as: lis
     """The pure-PyTorch grouped op (CPU fallback and specification): ``S_cat = dropout(x)·[A_1;
     ...; A_n]ᵀ`` in one pass over ``x`` (one dropout draw shared by the members), then each
     member's base GEMM accumulates onto its ``b_i + s_i·S_i·B_iᵀ``; see :class:`_LoRALinearGrouped`."""
-    biases = [None] * len(weights) if biases is None else list(biases)
+    biases = [None if b is None else b.to(x.dtype) for b in
+              ([None] * len(weights) if biases is None else biases)]
     branch = _branch_dtype(x.dtype, *lora_as, *lora_bs)
-    return _LoRALinearGrouped.apply(
-        x, [float(s) for s in scalings], float(dropout_p), generator, *weights,
-        *(a.to(branch) for a in lora_as), *(b.to(branch) for b in lora_bs),
-        *(None if b is None else b.to(x.dtype) for b in biases))
+    lora_as, lora_bs = [a.to(branch) for a in lora_as], [b.to(branch) for b in lora_bs]
+    scalings = [float(s) for s in scalings]
+    if not _needs_graph(x, *weights, *lora_as, *lora_bs, *biases):
+        return _grouped_forward(x, scalings, float(dropout_p), generator, weights, lora_as, lora_bs,
+                                biases)[0]
+    return _LoRALinearGrouped.apply(x, scalings, float(dropout_p), generator, *weights, *lora_as,
+                                    *lora_bs, *biases)
 
 
 def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor], lora_bs: list[Tensor],
@@ -465,6 +496,27 @@ def dora_weight_norm(weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float
         return norm_sq.clamp_min_(0.0).sqrt_()
 
 
+def _dora_forward(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                  magnitude: Tensor, bias: Tensor | None, dropout_p: float,
+                  generator: torch.Generator | None, weight_norm_sq: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """``(y, x2, s·S, dropped, g, norm, u)``: the output of :class:`_DoRALinear` and what its
+    backward needs (``u`` (M, N) the output before the magnitude, ``g = m/norm``)."""
+    w = _dense(weight, x.dtype)                                         # (N, K), dequantized once
+    norm = dora_weight_norm(w, lora_a, lora_b, scaling, weight_norm_sq)  # (N,) detached
+    g = magnitude.detach().to(norm.dtype) / norm                        # (N,) m/||W0 + s·B·A||
+    u, x2, s_lora, drop = _lora_forward(x, w, lora_a, lora_b, scaling, None, dropout_p, generator)
+    u = u.view(x2.shape[0], w.shape[0])                                 # (M, N) x·W0ᵀ + s·S·Bᵀ
+    y = torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)  # fresh
+    y2 = y.view(u.shape)
+    gx = g.to(x.dtype)
+    if bias is None:
+        torch.mul(u, gx, out=y2)                                        # y = g⊙u
+    else:
+        torch.addcmul(bias, u, gx, out=y2)                              # y = g⊙u + b
+    return y, x2, s_lora, drop, g, norm, u
+
+
 class _DoRALinear(torch.autograd.Function):
     # forward   u = x·W0ᵀ + s·S·Bᵀ (the LoRA op), y = g⊙u + b with g = m/||W0 + s·B·A|| (N,)
     #           applied as the epilogue that writes y: one pass over the (M, N) output
@@ -472,33 +524,15 @@ class _DoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling, magnitude, bias, dropout_p, generator,
                 weight_norm_sq):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])                                   # (M, K)
-        w = _dense(weight, x.dtype)                                     # (N, K)
-        norm = dora_weight_norm(w, lora_a, lora_b, scaling, weight_norm_sq)  # (N,) detached
-        g = magnitude.detach().to(norm.dtype) / norm                    # (N,) m/||W0 + s·B·A||
-        branch = lora_a.dtype
-        drop = dropout_positions(x2.numel(), dropout_p, generator, x2.device) if dropout_p > 0.0 \
-            else None
-        xd = _dropped(x2, drop, branch)                                 # (M, K)
-        s_lora = torch.mm(xd, lora_a.t()).mul_(scaling / (1.0 - dropout_p))  # s·S (M, r)
-        del xd
-        u = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)  # (M, N)
-        _lowrank_into(u, s_lora, lora_b, None)                          # s·S·Bᵀ
-        u.addmm_(x2, w.t())                                             # u += x·W0ᵀ
-        y = torch.empty((*shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)  # fresh
-        y2 = y.view(u.shape)
-        gx = g.to(x.dtype)
-        if bias is None:
-            torch.mul(u, gx, out=y2)                                    # y = g⊙u
-        else:
-            torch.addcmul(bias, u, gx, out=y2)                          # y = g⊙u + b
+        y, x2, s_lora, drop, g, norm, u = _dora_forward(
+            x, weight, lora_a, lora_b, scaling, magnitude, bias, dropout_p, generator,
+            weight_norm_sq)
         need_m = ctx.needs_input_grad[5]
         ctx.save_for_backward(x2, lora_a, lora_b, s_lora, drop,
                               weight if isinstance(weight, Tensor) else None, g, norm,
                               u if need_m else None)
         ctx.weight = None if isinstance(weight, Tensor) else weight
-        ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, shape
+        ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, x.shape
         ctx.magnitude_dtype = magnitude.dtype
         return y
 
@@ -530,6 +564,9 @@ def dora_linear_reference(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor
                           generator: torch.Generator | None = None,
                           weight_norm_sq: Tensor | None = None) -> Tensor:
     """The pure-PyTorch DoRA op (see :func:`dora_linear`); arguments already checked and cast."""
+    if not _needs_graph(x, weight, lora_a, lora_b, magnitude, bias):
+        return _dora_forward(x, weight, lora_a, lora_b, float(scaling), magnitude, bias,
+                             float(dropout_p), generator, weight_norm_sq)[0]
     return _DoRALinear.apply(x, weight, lora_a, lora_b, float(scaling), magnitude, bias,
                              float(dropout_p), generator, weight_norm_sq)
 

@@ -101,16 +101,23 @@ def test_grouped_op_reference_matches_single_ops_with_autocast():
         kernels.lora_linear_grouped(x, ws, a_s[:1], b_s, [0.5, 2.0])
 
 
-def test_grouping_under_inference_mode(count_grouped):
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_no_fusion_without_autograd(count_grouped, mode):
+    """Without autograd (generation, evaluation) each layer runs alone, with the same output; the
+    learned fusion is untouched and the next recorded pass fuses again."""
     model = apply_lora(_tiny.llama(), r=4, target_modules=["q_proj", "k_proj", "v_proj"])
     _tiny.randomize_lora(model)
     ids = torch.randint(0, 96, (2, 7))
+    model(ids)  # learns
     expected = model(ids).logits
-    with torch.inference_mode():
-        model(ids)
+    assert count_grouped == [3, 3]
+    with mode():
         out = model(ids).logits
-    assert count_grouped
+        model(ids)
+    assert count_grouped == [3, 3]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    model(ids)
+    assert count_grouped == [3, 3, 3, 3]
 
 
 def test_non_reentrant_gradient_checkpointing(count_grouped):

@@ -102,6 +102,45 @@ def test_outputs_can_be_edited_in_place(backend, op):
         _close(a, 2.0 * go, dtype, "grad of the added tensor")
 
 
+@pytest.mark.parametrize("op", ["single", "grouped", "dora", "nf4"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_without_autograd_the_same_output_without_a_graph(op, mode, p):
+    """With nothing to record (``no_grad``, ``inference_mode``, or no input requiring a gradient)
+    the torch path runs the forward math without an autograd Function: the outputs are the
+    recorded op's bit for bit (same dropout draw from the same generator state), have no
+    ``grad_fn``, and are fresh tensors."""
+    n = 3 if op == "grouped" else 1
+    x, ws, as_, bs, ss, biases = _inputs(torch.float32, torch.float32, n)
+    if op == "nf4":
+        ws = [kernels.quantize_nf4(ws[0].detach())]
+    magnitude = torch.rand(OUTS[0], generator=torch.Generator().manual_seed(3)) + 0.5
+
+    def run(gen):
+        if op == "dora":
+            return (kernels.dora_linear(x, ws[0], as_[0], bs[0], ss[0], magnitude, biases[0],
+                                        dropout_p=p, generator=gen),)
+        return _run("single" if op == "nf4" else op, x, ws, as_, bs, ss, biases, p, gen)
+
+    with kernels.use_backend("torch"):
+        recorded = run(torch.Generator().manual_seed(5))
+        assert all(y.grad_fn is not None for y in recorded)
+        if mode == "frozen":
+            for t in (x, *as_, *bs, *[w for w in ws if isinstance(w, torch.Tensor)],
+                      *[b for b in biases if b is not None]):
+                t.requires_grad_(False)
+            plain = run(torch.Generator().manual_seed(5))
+        else:
+            with getattr(torch, mode)():
+                plain = run(torch.Generator().manual_seed(5))
+    for got, want in zip(plain, recorded):
+        assert got.grad_fn is None and not got.requires_grad
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+        assert got.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        if mode != "inference_mode":  # (an inference tensor is edited inside inference mode only)
+            got.mul_(2.0)  # models edit layer outputs in place
+
+
 class _PlainLoRA(nn.Module):
     """``base(x) + s·(x·Aᵀ)·Bᵀ`` with plain torch ops: the reference layer."""
 

@@ -95,9 +95,7 @@ class SharedInputGroup:
             # the same decision)
             if index == self._first:
                 self.learned = self._candidate
-        if self.learned is not None and index in self.learned and all(
-                self.layers[i].training == layer.training and not self.layers[i].merged
-                for i in self.learned):
+        if self.learned is not None and index in self.learned and self._fusable(layer):
             members = [self.layers[i] for i in self.learned]
             outs = kernels.lora_linear_grouped(
                 x, [m.weight for m in members], [m.lora_A for m in members],
@@ -108,6 +106,16 @@ class SharedInputGroup:
             self._pending_key, self._pending_x = key, x
             return outs[self.learned.index(index)]
         return layer.forward_single(x)
+
+    def _fusable(self, layer: LoRALinear) -> bool:
+        """Whether the learned members may run as one op now: each in ``layer``'s mode, unmerged,
+        with only its default adapter active, and still :func:`groupable` (a base may turn 4-bit
+        after grouping, e.g. under Lightning's BitsandbytesPrecision)."""
+        from lightning_peft.methods.lora import _DEFAULT_ONLY
+
+        return all(m.training == layer.training and not m.merged and groupable(m)
+                   and m.active_adapters == _DEFAULT_ONLY
+                   for m in (self.layers[i] for i in self.learned))
 
 
 def groupable(layer: LoRALinear) -> bool:

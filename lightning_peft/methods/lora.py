@@ -449,10 +449,11 @@ class LoRALinear(LinearAdapterLayer):
         if self.active_adapters != _DEFAULT_ONLY:
             return self._multi_forward(x)
         group = _grouping.group_of(self)
-        # siblings reading the same x share one pass over it, while every base is dense (a base
-        # may turn 4-bit after grouping, e.g. under Lightning's BitsandbytesPrecision)
-        if group is not None and all(_grouping.groupable(m) and m.active_adapters == _DEFAULT_ONLY
-                                     for m in group.layers):
+        # siblings reading the same x share one pass over it (the group checks, when it fuses,
+        # that every member is still dense LoRA with only its default adapter active); without
+        # autograd (generation, evaluation) there is no backward for the fusion to pay off in,
+        # and each layer runs alone, which is cheaper on a few tokens
+        if group is not None and torch.is_grad_enabled():
             return group(self, x)
         return self.forward_single(x)
 
