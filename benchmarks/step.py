@@ -23,6 +23,14 @@ nonzero (nothing can be skipped). Each round times one step of each model back t
 alternating order, after warm-up rounds; each row gives the median over rounds of its step time
 divided by its baseline's in the same round (``frozen`` for the LoRAs, ``frozen NF4`` for QLoRA),
 as the overhead in percent, with quartiles. Targets: our overhead <= 8% for LoRA and QLoRA.
+
+``--breakdown`` adds a diagnostic copy, ``LoRA layers, base products only``: our LoRA model with
+every LoRA layer's forward replaced by an autograd Function that computes only the base products
+(``x·W0ᵀ`` forward, ``dY·W0`` backward) and hands ``A`` and ``B`` zero gradients, so the fused
+AdamW still steps over all adapter tensors. Its overhead is what the LoRA layers cost besides
+their rank-r products (an autograd Function per layer, the optimizer over 420 small tensors);
+ours minus it is what the rank-r products cost inside the model (it computes the frozen model's
+loss, not ours).
 Results: ``<out>/<cpu slug>/step.json`` and ``step.md`` (CPU model, vendor, AVX-512, torch's CPU
 capability, threads, load average at start and end).
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -45,6 +54,7 @@ from benchmarks import cpu_info, write_result
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_OVERHEAD = 0.08
+BREAKDOWN = "LoRA layers, base products only"
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -61,9 +71,42 @@ def _nonzero_b(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.01).to(p.dtype))
 
 
-def build(model: nn.Module, r: int = 16, qlora: bool = True) -> dict[str, tuple[nn.Module, str]]:
-    """``{name: (module, baseline name)}``: the frozen model, our LoRA, HF PEFT's LoRA and (with
-    ``qlora``) the frozen NF4 model and our QLoRA, each on its own copy of ``model``."""
+class _BaseProductsOnly(torch.autograd.Function):
+    """A LoRA layer's autograd bookkeeping without its rank-r products (the ``--breakdown`` row):
+    ``x·W0ᵀ`` forward, ``dY·W0`` backward, zero gradients for ``A`` and ``B``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b):
+        ctx.save_for_backward(weight, lora_a, lora_b)
+        ctx.shape = x.shape
+        return nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, lora_a, lora_b = ctx.saved_tensors
+        grad_x = grad_out.reshape(-1, grad_out.shape[-1]).mm(weight).view(ctx.shape)
+        return grad_x, None, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+
+
+def base_products_only(model: nn.Module) -> nn.Module:
+    """``model`` (our LoRA) with every LoRA layer computing its base products only (see
+    :class:`_BaseProductsOnly`); the adapters stay trainable and get zero gradients."""
+    from lightning_peft.methods.lora import lora_layers
+
+    for _, layer in lora_layers(model):
+        layer.forward = functools.partial(_base_products_forward, layer)
+    return model
+
+
+def _base_products_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _BaseProductsOnly.apply(x, layer.weight, layer.lora_A, layer.lora_B)
+
+
+def build(model: nn.Module, r: int = 16, qlora: bool = True,
+          breakdown: bool = False) -> dict[str, tuple[nn.Module, str]]:
+    """``{name: (module, baseline name)}``: the frozen model, our LoRA, HF PEFT's LoRA, (with
+    ``qlora``) the frozen NF4 model and our QLoRA, and (with ``breakdown``) our LoRA with base
+    products only, each on its own copy of ``model``."""
     from peft import LoraConfig, get_peft_model
 
     from lightning_peft import NF4Linear, apply_lora, apply_qlora
@@ -96,6 +139,8 @@ def build(model: nn.Module, r: int = 16, qlora: bool = True) -> dict[str, tuple[
             for name, p in models["lightning-peft QLoRA"][0].named_parameters():
                 if p.requires_grad:
                     p.copy_(adapters[name])
+    if breakdown:
+        models[BREAKDOWN] = (base_products_only(copy.deepcopy(ours)), "frozen")
     for m, _ in models.values():
         m.train()
     return models
@@ -123,9 +168,9 @@ def step_fn(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> Cal
 
 
 def run(model: nn.Module, batch: int = 4, seq: int = 96, r: int = 16, repeats: int = 15,
-        warmup: int = 2, qlora: bool = True, seed: int = 0) -> dict:
+        warmup: int = 2, qlora: bool = True, seed: int = 0, breakdown: bool = False) -> dict:
     """Build the copies, time ``repeats`` interleaved rounds; rows with the overhead statistics."""
-    models = build(model, r, qlora)
+    models = build(model, r, qlora, breakdown)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -182,6 +227,12 @@ def _markdown(result: dict, path: Path) -> None:
             q1, q3 = r["overhead_quartiles_pct"]
             lines.append(f"| {r['model']} | {r['baseline']} | {r['median_ms']:.1f} | "
                          f"{r['overhead_pct']:+.1f}% | {q1:+.1f}% to {q3:+.1f}% |")
+        by = {r["model"]: r["overhead_pct"] for r in rows}
+        if BREAKDOWN in by:
+            lines += ["", f"Breakdown of our LoRA's {by['lightning-peft LoRA']:+.1f}%: "
+                          f"{by[BREAKDOWN]:+.1f}% without the rank-r products (autograd Functions, "
+                          f"the optimizer over the adapters), "
+                          f"{by['lightning-peft LoRA'] - by[BREAKDOWN]:+.1f}% the rank-r products."]
         lines.append("")
     lines.append(f"Targets (our overhead <= {100 * TARGET_OVERHEAD:.0f}%): {result['targets']}")
     path.write_text("\n".join(lines) + "\n")
@@ -203,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     p.add_argument("--no-qlora", action="store_true")
+    p.add_argument("--breakdown", action="store_true",
+                   help=f"add the diagnostic row {BREAKDOWN!r} (see the module docstring)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     base = load_model(args.model)
@@ -220,7 +273,7 @@ def report(base: nn.Module, args: argparse.Namespace, model_name: str, argv: lis
         for threads in args.threads:
             torch.set_num_threads(threads)
             result = run(base, args.batch, args.seq, args.r, args.repeats, args.warmup,
-                         qlora=not args.no_qlora)
+                         qlora=not args.no_qlora, breakdown=getattr(args, "breakdown", False))
             per_threads[str(threads)] = result["rows"]
             targets[f"{threads} threads"] = _targets(result["rows"])
             for row in result["rows"]:

@@ -68,3 +68,31 @@ def test_report_writes_rows_and_cpu(tmp_path, capsys):
     assert set(result["targets"]["1 threads"]) == {"lightning-peft LoRA", "lightning-peft QLoRA"}
     assert "| lightning-peft QLoRA | frozen NF4 |" in (folder / "step.md").read_text()
     assert "lightning-peft LoRA" in capsys.readouterr().out
+
+
+def test_breakdown_row_computes_the_frozen_loss_and_steps_over_the_adapters(tmp_path):
+    """The diagnostic copy does the base products only: the frozen model's loss, input gradients,
+    and zero gradients for every adapter tensor (so the optimizer still steps over all of them)."""
+    torch.manual_seed(0)
+    base = llama(hidden=64)
+    models = step.build(base, r=4, qlora=False, breakdown=True)
+    assert models[step.BREAKDOWN][1] == "frozen"
+    ids = torch.randint(0, base.config.vocab_size, (2, 8))
+    embeds = base.get_input_embeddings()(ids).detach()
+    model = models[step.BREAKDOWN][0]
+    x = embeds.clone().requires_grad_(True)
+    loss = model(inputs_embeds=x, labels=ids).loss
+    loss.backward()
+    frozen_x = embeds.clone().requires_grad_(True)
+    frozen_loss = models["frozen"][0](inputs_embeds=frozen_x, labels=ids).loss
+    frozen_loss.backward()
+    torch.testing.assert_close(loss, frozen_loss)
+    torch.testing.assert_close(x.grad, frozen_x.grad)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert len(adapters) == 2 * 2 * len(step.TARGETS)                 # A and B, 2 layers x 7
+    assert all(p.grad is not None and not p.grad.any() for p in adapters)
+    args = argparse.Namespace(batch=2, seq=8, r=4, repeats=3, warmup=1, threads=[1], no_qlora=True,
+                              breakdown=True, out=tmp_path)
+    assert step.report(base, args, "tiny llama", ["--breakdown"]) == 0
+    text = next(tmp_path.iterdir()).joinpath("step.md").read_text()
+    assert step.BREAKDOWN in text and "the rank-r products" in text
