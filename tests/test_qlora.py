@@ -336,6 +336,49 @@ def test_apply_qlora_model_matches_float_model_holding_dequantized_weights():
         torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_qlora_siblings_fuse_on_the_torch_path_and_match_the_unfused_layers(count_grouped, compute):
+    """q/k/v and gate/up on 4-bit bases share one pass over x from the second pass on (as dense
+    siblings do): same logits and adapter gradients over three steps as the same model with its
+    groups removed, x cast to the compute dtype once and the outputs back."""
+    from lightning_peft.methods.lora import lora_layers
+
+    model, _ = _llama_pair(compute)
+    _tiny.randomize_lora(model)
+    unfused = copy.deepcopy(model)
+    for _, layer in lora_layers(unfused):
+        layer.__dict__.pop("_shared_input_group", None)
+    ids = torch.randint(0, 96, (2, 9))
+    tol = dict(rtol=1e-5, atol=1e-5) if compute == "float32" else dict(rtol=2e-2, atol=2e-2)
+    for _ in range(3):
+        grads = []
+        for m in (model, unfused):
+            m.zero_grad(set_to_none=True)
+            out = m(ids, labels=ids)
+            out.loss.backward()
+            grads.append((out.logits, dict(adapter_named_parameters(m))))
+        (logits, ours), (want, theirs) = grads
+        torch.testing.assert_close(logits, want, **tol)
+        for name, p in ours.items():
+            torch.testing.assert_close(p.grad, theirs[name].grad, **tol)
+    assert sorted(set(count_grouped)) == [2, 3] and len(count_grouped) == 2 * 2 * 2  # passes 2, 3
+
+
+def test_qlora_siblings_run_alone_where_each_has_its_triton_kernel(count_grouped):
+    """On the Triton backend each 4-bit layer runs its own NF4 kernel, so 4-bit siblings are not
+    fused (dense siblings still are)."""
+    model, _ = _llama_pair("float32", targets=["q_proj", "k_proj", "v_proj"])
+    _tiny.randomize_lora(model)
+    ids = torch.randint(0, 96, (1, 3))
+    with kernels.use_backend("triton"):
+        for _ in range(2):
+            model(ids)
+    assert count_grouped == []
+    for _ in range(2):
+        model(ids)
+    assert count_grouped == [3, 3, 3, 3]  # learned meanwhile: both layers fuse in both passes
+
+
 def test_apply_qlora_structure_freezing_and_counts():
     model = _tiny.llama()
     total_before = sum(p.numel() for p in model.parameters())

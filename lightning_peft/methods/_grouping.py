@@ -19,12 +19,13 @@ replays.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 import kernels
+from kernels import _backend
 
 if TYPE_CHECKING:
     from lightning_peft.methods.lora import LoRALinear
@@ -95,36 +96,56 @@ class SharedInputGroup:
             # the same decision)
             if index == self._first:
                 self.learned = self._candidate
-        if self.learned is not None and index in self.learned and self._fusable(layer):
+        operands = None
+        if self.learned is not None and index in self.learned:
+            operands = self._operands(layer, x)
+        if operands is not None:
             members = [self.layers[i] for i in self.learned]
+            weights, compute = operands
+            # a 4-bit base computes in its compute_dtype (as the layer alone does)
+            xc = x if compute is None or torch.is_autocast_enabled(x.device.type) else x.to(compute)
             outs = kernels.lora_linear_grouped(
-                x, [m.weight for m in members], [m.lora_A for m in members],
-                [m.lora_B for m in members], [m.scaling for m in members],
-                [m.base_layer.bias for m in members],
+                xc, weights, [m.lora_A for m in members], [m.lora_B for m in members],
+                [m.scaling for m in members], [m.base_layer.bias for m in members],
                 dropout_p=layer.dropout if layer.training else 0.0)
+            if xc is not x:
+                outs = tuple(o.to(x.dtype) for o in outs)
             self._pending = {i: o for i, o in zip(self.learned, outs) if i != index}
             self._pending_key, self._pending_x = key, x
             return outs[self.learned.index(index)]
         return layer.forward_single(x)
 
-    def _fusable(self, layer: LoRALinear) -> bool:
-        """Whether the learned members may run as one op now: each in ``layer``'s mode, unmerged,
-        with only its default adapter active, and still :func:`groupable` (a base may turn 4-bit
-        after grouping, e.g. under Lightning's BitsandbytesPrecision)."""
+    def _operands(self, layer: LoRALinear, x: Tensor) -> tuple[list[Any], torch.dtype | None] | None:
+        """``(weights, compute dtype)`` when the learned members may run as one op now, else
+        ``None``: each in ``layer``'s mode, unmerged, with only its default adapter active, still
+        :func:`groupable` (a base may turn 4-bit after grouping, e.g. under Lightning's
+        BitsandbytesPrecision), all computing in one dtype; 4-bit bases only where the op runs
+        its PyTorch path (on a GPU each runs its own NF4 Triton kernel instead)."""
         from lightning_peft.methods.lora import _DEFAULT_ONLY
 
-        return all(m.training == layer.training and not m.merged and groupable(m)
-                   and m.active_adapters == _DEFAULT_ONLY
-                   for m in (self.layers[i] for i in self.learned))
+        members = [self.layers[i] for i in self.learned]
+        if not all(m.training == layer.training and not m.merged and groupable(m)
+                   and m.active_adapters == _DEFAULT_ONLY for m in members):
+            return None
+        weights, computes = zip(*(m.base_operands() for m in members))
+        if len(set(computes)) > 1:
+            return None
+        if not all(isinstance(w, Tensor) for w in weights) and _backend.use_triton(x):
+            return None
+        return list(weights), computes[0]
 
 
 def groupable(layer: LoRALinear) -> bool:
-    """Plain LoRA on dense bases only: a quantized base runs its own path, and a DoRA layer
-    (``use_dora``) runs :func:`kernels.lora.dora_linear` alone (the grouped op has no DoRA
-    epilogue)."""
+    """Plain LoRA on a dense floating or a 4-bit (NF4) base: a DoRA layer (``use_dora``) runs
+    :func:`kernels.lora.dora_linear` alone (the grouped op has no DoRA epilogue)."""
+    from lightning_peft.methods.lora import _quantized_base_weight
+
+    if getattr(layer, "use_dora", False):
+        return False
     weight = getattr(layer.base_layer, "weight", None)
-    return isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point \
-        and not getattr(layer, "use_dora", False)
+    if isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point:
+        return True
+    return _quantized_base_weight(layer.base_layer) is not None
 
 
 def attach(model: nn.Module) -> None:

@@ -504,19 +504,26 @@ class LoRALinear(LinearAdapterLayer):
             return outs[0]
         return torch.cat(outs).index_select(0, rows.inverse(x.device))
 
+    def base_operands(self) -> tuple[Any, torch.dtype | None]:
+        """``(weight, compute dtype)`` of the base for the fused ops: the dense (out, in) weight
+        and ``None`` (x's own dtype), or a 4-bit base's NF4 weight and the dtype it computes in."""
+        q = _quantized_base_weight(self.base_layer)
+        if q is None:
+            return self.weight, None
+        return q, getattr(self.base_layer, "compute_dtype", None)
+
     def _forward_slot(self, x: Tensor, slot: LoRALinear | NamedLoRA) -> Tensor:
         """The fused op with the base and one adapter (the default one or a named one)."""
-        q = _quantized_base_weight(self.base_layer)
-        compute = None if q is None else getattr(self.base_layer, "compute_dtype", None)
+        weight, compute = self.base_operands()
         xc = x if compute is None or torch.is_autocast_enabled(x.device.type) else x.to(compute)
         if slot.use_dora:
             y = dora_linear(
-                xc, self.weight if q is None else q, slot.lora_A, slot.lora_B, slot.scaling,
+                xc, weight, slot.lora_A, slot.lora_B, slot.scaling,
                 slot.lora_magnitude_vector, bias=self.base_layer.bias,
                 dropout_p=slot.dropout if self.training else 0.0,
                 weight_norm_sq=self._weight_norm_sq())
             return y if xc is x else y.to(x.dtype)
-        y = kernels.lora_linear(xc, self.weight if q is None else q, slot.lora_A, slot.lora_B,
+        y = kernels.lora_linear(xc, weight, slot.lora_A, slot.lora_B,
                                 slot.scaling, bias=self.base_layer.bias,
                                 dropout_p=slot.dropout if self.training else 0.0)
         return y if xc is x else y.to(x.dtype)  # a 4-bit base computes in its compute_dtype

@@ -365,7 +365,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
                 if param is not None and param.dtype != dtype:
                     setattr(layer, attr, nn.Parameter(param.detach().to(dtype)))
             layer.reset_magnitude()  # DoRA: m = ||W0_i|| of the 4-bit weight, so it starts at the base
-        _ungroup_quantized(model)
+        _grouping.attach(model)  # 4-bit siblings share one pass over x as dense ones do
         freeze_all_but_adapters(model)
     except BaseException:
         before.restore()
@@ -396,18 +396,6 @@ class _ModelState:
                 store.update(saved)
         for param, requires_grad in self.requires_grad:
             param.requires_grad_(requires_grad)
-
-
-def _ungroup_quantized(model: nn.Module) -> None:
-    """Shared-input fusion (``lightning_peft.methods._grouping``) takes dense bases only: dissolve every
-    group that now holds a 4-bit base, then regroup the remaining dense siblings."""
-    for layer in [m for m in model.modules() if isinstance(m, LoRALinear)]:
-        group = _grouping.group_of(layer)
-        if group is not None and any(_quantized_base_weight(m.base_layer) is not None
-                                     for m in group.layers):
-            for member in group.layers:
-                member.__dict__.pop(_grouping._ATTR, None)
-    _grouping.attach(model)
 
 
 # ----------------------------------------------------------------------------------- export
