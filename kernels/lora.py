@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from kernels import _backend
-from kernels.nf4 import NF4Tensor
+from kernels.nf4 import NF4Tensor, nf4_dense_for_matmul
 
 __all__ = [
     "bernoulli_positions",
@@ -58,9 +58,14 @@ __all__ = [
 
 
 def _dense(weight: Any, dtype: torch.dtype) -> Tensor:
-    """The base weight as a dense (out, in) tensor of ``dtype`` (quantized weights dequantize)."""
+    """The base weight as a dense (out, in) tensor of ``dtype``. An :class:`NF4Tensor` dequantizes
+    into the calling thread's scratch buffer, as the frozen NF4 layer does (no fresh allocation
+    per call; every caller here consumes it before this thread's next dequantize and never keeps
+    it); any other quantized weight through its ``dequantize(dtype)``."""
     if isinstance(weight, Tensor):
         return weight
+    if isinstance(weight, NF4Tensor):
+        return nf4_dense_for_matmul(weight, dtype)
     return weight.dequantize(dtype)
 
 

@@ -276,6 +276,28 @@ def _threaded_job(op, k, n, seed):
     return run
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_on_a_4bit_base_dequantizes_into_the_scratch_buffer(monkeypatch, use_dora):
+    """Forward and backward of a LoRA (or DoRA) layer on an NF4 base dequantize into the calling
+    thread's scratch buffer, as the frozen NF4 layer does, never into a fresh tensor."""
+    fresh = []
+    original = kernels.nf4.dequantize_nf4
+
+    def spy(q, dtype=None, out=None):
+        fresh.append(out is None)
+        return original(q, dtype, out)
+
+    monkeypatch.setattr(kernels.nf4, "dequantize_nf4", spy)
+    model, _ = _llama_pair("float32", targets=["q_proj", "v_proj"], use_dora=use_dora)
+    _tiny.randomize_lora(model)
+    ids = torch.randint(0, 96, (2, 5))
+    with kernels.use_backend("torch"):
+        model(ids)  # (DoRA caches ||W0_i||² once, from its own fp32 copy)
+        fresh.clear()
+        model(ids, labels=ids).loss.backward()
+    assert fresh and not any(fresh)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", ["qlora_layer", "lora_linear", "lora_linear_grouped"])
 def test_layers_and_lora_ops_are_thread_safe(op, backend):
