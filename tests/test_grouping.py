@@ -102,12 +102,14 @@ def test_grouped_op_reference_matches_single_ops_with_autocast():
 
 
 @pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
-def test_no_fusion_without_autograd(count_grouped, mode):
-    """Without autograd (generation, evaluation) each layer runs alone, with the same output; the
-    learned fusion is untouched and the next recorded pass fuses again."""
+def test_no_fusion_in_eval_without_autograd(count_grouped, mode):
+    """In eval mode without autograd (generation, evaluation) each layer runs alone, with the same
+    output; the learned fusion is untouched and the next recorded pass fuses again. In training
+    mode under ``no_grad`` (reentrant checkpointing's forward) the layers stay fused."""
     model = apply_lora(_tiny.llama(), r=4, target_modules=["q_proj", "k_proj", "v_proj"])
     _tiny.randomize_lora(model)
     ids = torch.randint(0, 96, (2, 7))
+    model.eval()
     model(ids)  # learns
     expected = model(ids).logits
     assert count_grouped == [3, 3]
@@ -118,6 +120,39 @@ def test_no_fusion_without_autograd(count_grouped, mode):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     model(ids)
     assert count_grouped == [3, 3, 3, 3]
+    model.train()
+    with mode():
+        model(ids)
+    assert count_grouped == [3] * 6
+
+
+def test_reentrant_gradient_checkpointing_with_dropout_is_the_plain_step(count_grouped):
+    """Reentrant checkpointing runs each block's forward under ``no_grad`` in training mode and
+    replays it in backward: both take the fused path, so with dropout (same seed) the loss and
+    every gradient equal the step without checkpointing."""
+    model = apply_lora(_tiny.llama(), r=4, target_modules="all-linear", dropout=0.2)
+    _tiny.randomize_lora(model)
+    plain = apply_lora(_tiny.llama(), r=4, target_modules="all-linear", dropout=0.2)
+    plain.load_state_dict(model.state_dict())
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.enable_input_require_grads()
+    for m in (model, plain):
+        m.train()
+    ids = torch.randint(0, 96, (2, 7))
+    for step in range(3):
+        results = []
+        for m in (model, plain):
+            m.zero_grad()
+            torch.manual_seed(step)
+            loss = m(ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()
+                                            if p.requires_grad}))
+        (loss, grads), (want, want_grads) = results
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
+    assert count_grouped
 
 
 def test_non_reentrant_gradient_checkpointing(count_grouped):

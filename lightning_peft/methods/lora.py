@@ -450,10 +450,11 @@ class LoRALinear(LinearAdapterLayer):
             return self._multi_forward(x)
         group = _grouping.group_of(self)
         # siblings reading the same x share one pass over it (the group checks, when it fuses,
-        # that every member is still dense LoRA with only its default adapter active); without
-        # autograd (generation, evaluation) there is no backward for the fusion to pay off in,
-        # and each layer runs alone, which is cheaper on a few tokens
-        if group is not None and torch.is_grad_enabled():
+        # that every member is still LoRA with only its default adapter active). In eval mode
+        # without autograd (generation, evaluation) there is no backward for the fusion to pay
+        # off in, and each layer runs alone, which is cheaper on a few tokens; a training-mode
+        # forward under no_grad (reentrant checkpointing, replayed in backward) stays fused
+        if group is not None and (self.training or torch.is_grad_enabled()):
             return group(self, x)
         return self.forward_single(x)
 
