@@ -32,11 +32,18 @@ def set_backend(name: str) -> None:
     _backend = _check(name, "backend")
 
 
+_ENV_PARSED: tuple[str, str] = ("auto", "auto")  # (raw $LIGHTNING_PEFT_BACKEND, checked value)
+
+
 def get_backend() -> str:
     """The backend in force: the last :func:`set_backend`, else ``$LIGHTNING_PEFT_BACKEND``, else "auto"."""
+    global _ENV_PARSED
     if _backend is not None:
         return _backend
-    return _check(os.environ.get(_ENV, "auto"), f"${_ENV}")
+    raw = os.environ.get(_ENV, "auto")
+    if raw != _ENV_PARSED[0]:  # read on every call (it may change), checked when it does
+        _ENV_PARSED = (raw, _check(raw, f"${_ENV}"))
+    return _ENV_PARSED[1]
 
 
 @contextlib.contextmanager

@@ -80,6 +80,11 @@ def _branch_dtype(x_dtype: torch.dtype, *adapters: Tensor) -> torch.dtype:
     return x_dtype
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` (differentiable), skipping the dispatch when ``t`` already is ``dtype``."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _check_args(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None,
                 dropout_p: float) -> None:
     out_features, in_features = weight.shape
@@ -251,7 +256,7 @@ def _dropped(x2: Tensor, drop: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``dropout(x)`` (unscaled) in ``dtype``: ``x2`` itself when nothing is dropped and the dtype
     matches, else a contiguous copy with the dropped elements zeroed."""
     if drop is None:
-        return x2.to(dtype)
+        return x2 if x2.dtype == dtype else x2.to(dtype)
     return _zero_dropped_(x2.to(dtype, memory_format=torch.contiguous_format, copy=True), drop)
 
 
@@ -312,9 +317,8 @@ def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
         with torch.autocast(device_type, enabled=False):
             return lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_p, generator)
     branch = _branch_dtype(x.dtype, lora_a, lora_b)
-    lora_a, lora_b = lora_a.to(branch), lora_b.to(branch)
-    if bias is not None:
-        bias = bias.to(x.dtype)
+    lora_a, lora_b = _as_dtype(lora_a, branch), _as_dtype(lora_b, branch)
+    bias = None if bias is None else _as_dtype(bias, x.dtype)
     if isinstance(weight, Tensor) and _backend.use_triton(x, weight, lora_a, lora_b):
         from kernels import _lora_triton
 
@@ -425,10 +429,10 @@ def lora_linear_grouped_reference(x: Tensor, weights: list[Tensor], lora_as: lis
     """The pure-PyTorch grouped op (CPU fallback and specification): ``S_cat = dropout(x)·[A_1;
     ...; A_n]ᵀ`` in one pass over ``x`` (one dropout draw shared by the members), then each
     member's base GEMM accumulates onto its ``b_i + s_i·S_i·B_iᵀ``; see :class:`_LoRALinearGrouped`."""
-    biases = [None if b is None else b.to(x.dtype) for b in
+    biases = [None if b is None else _as_dtype(b, x.dtype) for b in
               ([None] * len(weights) if biases is None else biases)]
     branch = _branch_dtype(x.dtype, *lora_as, *lora_bs)
-    lora_as, lora_bs = [a.to(branch) for a in lora_as], [b.to(branch) for b in lora_bs]
+    lora_as, lora_bs = [_as_dtype(a, branch) for a in lora_as], [_as_dtype(b, branch) for b in lora_bs]
     scalings = [float(s) for s in scalings]
     if not _needs_graph(x, *weights, *lora_as, *lora_bs, *biases):
         return _grouped_forward(x, scalings, float(dropout_p), generator, weights, lora_as, lora_bs,
