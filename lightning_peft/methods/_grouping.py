@@ -117,18 +117,20 @@ class SharedInputGroup:
 
     def _operands(self, layer: LoRALinear, x: Tensor) -> tuple[list[Any], torch.dtype | None] | None:
         """``(weights, compute dtype)`` when the learned members may run as one op now, else
-        ``None``: each in ``layer``'s mode, unmerged, with only its default adapter active, still
-        :func:`groupable` (a base may turn 4-bit after grouping, e.g. under Lightning's
-        BitsandbytesPrecision), all computing in one dtype; 4-bit bases only where the op runs
+        ``None``: each in ``layer``'s mode, unmerged, not DoRA, with only its default adapter
+        active, on a floating or 4-bit base as :func:`groupable` asks (read here once per fused
+        call: a base may turn 4-bit after grouping, e.g. under Lightning's BitsandbytesPrecision),
+        all computing in one dtype; 4-bit bases only where the op runs
         its PyTorch path (on a GPU each runs its own NF4 Triton kernel instead)."""
         from lightning_peft.methods.lora import _DEFAULT_ONLY
 
         members = [self.layers[i] for i in self.learned]
-        if not all(m.training == layer.training and not m.merged and groupable(m)
+        if not all(m.training == layer.training and not m.merged and not getattr(m, "use_dora", False)
                    and m.active_adapters == _DEFAULT_ONLY for m in members):
             return None
-        weights, computes = zip(*(m.base_operands() for m in members))
-        if len(set(computes)) > 1:
+        weights, computes = zip(*(m.base_operands() for m in members))  # (groupable, read once)
+        if len(set(computes)) > 1 or any(isinstance(w, Tensor) and not w.is_floating_point()
+                                         for w in weights):
             return None
         if not all(isinstance(w, Tensor) for w in weights) and _backend.use_triton(x):
             return None
