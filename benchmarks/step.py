@@ -23,6 +23,9 @@ nonzero (nothing can be skipped). Each round times one step of each model back t
 alternating order, after warm-up rounds; each row gives the median over rounds of its step time
 divided by its baseline's in the same round (``frozen`` for the LoRAs, ``frozen NF4`` for QLoRA),
 as the overhead in percent, with quartiles. Targets: our overhead <= 8% for LoRA and QLoRA.
+Each row also gives the matrix-product FLOPs of one forward+backward (:func:`matmul_flops`,
+counted by ``torch.utils.flop_counter``, attention included) and how many more that is than its
+baseline: what the LoRA arithmetic adds, against which the time overhead can be read.
 
 ``--breakdown`` adds a diagnostic copy, ``LoRA layers, base products only``: our LoRA model with
 every LoRA layer's forward replaced by an autograd Function that computes only the base products
@@ -167,6 +170,31 @@ def step_fn(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> Cal
     return step
 
 
+def matmul_flops(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> int:
+    """The matrix-product FLOPs of one forward (with the loss) and backward of ``model``, counted
+    by ``torch.utils.flop_counter`` over the aten ops that run: ``mm``/``addmm``/``bmm`` and
+    attention (as dense, causal or not), plus the in-place ``addmm_`` our LoRA ops accumulate
+    with, which torch's counter does not know. Gradients it leaves are dropped (no optimizer
+    step)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    # formulas over shapes (the counter passes every tensor argument as its shape)
+    mapping = {
+        aten.addmm_: lambda c, a, b, *_, **__: 2 * a[0] * a[1] * b[1],
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, **__: fc.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, **__: fc.sdpa_backward_flop_count(g, q, k, v),
+    }
+    x = embeds.detach().requires_grad_(True)
+    with fc.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(inputs_embeds=x, labels=labels).loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    return counter.get_total_flops()
+
+
 def run(model: nn.Module, batch: int = 4, seq: int = 96, r: int = 16, repeats: int = 15,
         warmup: int = 2, qlora: bool = True, seed: int = 0, breakdown: bool = False) -> dict:
     """Build the copies, time ``repeats`` interleaved rounds; rows with the overhead statistics."""
@@ -186,6 +214,7 @@ def run(model: nn.Module, batch: int = 4, seq: int = 96, r: int = 16, repeats: i
             elapsed = time.perf_counter() - start
             if i >= warmup - 1:
                 times[name].append(elapsed)
+    flops = {name: matmul_flops(m, embeds, ids) for name, (m, _) in models.items()}
     rows = []
     for name, (_, base) in models.items():
         ratios = [t / b for t, b in zip(times[name], times[base])]
@@ -195,6 +224,8 @@ def run(model: nn.Module, batch: int = 4, seq: int = 96, r: int = 16, repeats: i
                      "overhead_pct": round(100 * (statistics.median(ratios) - 1), 2),
                      "overhead_quartiles_pct": [round(100 * (q1 - 1), 2), round(100 * (q3 - 1), 2)],
                      "first_loss": round(losses[name], 5),
+                     "matmul_gflops": round(flops[name] / 1e9, 3),
+                     "matmul_flops_over_baseline_pct": round(100 * (flops[name] / flops[base] - 1), 2),
                      "trainable": sum(p.numel() for p in models[name][0].parameters() if p.requires_grad)})
     return {"rows": rows, "batch": batch, "seq": seq, "r": r, "rounds": repeats}
 
@@ -221,18 +252,22 @@ def _markdown(result: dict, path: Path) -> None:
              f"{result['load_average_start_end'][1]:.2f} at the end.", ""]
     for threads, rows in result["threads"].items():
         lines += [f"## {threads} thread{'s' if threads != '1' else ''}", "",
-                  "| model | baseline | median ms | overhead over baseline | quartiles |",
-                  "| --- | --- | ---: | ---: | ---: |"]
+                  "| model | baseline | median ms | overhead over baseline | quartiles | "
+                  "matmul GFLOP | matmul FLOPs over baseline |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             q1, q3 = r["overhead_quartiles_pct"]
             lines.append(f"| {r['model']} | {r['baseline']} | {r['median_ms']:.1f} | "
-                         f"{r['overhead_pct']:+.1f}% | {q1:+.1f}% to {q3:+.1f}% |")
+                         f"{r['overhead_pct']:+.1f}% | {q1:+.1f}% to {q3:+.1f}% | "
+                         f"{r['matmul_gflops']:.1f} | {r['matmul_flops_over_baseline_pct']:+.1f}% |")
         by = {r["model"]: r["overhead_pct"] for r in rows}
+        flops = {r["model"]: r["matmul_flops_over_baseline_pct"] for r in rows}
         if BREAKDOWN in by:
             lines += ["", f"Breakdown of our LoRA's {by['lightning-peft LoRA']:+.1f}%: "
                           f"{by[BREAKDOWN]:+.1f}% without the rank-r products (autograd Functions, "
                           f"the optimizer over the adapters), "
-                          f"{by['lightning-peft LoRA'] - by[BREAKDOWN]:+.1f}% the rank-r products."]
+                          f"{by['lightning-peft LoRA'] - by[BREAKDOWN]:+.1f}% the rank-r products "
+                          f"(which add {flops['lightning-peft LoRA']:+.1f}% matmul FLOPs)."]
         lines.append("")
     lines.append(f"Targets (our overhead <= {100 * TARGET_OVERHEAD:.0f}%): {result['targets']}")
     path.write_text("\n".join(lines) + "\n")

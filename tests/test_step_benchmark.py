@@ -96,3 +96,27 @@ def test_breakdown_row_computes_the_frozen_loss_and_steps_over_the_adapters(tmp_
     assert step.report(base, args, "tiny llama", ["--breakdown"]) == 0
     text = next(tmp_path.iterdir()).joinpath("step.md").read_text()
     assert step.BREAKDOWN in text and "the rank-r products" in text
+
+
+def test_matmul_flops_counts_the_lora_products_exactly():
+    """The FLOP column: the frozen model's matrix products (attention included) plus, for a LoRA
+    model, exactly the six rank-r products per adapted layer, 2·M·r·(3·in + 3·out) FLOPs; our
+    LoRA and PEFT's count the same; the count leaves no gradients behind."""
+    torch.manual_seed(0)
+    base = llama(hidden=64)
+    models = step.build(base, r=4, qlora=True)
+    ids = torch.randint(0, base.config.vocab_size, (2, 8))
+    embeds = base.get_input_embeddings()(ids).detach()
+    flops = {name: step.matmul_flops(m, embeds, ids) for name, (m, _) in models.items()}
+    frozen = models["frozen"][0]
+    m_tokens, r = ids.numel(), 4
+    lora = sum(2 * m_tokens * r * 3 * (mod.in_features + mod.out_features)
+               for name, mod in frozen.named_modules()
+               if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in step.TARGETS)
+    linear = sum(2 * m_tokens * mod.in_features * mod.out_features
+                 for mod in frozen.modules() if isinstance(mod, torch.nn.Linear))
+    assert flops["frozen"] > 2 * linear                               # forward + input grads + attention
+    assert flops["lightning-peft LoRA"] - flops["frozen"] == lora
+    assert flops["HF PEFT LoRA"] == flops["lightning-peft LoRA"] == flops["lightning-peft QLoRA"]
+    assert flops["frozen NF4"] == flops["frozen"]
+    assert all(p.grad is None for m, _ in models.values() for p in m.parameters())
