@@ -1,33 +1,26 @@
-"""The NF4 dequantizer's CPU loop in C, compiled once per machine with the system C compiler.
+"""The NF4 dequantizer's CPU loop in C, compiled once per machine (:mod:`kernels._native`).
 
 One pass over the packed bytes writes ``c[nibble]·absmax[block]`` (one fp32 product, then rounded to
 the output dtype: round to nearest even, as torch's casts do) straight into the output, which
-torch's ops cannot do without several passes over (n,)-sized temporaries. The source is plain C
-(no torch headers, so compiling takes well under a second), built with ``-O3 -march=native`` so the
-compiler vectorizes the loop for the CPU it runs on (AVX2, AVX-512, NEON: nothing here is written
-for one of them), and ``-ffp-contract=off`` so no product is fused with anything. The library is
-cached under ``$XDG_CACHE_HOME/lightning_peft`` (or ``~/.cache``, else the temp folder), keyed by
-the source, the flags, the compiler and the CPU's feature flags, and written atomically, so
-processes may race to build it. Without a working compiler (or with ``LIGHTNING_PEFT_NF4_NATIVE=0``)
-:func:`library` returns ``None`` and :mod:`kernels.nf4` keeps its Torch path. The calls release
-the GIL (ctypes), so several threads may run chunks of one weight at once.
+torch's ops cannot do without several passes over (n,)-sized temporaries. Built with ``-O3
+-march=native`` so the compiler vectorizes the loop for the CPU it runs on, and
+``-ffp-contract=off`` so no product is fused with anything. Without a working compiler (or with
+``LIGHTNING_PEFT_NF4_NATIVE=0``) :func:`library` returns ``None`` and :mod:`kernels.nf4` keeps its
+Torch path. The calls release the GIL (ctypes), so several threads may run chunks of one weight at
+once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from kernels import _native
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -103,59 +96,13 @@ class _Library:
             self.functions[dtype] = fn
 
 
-def _cpu_flags() -> str:
-    """The CPU's feature flags (what ``-march=native`` compiles for), or its name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lightning_peft"
-
-
-def _compile(compiler: str, options: tuple[str, ...], source: str, target: Path) -> bool:
-    """Build ``source`` into ``target`` (atomically: a temporary file, then a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, lib = Path(tmp) / "nf4_cpu.c", Path(tmp) / "nf4_cpu.so"
-        src.write_text(source)
-        try:
-            done = subprocess.run([compiler, *options, "-o", str(lib), str(src)], capture_output=True,
-                                  timeout=120)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        if done.returncode != 0 or not lib.exists():
-            return False
-        os.replace(lib, target)
-    return True
-
-
 def _build() -> _Library | None:
-    if os.environ.get(_ENV, "1") == "0" or sys.platform == "win32":
+    if os.environ.get(_ENV, "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        return None
-    for opts in (flags(), _FALLBACK_FLAGS):
-        for fp16 in (True, False):
-            source = ("#define NF4_HAVE_FLOAT16 1\n" if fp16 else "") + _SOURCE
-            key = hashlib.sha256("\0".join((source, *opts, compiler, _cpu_flags(),
-                                            platform.machine())).encode()).hexdigest()[:16]
-            for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "lightning_peft"):
-                target = folder / f"nf4_cpu-{key}.so"
-                try:
-                    if not target.exists() and not _compile(compiler, opts, source, target):
-                        break                                          # this source/flags fail
-                    return _Library(ctypes.CDLL(str(target)), target)
-                except OSError:
-                    continue                                           # folder not writable
-    return None
+    variants = [(("#define NF4_HAVE_FLOAT16 1\n" if fp16 else "") + _SOURCE, opts)
+                for opts in (flags(), _FALLBACK_FLAGS) for fp16 in (True, False)]
+    built = _native.build("nf4_cpu", variants)
+    return None if built is None else _Library(built[0], built[1])
 
 
 @functools.cache

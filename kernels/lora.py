@@ -14,7 +14,9 @@ accumulates into the same output buffer:
                dX = (dS·A)⊙mask/(1-p) ; dX += dY·W0    (M, K), one buffer
 
 The rank-r terms come first so that each big GEMM accumulates onto them (``beta=1``) instead of a
-second pass over the output. Saved for backward: ``x`` (already alive as the previous layer's
+second pass over the output. On a CPU (float32, a rank the vector width divides) ``dS`` and ``dB``
+come from one compiled pass over ``dY`` (:mod:`kernels._lora_cpu`) instead of two GEMMs that each
+read it. Saved for backward: ``x`` (already alive as the previous layer's
 output), ``S``, and what dropout dropped: the flat positions of the dropped elements when
 ``0 < dropout_p <= 0.5`` (about ``p·M·K`` int64, drawn as geometric gaps: see
 :func:`dropout_positions`), a bool keep mask above. The dropped copy of ``x`` is never kept: forward
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels import _backend
+from kernels import _backend, _lora_cpu
 from kernels.nf4 import NF4Tensor, nf4_dense_for_matmul
 
 __all__ = [
@@ -236,10 +238,8 @@ def _lowrank_backward(dy: Tensor, x2: Tensor, weight: Any, lora_a: Tensor, lora_
     branch = lora_a.dtype
     dy_b = dy.to(branch) if need_b or need_x or need_a else None        # dY in the branch dtype
     grad_x = grad_w = grad_a = grad_b = None
-    if need_b:
-        grad_b = torch.mm(s_lora.t(), dy_b).t()                         # (s·Sᵀ·dY)ᵀ (N, r)
     if need_x or need_a:
-        d_s = torch.mm(dy_b, lora_b).mul_(s if drop is None else s / (1.0 - p))  # (M, r)
+        d_s, grad_b = _ds_db(dy_b, lora_b, s_lora, s if drop is None else s / (1.0 - p), need_b)
         if need_a:
             grad_a = torch.mm(d_s.t(), _dropped(x2, drop, branch))      # (r, K)
         if need_x:
@@ -247,9 +247,28 @@ def _lowrank_backward(dy: Tensor, x2: Tensor, weight: Any, lora_a: Tensor, lora_
             if drop is not None:
                 _zero_dropped_(grad_x, drop)                            # ⊙ mask
             grad_x.addmm_(dy, _dense(weight, dy.dtype))                 # += dY·W0
+    elif need_b:
+        grad_b = torch.mm(s_lora.t(), dy_b).t()                         # (s·Sᵀ·dY)ᵀ (N, r)
     if need_w:
         grad_w = torch.mm(dy.t(), x2)                                   # (N, K)
     return grad_x, grad_w, grad_a, grad_b
+
+
+def _ds_db(dy_b: Tensor, lora_b: Tensor, s_lora: Tensor, scale: float, need_b: bool,
+           out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(dS, dB)``: ``dS = scale·dY·B`` (M, r), into ``out`` when given, and with ``need_b``
+    ``dB = (s·Sᵀ·dY)ᵀ`` (N, r) (else ``None``). On a CPU, float32 and a supported rank, one
+    compiled pass over ``dY`` computes both (:mod:`kernels._lora_cpu`); otherwise two GEMMs."""
+    if need_b and dy_b.device.type == "cpu":
+        both = _lora_cpu.ds_db(dy_b, lora_b, s_lora, scale, out)
+        if both is not None:
+            return both
+    grad_b = torch.mm(s_lora.t(), dy_b).t() if need_b else None        # (s·Sᵀ·dY)ᵀ (N, r)
+    d_s = torch.mm(dy_b, lora_b).mul_(scale)                            # (M, r)
+    if out is None:
+        return d_s, grad_b
+    out.copy_(d_s)
+    return out, grad_b
 
 
 def _dropped(x2: Tensor, drop: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -399,9 +418,8 @@ class _LoRALinearGrouped(torch.autograd.Function):
             if dy is None:
                 continue
             dy_b = dy.to(branch)                                        # dY_i in the branch dtype
-            if need_b[i]:
-                grads_b[i] = torch.mm(s_cat[:, block].t(), dy_b).t()   # (s_i·S_iᵀ·dY_i)ᵀ
-            d_s[:, block] = torch.mm(dy_b, b).mul_(s / (1.0 - p))       # dS_i
+            _, grads_b[i] = _ds_db(dy_b, b, s_cat[:, block], s / (1.0 - p), need_b[i],
+                                   out=d_s[:, block])                   # dS_i, dB_i
             del dy_b
             if need_w[i]:
                 grads_w[i] = torch.mm(dy.t(), x2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import _nf4_cpu
+from kernels import _native, _nf4_cpu
 from kernels import nf4 as _nf4
 from kernels.nf4 import BLOCKSIZES, NF4Tensor, dequantize_nf4, nf4_linear, quantize_nf4
 
@@ -108,7 +108,7 @@ def test_fallback_without_compiler(monkeypatch, tmp_path):
     """No compiler: no library, and dequantize takes the Torch path with the same result."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(_nf4_cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     assert _nf4_cpu._build() is None
     monkeypatch.setattr(_nf4_cpu, "_library", lambda: None)
     q = quantize_nf4(torch.randn(17, 64, generator=torch.Generator().manual_seed(3)), 64, True)
@@ -122,5 +122,5 @@ def test_build_caches_by_source_and_cpu(monkeypatch, tmp_path):
     lib = _nf4_cpu._build()
     assert lib is not None and lib.path.parent == tmp_path / "lightning_peft"
     assert set(lib.functions) >= {torch.float32, torch.bfloat16}
-    monkeypatch.setattr(_nf4_cpu, "_compile", lambda *a: pytest.fail("compiled again"))
+    monkeypatch.setattr(_native, "compile_source", lambda *a: pytest.fail("compiled again"))
     assert _nf4_cpu._build().path == lib.path

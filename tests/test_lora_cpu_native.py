@@ -1,0 +1,136 @@
+"""The compiled dS/dB loop of the LoRA backward (kernels/_lora_cpu.py): float64 references on
+awkward shapes, strided inputs and outputs, every supported rank, one and two threads, builds for
+AVX2 and for no particular CPU, the LoRA ops' gradients with and without it, and the BLAS path
+wherever it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import _lora_cpu, _native
+
+pytestmark = pytest.mark.skipif(_lora_cpu.library() is None, reason="no C compiler on this machine")
+
+
+def _reference(dy, b, s_lora, scale):
+    return scale * dy.double() @ b.double(), dy.double().t() @ s_lora.double()
+
+
+def _check(got, ref, rtol=2e-6):
+    for g, r in zip(got, ref):
+        err = (g.double() - r).abs().max().item()
+        assert err <= rtol * max(r.abs().max().item(), 1.0) * 4, err
+
+
+def _inputs(m, n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(m, n + 3, generator=g)[:, 2:n + 2]               # row stride n + 3
+    b = torch.randn(n, r, generator=g)
+    s_lora = torch.randn(m, 3 * r, generator=g)[:, r:2 * r]          # a block of S_cat
+    return dy, b, s_lora
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,n", [(383, 1537), (1, 5), (9, 3000), (100, 100), (1024, 64)])
+def test_matches_float64(threads, m, n):
+    lib = _lora_cpu.library()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for r in sorted(lib.ranks):
+            dy, b, s_lora = _inputs(m, n, r, seed=r)
+            full = torch.full((m, 3 * r), 7.0)
+            out = full[:, r:2 * r]
+            d_s, d_b = _lora_cpu.ds_db(dy, b, s_lora, 0.7, out)
+            assert d_s is out and d_b.is_contiguous() and d_b.shape == (n, r)
+            _check((d_s, d_b), _reference(dy, b, s_lora, 0.7))
+            assert (full[:, :r] == 7).all() and (full[:, 2 * r:] == 7).all()  # only the block
+            fresh = _lora_cpu.ds_db(dy, b, s_lora, 0.7)
+            assert torch.equal(fresh[0], d_s) and torch.equal(fresh[1], d_b)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", None])
+def test_builds_for_avx2_and_for_any_cpu_agree(march):
+    """The loop compiled for AVX2 (8-float vectors, 16 registers: other row blocks, and ranks 8
+    and 24) and with no -march at all gives the same sums as the float64 reference."""
+    if march is not None and "avx2" not in _native.cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    flags = ("-O3", "-fPIC", "-shared") + (() if march is None else (f"-march={march}",))
+    built = _native.build("lora_cpu_test", [(_lora_cpu._SOURCE, flags)])
+    assert built is not None
+    lib = _lora_cpu._Library(built[0], built[1])
+    assert lib.lanes == 8 and not lib.openmp and lib.ranks == {8, 16, 24, 32, 48, 64}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in sorted(lib.ranks):
+            dy, b, s_lora = _inputs(77, 301, r, seed=r)
+            _check(_lora_cpu.run(lib, dy, b, s_lora, 1.5), _reference(dy, b, s_lora, 1.5))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_not_applicable_takes_the_blas_path(monkeypatch):
+    lib = _lora_cpu.library()
+    dy, b, s_lora = _inputs(20, 30, 16)
+    assert _lora_cpu.ds_db(dy.double(), b.double(), s_lora.double(), 1.0) is None
+    assert _lora_cpu.ds_db(dy.bfloat16(), b.bfloat16(), s_lora.bfloat16(), 1.0) is None
+    assert 4 not in lib.ranks and _lora_cpu.ds_db(*_inputs(20, 30, 4)[:3], 1.0) is None
+    assert _lora_cpu.ds_db(dy.t().contiguous().t(), b, s_lora, 1.0) is None   # column-major dY
+    assert _lora_cpu.ds_db(dy[:0], b, s_lora[:0], 1.0) is None
+    monkeypatch.setenv("LIGHTNING_PEFT_LORA_NATIVE", "0")
+    assert _lora_cpu.library() is None and _lora_cpu.ds_db(dy, b, s_lora, 1.0) is None
+
+
+def _grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(5)
+    torch.autograd.backward(outs, [torch.randn(o.shape, generator=g) for o in outs])
+    return [o.detach() for o in outs], [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_ops_equal_with_and_without_the_loop(monkeypatch, dropout):
+    """lora_linear, the grouped op and DoRA: the same outputs, and gradients equal to rounding,
+    with the compiled loop and with it switched off (then dB comes from the two GEMMs)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 37, 96, generator=g)
+    ws = [torch.randn(n, 96, generator=g) * 0.1 for n in (80, 48, 48)]
+    as_ = [torch.randn(16, 96, generator=g) * 0.1 for _ in ws]
+    bs = [torch.randn(n, 16, generator=g) * 0.1 for n in (80, 48, 48)]
+    mag = torch.rand(80, generator=g) + 0.5
+
+    def single(x, a, b):
+        return kernels.lora_linear(x, ws[0], a, b, 2.0, dropout_p=dropout,
+                                   generator=torch.Generator().manual_seed(3))
+
+    def grouped(x, a0, a1, a2, b0, b1, b2):
+        return kernels.lora_linear_grouped(x, ws, [a0, a1, a2], [b0, b1, b2], [2.0, 0.5, 1.0],
+                                           dropout_p=dropout,
+                                           generator=torch.Generator().manual_seed(3))
+
+    def dora(x, a, b, m):
+        return kernels.dora_linear(x, ws[0], a, b, 2.0, m, dropout_p=dropout,
+                                   generator=torch.Generator().manual_seed(3))
+
+    cases = [(single, (x, as_[0], bs[0])), (grouped, (x, *as_, *bs)),
+             (dora, (x, as_[0], bs[0], mag))]
+    calls = []
+    real = _lora_cpu.run
+    monkeypatch.setattr(_lora_cpu, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_loop = [_grads(fn, *args) for fn, args in cases]
+    assert len(calls) == 1 + 3 + 1                                    # every dS/dB pair
+    monkeypatch.setenv("LIGHTNING_PEFT_LORA_NATIVE", "0")
+    without = [_grads(fn, *args) for fn, args in cases]
+    assert len(calls) == 5
+    for (outs1, grads1), (outs2, grads2) in zip(with_loop, without):
+        for o1, o2 in zip(outs1, outs2):
+            assert torch.equal(o1, o2)
+        for g1, g2 in zip(grads1, grads2):
+            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
