@@ -25,10 +25,7 @@ float32 in a different order than the BLAS, so results agree with it to rounding
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 import re
-import threading
 from pathlib import Path
 
 import torch
@@ -58,7 +55,8 @@ typedef void (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const
 
 /* Rows [m0, m1) of dY (row stride ldy, N columns): dS[m] = scale * sum_n dY[m,n] B[n] (row stride
    lds) and dB[n] += sum_m dY[m,n] S[m] (S row stride ldS), every row of B, S, dS, dB being R
-   floats. MB rows at a time, their dS sums and S rows held in registers. */
+   floats. MB rows at a time, their dS sums and S rows held in registers; a last block of fewer
+   rows repeats its last row with a zero S row (it adds nothing to dB, and its dS is not stored). */
 #define ROWS(R)                                                                               \
   static void rows_##R(const float *restrict dy, int64_t ldy, int64_t m0, int64_t m1,         \
                        int64_t N, const float *restrict B, const float *restrict S,           \
@@ -69,38 +67,23 @@ typedef void (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const
     for (; m0 < m1; m0 += MB) {                                                               \
       const int64_t mb = m1 - m0 < MB ? m1 - m0 : MB;                                         \
       vf acc[MB][NV], sv[MB][NV];                                                             \
+      const float *row[MB];                                                                   \
       memset(acc, 0, sizeof acc);                                                             \
       memset(sv, 0, sizeof sv);                                                               \
+      for (int64_t j = 0; j < MB; j++) row[j] = dy + (m0 + (j < mb ? j : mb - 1)) * ldy;      \
       for (int64_t j = 0; j < mb; j++) memcpy(sv[j], S + (m0 + j) * ldS, (R) * 4);            \
-      const float *d0 = dy + m0 * ldy;                                                        \
-      if (mb == MB) {                                                                         \
-        for (int64_t n = 0; n < N; n++) {                                                     \
-          vf b[NV], db[NV];                                                                   \
-          memcpy(b, B + n * (R), (R) * 4);                                                    \
-          memcpy(db, dB + n * (R), (R) * 4);                                                  \
-          _Pragma("GCC unroll 8") for (int j = 0; j < MB; j++) {                              \
-            const float d = d0[j * ldy + n];                                                  \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                            \
-              acc[j][v] += d * b[v];                                                          \
-              db[v] += d * sv[j][v];                                                          \
-            }                                                                                 \
+      for (int64_t n = 0; n < N; n++) {                                                       \
+        vf b[NV], db[NV];                                                                     \
+        memcpy(b, B + n * (R), (R) * 4);                                                      \
+        memcpy(db, dB + n * (R), (R) * 4);                                                    \
+        _Pragma("GCC unroll 8") for (int j = 0; j < MB; j++) {                                \
+          const float d = row[j][n];                                                          \
+          _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                              \
+            acc[j][v] += d * b[v];                                                            \
+            db[v] += d * sv[j][v];                                                            \
           }                                                                                   \
-          memcpy(dB + n * (R), db, (R) * 4);                                                  \
         }                                                                                     \
-      } else {                                                                                \
-        for (int64_t n = 0; n < N; n++) {                                                     \
-          vf b[NV], db[NV];                                                                   \
-          memcpy(b, B + n * (R), (R) * 4);                                                    \
-          memcpy(db, dB + n * (R), (R) * 4);                                                  \
-          for (int64_t j = 0; j < mb; j++) {                                                  \
-            const float d = d0[j * ldy + n];                                                  \
-            for (int v = 0; v < NV; v++) {                                                    \
-              acc[j][v] += d * b[v];                                                          \
-              db[v] += d * sv[j][v];                                                          \
-            }                                                                                 \
-          }                                                                                   \
-          memcpy(dB + n * (R), db, (R) * 4);                                                  \
-        }                                                                                     \
+        memcpy(dB + n * (R), db, (R) * 4);                                                    \
       }                                                                                       \
       for (int64_t j = 0; j < mb; j++) {                                                      \
         for (int v = 0; v < NV; v++) acc[j][v] *= scale;                                      \
@@ -180,7 +163,6 @@ _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 _FALLBACK_FLAGS = ("-O3", "-fPIC", "-shared")
 _PARALLEL_MIN = 32768
 """Fewer elements of ``dY`` than this run on one thread (the fork/join would cost more)."""
-_LOCK = threading.Lock()
 
 
 def _torch_libgomp() -> bool:
@@ -219,17 +201,8 @@ def _build() -> _Library | None:
     return None if built is None else _Library(built[0], built[1])
 
 
-@functools.cache
-def _library() -> _Library | None:
-    with _LOCK:
-        return _build()
-
-
-def library() -> _Library | None:
-    """The compiled loop (built on the first call, well under a second), or ``None``."""
-    if os.environ.get(_ENV, "1") == "0":
-        return None
-    return _library()
+library = _native.loader(_ENV, lambda: _build())
+"""The compiled loop (built on the first call, well under a second), or ``None``."""
 
 
 def ds_db(dy: Tensor, lora_b: Tensor, s_lora: Tensor, scale: float, out: Tensor | None = None

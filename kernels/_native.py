@@ -11,6 +11,7 @@ compiler :func:`build` returns ``None`` and the callers keep their Torch paths.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -18,8 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def cpu_flags() -> str:
@@ -77,3 +82,22 @@ def build(name: str, variants: Iterable[tuple[str, tuple[str, ...]]]
             except OSError:
                 continue                                               # folder not writable
     return None
+
+
+def loader(env: str, build: Callable[[], T | None]) -> Callable[[], T | None]:
+    """``library()`` for one compiled library: ``build()`` on the first call (one thread at a
+    time), its result kept for the process; ``None`` whenever the environment variable ``env`` is
+    ``"0"``."""
+    lock = threading.Lock()
+
+    @functools.cache
+    def built() -> T | None:
+        with lock:
+            return build()
+
+    def library() -> T | None:
+        if os.environ.get(env, "1") == "0":
+            return None
+        return built()
+
+    return library

@@ -13,9 +13,7 @@ once.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -76,7 +74,6 @@ def flags() -> tuple[str, ...]:
 
 _FALLBACK_FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
 _ENV = "LIGHTNING_PEFT_NF4_NATIVE"
-_LOCK = threading.Lock()
 
 
 class _Library:
@@ -97,25 +94,14 @@ class _Library:
 
 
 def _build() -> _Library | None:
-    if os.environ.get(_ENV, "1") == "0":
-        return None
     variants = [(("#define NF4_HAVE_FLOAT16 1\n" if fp16 else "") + _SOURCE, opts)
                 for opts in (flags(), _FALLBACK_FLAGS) for fp16 in (True, False)]
     built = _native.build("nf4_cpu", variants)
     return None if built is None else _Library(built[0], built[1])
 
 
-@functools.cache
-def _library() -> _Library | None:
-    with _LOCK:
-        return _build()
-
-
-def library() -> _Library | None:
-    """The compiled loops (built on the first call, a fraction of a second), or ``None``."""
-    if os.environ.get(_ENV, "1") == "0":
-        return None
-    return _library()
+library = _native.loader(_ENV, lambda: _build())
+"""The compiled loops (built on the first call, a fraction of a second), or ``None``."""
 
 
 def dequantize_blocks(lib: _Library, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,

@@ -110,7 +110,7 @@ def test_fallback_without_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     assert _nf4_cpu._build() is None
-    monkeypatch.setattr(_nf4_cpu, "_library", lambda: None)
+    monkeypatch.setattr(_nf4_cpu, "library", lambda: None)
     q = quantize_nf4(torch.randn(17, 64, generator=torch.Generator().manual_seed(3)), 64, True)
     for dt in FLOATS:
         assert _same_bits(dequantize_nf4(q, dt), _formula(q, dt))
