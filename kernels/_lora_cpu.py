@@ -35,6 +35,7 @@ from kernels import _native
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -50,34 +51,43 @@ _SOURCE = r"""
 #define LANES (VBYTES / 4)
 typedef float vf __attribute__((vector_size(VBYTES)));
 
-typedef void (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const float *,
-                        const float *, int64_t, float, float *, int64_t, float *);
+typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const float *,
+                       const float *, int64_t, float, float *, int64_t, float *);
 
 /* Rows [m0, m1) of dY (row stride ldy, N columns): dS[m] = scale * sum_n dY[m,n] B[n] (row stride
    lds) and dB[n] += sum_m dY[m,n] S[m] (S row stride ldS), every row of B, S, dS, dB being R
    floats. MB rows at a time, their dS sums and S rows held in registers; a last block of fewer
-   rows repeats its last row with a zero S row (it adds nothing to dB, and its dS is not stored). */
+   rows is copied into a zero-padded MB-row buffer first (its zero S rows add nothing to dB, and
+   only its real rows of dS are stored). Returns 1 if that buffer cannot be allocated. */
 #define ROWS(R)                                                                               \
-  static void rows_##R(const float *restrict dy, int64_t ldy, int64_t m0, int64_t m1,         \
-                       int64_t N, const float *restrict B, const float *restrict S,           \
-                       int64_t ldS, float scale, float *restrict dS, int64_t lds,             \
-                       float *restrict dB) {                                                  \
+  static int rows_##R(const float *restrict dy, int64_t ldy, int64_t m0, int64_t m1,          \
+                      int64_t N, const float *restrict B, const float *restrict S,            \
+                      int64_t ldS, float scale, float *restrict dS, int64_t lds,              \
+                      float *restrict dB) {                                                   \
     enum { NV = (R) / LANES, MB0 = (NREGS - 1 - 2 * NV) / (2 * NV),                           \
            MB = MB0 < 1 ? 1 : (MB0 > 8 ? 8 : MB0) };                                         \
+    float *pad = 0;                                                                           \
     for (; m0 < m1; m0 += MB) {                                                               \
       const int64_t mb = m1 - m0 < MB ? m1 - m0 : MB;                                         \
+      const float *d0 = dy + m0 * ldy;                                                        \
+      int64_t ld = ldy;                                                                       \
+      if (mb < MB) {                                                                          \
+        pad = calloc((size_t)(MB * N), sizeof(float));                                        \
+        if (!pad) return 1;                                                                   \
+        for (int64_t j = 0; j < mb; j++) memcpy(pad + j * N, d0 + j * ldy, N * sizeof(float)); \
+        d0 = pad;                                                                             \
+        ld = N;                                                                               \
+      }                                                                                       \
       vf acc[MB][NV], sv[MB][NV];                                                             \
-      const float *row[MB];                                                                   \
       memset(acc, 0, sizeof acc);                                                             \
       memset(sv, 0, sizeof sv);                                                               \
-      for (int64_t j = 0; j < MB; j++) row[j] = dy + (m0 + (j < mb ? j : mb - 1)) * ldy;      \
       for (int64_t j = 0; j < mb; j++) memcpy(sv[j], S + (m0 + j) * ldS, (R) * 4);            \
       for (int64_t n = 0; n < N; n++) {                                                       \
         vf b[NV], db[NV];                                                                     \
         memcpy(b, B + n * (R), (R) * 4);                                                      \
         memcpy(db, dB + n * (R), (R) * 4);                                                    \
         _Pragma("GCC unroll 8") for (int j = 0; j < MB; j++) {                                \
-          const float d = row[j][n];                                                          \
+          const float d = d0[j * ld + n];                                                     \
           _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                              \
             acc[j][v] += d * b[v];                                                            \
             db[v] += d * sv[j][v];                                                            \
@@ -90,6 +100,8 @@ typedef void (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const
         memcpy(dS + (m0 + j) * lds, acc[j], (R) * 4);                                         \
       }                                                                                       \
     }                                                                                         \
+    free(pad);                                                                                \
+    return 0;                                                                                 \
   }
 
 #if 8 % LANES == 0
@@ -130,13 +142,15 @@ int lora_openmp(void) {
 }
 
 /* dS (M, r; row stride lds) = scale * dY B and dB (N, r, contiguous) = dY^T S over nt threads;
-   partial holds (nt - 1) * N * r floats of per-thread sums. Returns 1 for an unsupported r. */
+   partial holds (nt - 1) * N * r floats of per-thread sums. Returns 1 for an unsupported r, 2 when
+   out of memory. */
 int lora_ds_db_f32(const float *dy, int64_t ldy, int64_t M, int64_t N, const float *B,
                    const float *S, int64_t ldS, int64_t r, float scale, float *dS, int64_t lds,
                    float *dB, float *partial, int nt) {
   rows_fn fn = pick(r);
   if (!fn) return 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
   {
     int t = 0, T = 1;
 #ifdef _OPENMP
@@ -146,7 +160,7 @@ int lora_ds_db_f32(const float *dy, int64_t ldy, int64_t M, int64_t N, const flo
     float *mine = t == 0 ? dB : partial + (int64_t)(t - 1) * N * r;
     memset(mine, 0, sizeof(float) * N * r);
     const int64_t m0 = M * t / T, m1 = M * (t + 1) / T;
-    if (m0 < m1) fn(dy, ldy, m0, m1, N, B, S, ldS, scale, dS, lds, mine);
+    if (m0 < m1) failed |= fn(dy, ldy, m0, m1, N, B, S, ldS, scale, dS, lds, mine);
 #pragma omp barrier
     const int64_t i0 = N * r * t / T, i1 = N * r * (t + 1) / T;
     for (int u = 1; u < T; u++) {
@@ -154,7 +168,7 @@ int lora_ds_db_f32(const float *dy, int64_t ldy, int64_t M, int64_t N, const flo
       for (int64_t i = i0; i < i1; i++) dB[i] += p[i];
     }
   }
-  return 0;
+  return failed ? 2 : 0;
 }
 """
 
@@ -238,7 +252,10 @@ def run(lib: _Library, dy: Tensor, lora_b: Tensor, s_lora: Tensor, scale: float,
         return None
     grad_b = torch.empty((n, r), dtype=torch.float32)
     partial = torch.empty(max(threads - 1, 0) * n * r + 1, dtype=torch.float32)
-    lib.ds_db(dy.data_ptr(), dy.stride(0), m, n, lora_b.data_ptr(), s_lora.data_ptr(),
-              s_lora.stride(0), r, float(scale), out.data_ptr(), out.stride(0), grad_b.data_ptr(),
-              partial.data_ptr(), threads)
+    status = lib.ds_db(dy.data_ptr(), dy.stride(0), m, n, lora_b.data_ptr(), s_lora.data_ptr(),
+                       s_lora.stride(0), r, float(scale), out.data_ptr(), out.stride(0),
+                       grad_b.data_ptr(), partial.data_ptr(), threads)
+    if status != 0:
+        raise MemoryError(f"the compiled LoRA dS/dB loop could not allocate {n} floats per row "
+                          "for its last row block")
     return out, grad_b
