@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from benchmarks import cpu_info, write_result
+from kernels import _lora_cpu
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_OVERHEAD = 0.08
@@ -174,8 +175,10 @@ def matmul_flops(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -
     """The matrix-product FLOPs of one forward (with the loss) and backward of ``model``, counted
     by ``torch.utils.flop_counter`` over the aten ops that run: ``mm``/``addmm``/``bmm`` and
     attention (as dense, causal or not), plus the in-place ``addmm_`` our LoRA ops accumulate
-    with, which torch's counter does not know. Gradients it leaves are dropped (no optimizer
-    step)."""
+    with, which torch's counter does not know. Our compiled CPU loop for ``dS``/``dB``
+    (:mod:`kernels._lora_cpu`) is switched off while counting: it computes the same products
+    outside aten, where the counter would not see them. Gradients it leaves are dropped (no
+    optimizer step)."""
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
@@ -188,8 +191,16 @@ def matmul_flops(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -
             lambda g, q, k, v, *_, **__: fc.sdpa_backward_flop_count(g, q, k, v),
     }
     x = embeds.detach().requires_grad_(True)
-    with fc.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(inputs_embeds=x, labels=labels).loss.backward()
+    native = os.environ.get(_lora_cpu.ENV)
+    os.environ[_lora_cpu.ENV] = "0"
+    try:
+        with fc.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model(inputs_embeds=x, labels=labels).loss.backward()
+    finally:
+        if native is None:
+            del os.environ[_lora_cpu.ENV]
+        else:
+            os.environ[_lora_cpu.ENV] = native
     for p in model.parameters():
         p.grad = None
     return counter.get_total_flops()

@@ -172,7 +172,7 @@ int lora_ds_db_f32(const float *dy, int64_t ldy, int64_t M, int64_t N, const flo
 }
 """
 
-_ENV = "LIGHTNING_PEFT_LORA_NATIVE"
+ENV = "LIGHTNING_PEFT_LORA_NATIVE"
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 _FALLBACK_FLAGS = ("-O3", "-fPIC", "-shared")
 _PARALLEL_MIN = 32768
@@ -215,7 +215,7 @@ def _build() -> _Library | None:
     return None if built is None else _Library(built[0], built[1])
 
 
-library = _native.loader(_ENV, lambda: _build())
+library = _native.loader(ENV, lambda: _build())
 """The compiled loop (built on the first call, well under a second), or ``None``."""
 
 
