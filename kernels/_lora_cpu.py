@@ -7,7 +7,8 @@ The backward of ``y = x·W0ᵀ + (s·S)·Bᵀ`` (:mod:`kernels.lora`) needs, fro
     dB = dYᵀ·(s·S)     (N, r)
 
 Two BLAS calls read ``dY`` twice, and inside a model ``dY`` is no longer in the L2 cache the second
-time: on the SmolLM2 training step the pair took about 1.5x the time of one pass. Here one loop
+time: in a SmolLM2-135M training step (r=16 on seven projections, 384 tokens) the pairs of GEMMs
+took 36 ms against this loop's 25 ms at 2 threads, 57 against 42 ms at 1 thread. Here one loop
 reads each row block of ``dY`` once (``MB`` rows at a time, ``MB`` chosen so the row block's
 accumulators stay in vector registers) and updates both: for every column ``n`` it loads ``B[n]`` and
 ``dB[n]`` (r floats each), and for every row ``m`` of the block does ``dS[m] += dY[m,n]·B[n]`` and

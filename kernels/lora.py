@@ -238,7 +238,7 @@ def _lowrank_backward(dy: Tensor, x2: Tensor, weight: Any, lora_a: Tensor, lora_
     branch = lora_a.dtype
     dy_b = dy.to(branch) if need_b or need_x or need_a else None        # dY in the branch dtype
     grad_x = grad_w = grad_a = grad_b = None
-    if need_x or need_a:
+    if need_x or need_a or need_b:
         d_s, grad_b = _ds_db(dy_b, lora_b, s_lora, s if drop is None else s / (1.0 - p), need_b)
         if need_a:
             grad_a = torch.mm(d_s.t(), _dropped(x2, drop, branch))      # (r, K)
@@ -247,8 +247,6 @@ def _lowrank_backward(dy: Tensor, x2: Tensor, weight: Any, lora_a: Tensor, lora_
             if drop is not None:
                 _zero_dropped_(grad_x, drop)                            # ⊙ mask
             grad_x.addmm_(dy, _dense(weight, dy.dtype))                 # += dY·W0
-    elif need_b:
-        grad_b = torch.mm(s_lora.t(), dy_b).t()                         # (s·Sᵀ·dY)ᵀ (N, r)
     if need_w:
         grad_w = torch.mm(dy.t(), x2)                                   # (N, K)
     return grad_x, grad_w, grad_a, grad_b
