@@ -256,8 +256,9 @@ def _ds_db(dy_b: Tensor, lora_b: Tensor, s_lora: Tensor, scale: float, need_b: b
            out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``(dS, dB)``: ``dS = scale·dY·B`` (M, r), into ``out`` when given, and with ``need_b``
     ``dB = (s·Sᵀ·dY)ᵀ`` (N, r) (else ``None``). On a CPU, float32 and a supported rank, one
-    compiled pass over ``dY`` computes both (:mod:`kernels._lora_cpu`); otherwise two GEMMs."""
-    if need_b and dy_b.device.type == "cpu":
+    compiled pass over ``dY`` computes both (:mod:`kernels._lora_cpu`); otherwise, and while
+    ``torch.compile`` traces the op (the loop is opaque to it), two GEMMs."""
+    if need_b and dy_b.device.type == "cpu" and not torch.compiler.is_compiling():
         both = _lora_cpu.ds_db(dy_b, lora_b, s_lora, scale, out)
         if both is not None:
             return both

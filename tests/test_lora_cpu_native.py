@@ -134,3 +134,27 @@ def test_lora_ops_equal_with_and_without_the_loop(monkeypatch, dropout):
             assert torch.equal(o1, o2)
         for g1, g2 in zip(grads1, grads2):
             torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_traces_the_gemms(monkeypatch):
+    """``torch.compile(fullgraph=True)`` traces the op's backward with the two GEMMs (the ctypes
+    loop cannot be traced), with the eager op's gradients."""
+    calls = []
+    real = _lora_cpu.run
+    monkeypatch.setattr(_lora_cpu, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(23, 40, generator=g)
+    args = [torch.randn(2, 19, 40, generator=g), torch.randn(16, 40, generator=g),
+            torch.randn(23, 16, generator=g)]
+    args = [t.requires_grad_(True) for t in args]
+
+    def f(x, a, b):
+        return kernels.lora_linear(x, w, a, b, 0.5).square().mean()
+
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), args)
+    assert not calls
+    want = torch.autograd.grad(f(*args), args)
+    assert len(calls) == 1
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
