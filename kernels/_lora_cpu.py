@@ -216,7 +216,7 @@ def _build() -> _Library | None:
     return None if built is None else _Library(built[0], built[1])
 
 
-library = _native.loader(ENV, lambda: _build())
+library = _native.loader(ENV, _build)
 """The compiled loop (built on the first call, well under a second), or ``None``."""
 
 

@@ -100,7 +100,7 @@ def _build() -> _Library | None:
     return None if built is None else _Library(built[0], built[1])
 
 
-library = _native.loader(_ENV, lambda: _build())
+library = _native.loader(_ENV, _build)
 """The compiled loops (built on the first call, a fraction of a second), or ``None``."""
 
 
