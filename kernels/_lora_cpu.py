@@ -146,7 +146,15 @@ int lora_ds_db_f32(const float *dy, int64_t ldy, int64_t M, int64_t N, const flo
 """
 
 ENV = "LIGHTNING_PEFT_LORA_NATIVE"
-_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+_ARCH_ENV = "LIGHTNING_PEFT_LORA_MARCH"
+
+
+def flags() -> tuple[str, ...]:
+    """The compiler flags: ``-march=native`` unless ``LIGHTNING_PEFT_LORA_MARCH`` names another
+    target (e.g. ``x86-64-v3``, AVX2, to measure what an AVX2 CPU would run)."""
+    return ("-O3", _native.march(_ARCH_ENV), "-fPIC", "-shared")
+
+
 _FALLBACK_FLAGS = ("-O3", "-fPIC", "-shared")
 MAX_RANK = 32
 """Larger ranks take the GEMMs: the products then dominate the pass over ``dY`` this loop saves,
@@ -188,7 +196,7 @@ class _Library:
 
 def _build() -> _Library | None:
     openmp = (("-fopenmp",),) if _torch_libgomp() else ()
-    variants = [(_SOURCE, flags + extra) for flags in (_FLAGS, _FALLBACK_FLAGS)
+    variants = [(_SOURCE, options + extra) for options in (flags(), _FALLBACK_FLAGS)
                 for extra in (*openmp, ())]
     built = _native.build("lora_cpu", variants)
     return None if built is None else _Library(built[0], built[1])

@@ -38,6 +38,12 @@ def cpu_flags() -> str:
     return platform.processor() + platform.machine()
 
 
+def march(env: str) -> str:
+    """``-march=native``, or the target the environment variable ``env`` names (e.g.
+    ``x86-64-v3``, AVX2: to measure what an AVX2 CPU would run)."""
+    return f"-march={os.environ.get(env) or 'native'}"
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lightning_peft"

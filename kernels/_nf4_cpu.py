@@ -13,7 +13,6 @@ once.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -68,8 +67,7 @@ _ARCH_ENV = "LIGHTNING_PEFT_NF4_MARCH"
 def flags() -> tuple[str, ...]:
     """The compiler flags: ``-march=native`` unless ``LIGHTNING_PEFT_NF4_MARCH`` names another
     target (e.g. ``x86-64-v3``, AVX2, to measure what an AVX2 CPU would run)."""
-    return ("-O3", f"-march={os.environ.get(_ARCH_ENV) or 'native'}", "-ffp-contract=off", "-fPIC",
-            "-shared")
+    return ("-O3", _native.march(_ARCH_ENV), "-ffp-contract=off", "-fPIC", "-shared")
 
 
 _FALLBACK_FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")

@@ -5,6 +5,8 @@ wherever it does not apply."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -166,3 +168,23 @@ def test_torch_compile_traces_the_gemms(monkeypatch):
     assert len(calls) == 1
     for u, v in zip(got, want):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_march_override_builds_for_that_target(monkeypatch):
+    """``LIGHTNING_PEFT_LORA_MARCH=x86-64-v3`` builds the AVX2 loop (8-float vectors) on any CPU
+    with AVX2, which is how the forced-AVX2 benchmark rows are measured on an AVX-512 machine;
+    unset, ``-march=native``."""
+    assert _lora_cpu.flags()[1] == "-march=native" or "LIGHTNING_PEFT_LORA_MARCH" in os.environ
+    if "avx2" not in _native.cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("LIGHTNING_PEFT_LORA_MARCH", "x86-64-v3")
+    assert "-march=x86-64-v3" in _lora_cpu.flags()
+    lib = _lora_cpu._build()
+    assert lib is not None and lib.lanes == 8 and lib.supports(24) and not lib.supports(64)
+    dy, b, s_lora = _inputs(50, 70, 24, seed=3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check(_lora_cpu.run(lib, dy, b, s_lora, 0.5), _reference(dy, b, s_lora, 0.5))
+    finally:
+        torch.set_num_threads(previous)
