@@ -17,10 +17,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+FORCING = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "LIGHTNING_PEFT_LORA_MARCH",
+           "LIGHTNING_PEFT_NF4_MARCH")
+"""Environment variables that make this CPU run another instruction set's code paths (used to
+measure what an AVX2 CPU runs, on an AVX-512 one)."""
+
+
 def cpu_info() -> dict:
     """What a CPU timing depends on: the model name, the vendor, whether the CPU has AVX-512 and
     AVX2, the instruction set torch's kernels dispatch to (``ATEN_CPU_CAPABILITY`` can lower it),
-    and ``slug``, the results folder (``cpu-intel-xeon``, ``cpu-amd-epyc``)."""
+    ``forced`` (the variables of :data:`FORCING` that are set, which lower what torch, MKL or our
+    compiled loops use) and ``slug``, the results folder (``cpu-intel-xeon``, ``cpu-amd-epyc``)."""
+    import os
     import re
 
     import torch
@@ -40,6 +48,7 @@ def cpu_info() -> dict:
              if w.isalpha()][:2]
     return {"model": model, "vendor": vendor, "avx512": "avx512f" in flags, "avx2": "avx2" in flags,
             "amx": "amx_tile" in flags, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "forced": {k: os.environ[k] for k in FORCING if os.environ.get(k)},
             "slug": "cpu-" + "-".join(words or ["unknown"])}
 
 

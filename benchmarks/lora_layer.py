@@ -144,7 +144,8 @@ def report(rows: list[dict], key: str, title: str, json_path: Path | None) -> No
         info = cpu_info()  # what the timings depend on: model, vendor, AVX-512, torch dispatch
         for row in rows:
             row.update(cpu=info["model"], cpu_vendor=info["vendor"], avx512=info["avx512"],
-                       torch_cpu_capability=info["torch_capability"], threads=torch.get_num_threads())
+                       torch_cpu_capability=info["torch_capability"], forced=info["forced"],
+                       threads=torch.get_num_threads())
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rows, indent=2))
 

@@ -7,10 +7,13 @@ import json
 
 import pytest
 
-from benchmarks import lora_layer
+from benchmarks import FORCING, lora_layer
 
 
-def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys):
+def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys, monkeypatch):
+    for name in FORCING:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LIGHTNING_PEFT_NF4_MARCH", "x86-64-v3")  # recorded (read only when building)
     out = tmp_path / "layer.json"
     assert lora_layer.main(["--tokens", "64", "--features", "48", "--r", "4", "--repeats", "4",
                             "--threads", "1", "--json", str(out)]) == 0
@@ -21,6 +24,7 @@ def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys):
     for row in rows:
         q1, q2, q3 = row["ratio_quartiles"]
         assert row["median_ms"] > 0 and q1 <= q2 <= q3
+        assert row["forced"] == {"LIGHTNING_PEFT_NF4_MARCH": "x86-64-v3"} and row["threads"] == 1
         if row["layer"].startswith("frozen"):
             assert row["ratio_to_base"] == 1.0 and row["saved_activation_bytes"] == 0
     ours = {r["dropout"]: r for r in rows if r["layer"].startswith("lightning-peft")}
