@@ -261,6 +261,10 @@ def _markdown(result: dict, path: Path) -> None:
              f"{result['peft']}; median of {result['rounds']} interleaved rounds; load average "
              f"{result['load_average_start_end'][0]:.2f} at the start, "
              f"{result['load_average_start_end'][1]:.2f} at the end.", ""]
+    if cpu.get("forced"):
+        forced = ", ".join(f"`{k}={v}`" for k, v in cpu["forced"].items())
+        lines[-1:-1] = ["", "Forced to other code paths on this CPU (not a measurement of a CPU that "
+                        f"has only those): {forced}."]
     for threads, rows in result["threads"].items():
         lines += [f"## {threads} thread{'s' if threads != '1' else ''}", "",
                   "| model | baseline | median ms | overhead over baseline | quartiles | "

@@ -49,7 +49,12 @@ def test_steps_compute_input_gradients_and_equal_losses():
     assert losses["lightning-peft LoRA"] != losses["frozen"]          # B is nonzero
 
 
-def test_report_writes_rows_and_cpu(tmp_path, capsys):
+def test_report_writes_rows_and_cpu(tmp_path, capsys, monkeypatch):
+    from benchmarks import FORCING
+
+    for name in FORCING:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LIGHTNING_PEFT_NF4_MARCH", "x86-64-v3")  # recorded (read only when building)
     torch.manual_seed(0)
     args = argparse.Namespace(batch=2, seq=8, r=4, repeats=3, warmup=1, threads=[1], no_qlora=False,
                               out=tmp_path)
@@ -66,7 +71,10 @@ def test_report_writes_rows_and_cpu(tmp_path, capsys):
         if row["model"] == row["baseline"]:
             assert row["overhead_pct"] == 0.0
     assert set(result["targets"]["1 threads"]) == {"lightning-peft LoRA", "lightning-peft QLoRA"}
-    assert "| lightning-peft QLoRA | frozen NF4 |" in (folder / "step.md").read_text()
+    text = (folder / "step.md").read_text()
+    assert "| lightning-peft QLoRA | frozen NF4 |" in text
+    assert result["cpu"]["forced"] == {"LIGHTNING_PEFT_NF4_MARCH": "x86-64-v3"}
+    assert "Forced to other code paths on this CPU" in text and "`LIGHTNING_PEFT_NF4_MARCH=x86-64-v3`" in text
     assert "lightning-peft LoRA" in capsys.readouterr().out
 
 
