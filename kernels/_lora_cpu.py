@@ -12,9 +12,13 @@ took 36 ms against this loop's 25 ms at 2 threads, 57 against 42 ms at 1 thread.
 reads each row block of ``dY`` once (``MB`` rows at a time, ``MB`` chosen so the row block's
 accumulators stay in vector registers) and updates both: for every column ``n`` it loads ``B[n]`` and
 ``dB[n]``, and for every row ``m`` of the block does ``dS[m] += dY[m,n]·B[n]`` and
-``dB[n] += dY[m,n]·S[m]``, vectorised along ``r``, one vector of it at a time (so ``r`` must be a
-multiple of the vector width, 16 floats with AVX-512, else 8, and at most ``MAX_RANK``; other ranks
-take the BLAS path). With OpenMP, rows are split over
+``dB[n] += dY[m,n]·S[m]``, vectorised along ``r``. The rank must be one vector wide: r=16 with
+AVX-512, r=8 with AVX2 or older. Wider ranks take the two GEMMs, which measured as fast or faster in
+a training step: r=32 with AVX-512, +23.4% against +22.7% for the GEMMs over the frozen SmolLM2
+step; r=16 with the Xeon forced to AVX2, +16.6% against +14.4% (2 threads; at 1 thread +13.0%
+against +10.6%), where r=8 on AVX2 gains (+13.5% against +14.9%), as r=16 on AVX-512 does.
+(Before this rule the loop also took ranks of several vectors, kept in arrays GCC did not hold in
+registers, and ran 5-20x slower than the GEMMs there.) With OpenMP, rows are split over
 torch's threads, each thread sums its own ``dB`` and the partial sums are added at the end.
 
 OpenMP is only used when the OpenMP runtime in the process is torch's GNU ``libgomp.so.1`` (the
@@ -54,17 +58,16 @@ _SOURCE = r"""
 typedef float vf __attribute__((vector_size(VBYTES)));
 
 /* Rows [m0, m1) of dY (row stride ldy, N columns): dS[m] = scale * sum_n dY[m,n] B[n] (row stride
-   lds) and dB[n] += sum_m dY[m,n] S[m] (S row stride ldS), every row of B, S, dS, dB being r
-   floats, r a multiple of LANES. MB rows and one vector of the rank at a time: the row block's dS
-   sums and S values for that vector stay in registers while every column n loads B[n] and dB[n]
-   (the block of dY is read again, from the cache, for the rank's next vector). A last block of
-   fewer rows is copied into a zero-padded MB-row buffer first (its zero S rows add nothing to dB,
-   and only its real rows of dS are stored). Returns 1 if that buffer cannot be allocated. */
+   lds) and dB[n] += sum_m dY[m,n] S[m] (S row stride ldS), every row of B, S, dS, dB being one
+   vector (LANES floats: the rank). MB rows at a time, their dS sums and S rows held in registers
+   while every column n loads B[n] and dB[n]. A last block of fewer rows is copied into a
+   zero-padded MB-row buffer first (its zero S rows add nothing to dB, and only its real rows of
+   dS are stored). Returns 1 if that buffer cannot be allocated. */
 enum { MB = (NREGS - 3) / 2 > 8 ? 8 : (NREGS - 3) / 2 };
 
 static int rows(const float *restrict dy, int64_t ldy, int64_t m0, int64_t m1, int64_t N,
-                const float *restrict B, const float *restrict S, int64_t ldS, int64_t r,
-                float scale, float *restrict dS, int64_t lds, float *restrict dB) {
+                const float *restrict B, const float *restrict S, int64_t ldS, float scale,
+                float *restrict dS, int64_t lds, float *restrict dB) {
   float *pad = 0;
   for (; m0 < m1; m0 += MB) {
     const int64_t mb = m1 - m0 < MB ? m1 - m0 : MB;
@@ -77,28 +80,24 @@ static int rows(const float *restrict dy, int64_t ldy, int64_t m0, int64_t m1, i
       d0 = pad;
       ld = N;
     }
-    for (int64_t v = 0; v < r; v += LANES) {
-      vf acc[MB], sv[MB];
-      memset(acc, 0, sizeof acc);
-      memset(sv, 0, sizeof sv);
-      for (int64_t j = 0; j < mb; j++) memcpy(&sv[j], S + (m0 + j) * ldS + v, VBYTES);
-      const float *bv = B + v;
-      float *dbv = dB + v;
-      for (int64_t n = 0; n < N; n++) {
-        vf b, db;
-        memcpy(&b, bv + n * r, VBYTES);
-        memcpy(&db, dbv + n * r, VBYTES);
-        _Pragma("GCC unroll 16") for (int j = 0; j < MB; j++) {
-          const float d = d0[j * ld + n];
-          acc[j] += d * b;
-          db += d * sv[j];
-        }
-        memcpy(dbv + n * r, &db, VBYTES);
+    vf acc[MB], sv[MB];
+    memset(acc, 0, sizeof acc);
+    memset(sv, 0, sizeof sv);
+    for (int64_t j = 0; j < mb; j++) memcpy(&sv[j], S + (m0 + j) * ldS, VBYTES);
+    for (int64_t n = 0; n < N; n++) {
+      vf b, db;
+      memcpy(&b, B + n * LANES, VBYTES);
+      memcpy(&db, dB + n * LANES, VBYTES);
+      _Pragma("GCC unroll 16") for (int j = 0; j < MB; j++) {
+        const float d = d0[j * ld + n];
+        acc[j] += d * b;
+        db += d * sv[j];
       }
-      for (int64_t j = 0; j < mb; j++) {
-        acc[j] *= scale;
-        memcpy(dS + (m0 + j) * lds + v, &acc[j], VBYTES);
-      }
+      memcpy(dB + n * LANES, &db, VBYTES);
+    }
+    for (int64_t j = 0; j < mb; j++) {
+      acc[j] *= scale;
+      memcpy(dS + (m0 + j) * lds, &acc[j], VBYTES);
     }
   }
   free(pad);
@@ -121,7 +120,7 @@ int lora_openmp(void) {
 int lora_ds_db_f32(const float *dy, int64_t ldy, int64_t M, int64_t N, const float *B,
                    const float *S, int64_t ldS, int64_t r, float scale, float *dS, int64_t lds,
                    float *dB, float *partial, int nt) {
-  if (r <= 0 || r % LANES) return 1;
+  if (r != LANES) return 1;
   int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
   {
@@ -133,7 +132,7 @@ int lora_ds_db_f32(const float *dy, int64_t ldy, int64_t M, int64_t N, const flo
     float *mine = t == 0 ? dB : partial + (int64_t)(t - 1) * N * r;
     memset(mine, 0, sizeof(float) * N * r);
     const int64_t m0 = M * t / T, m1 = M * (t + 1) / T;
-    if (m0 < m1) failed |= rows(dy, ldy, m0, m1, N, B, S, ldS, r, scale, dS, lds, mine);
+    if (m0 < m1) failed |= rows(dy, ldy, m0, m1, N, B, S, ldS, scale, dS, lds, mine);
 #pragma omp barrier
     const int64_t i0 = N * r * t / T, i1 = N * r * (t + 1) / T;
     for (int u = 1; u < T; u++) {
@@ -156,9 +155,6 @@ def flags() -> tuple[str, ...]:
 
 
 _FALLBACK_FLAGS = ("-O3", "-fPIC", "-shared")
-MAX_RANK = 32
-"""Larger ranks take the GEMMs: the products then dominate the pass over ``dY`` this loop saves,
-and the BLAS computes them faster (r=64: 0.95-1.85x the GEMMs' time on an Intel Xeon, 1 thread)."""
 _PARALLEL_MIN = 32768
 """Fewer elements of ``dY`` than this run on one thread (the fork/join would cost more)."""
 
@@ -190,8 +186,8 @@ class _Library:
         self.ds_db = fn
 
     def supports(self, r: int) -> bool:
-        """Whether the loop takes rank ``r``: a multiple of the vector width up to ``MAX_RANK``."""
-        return 0 < r <= MAX_RANK and r % self.lanes == 0
+        """Whether the loop takes rank ``r``: one vector wide (see the module docstring)."""
+        return r == self.lanes
 
 
 def _build() -> _Library | None:
