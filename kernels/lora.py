@@ -142,7 +142,11 @@ def dropout_positions(numel: int, dropout_p: float, generator: torch.Generator |
     ``dropout_p``; above 0.5 a bool keep mask of ``numel`` elements built from the positions of the
     (fewer) kept ones. Forward and backward zero the dropped elements in place with one scattered
     ``index_fill_``, and backward keeps these positions (8 bytes per drop, about 0.4 bit per element
-    at 0.05) instead of a mask."""
+    at 0.05) instead of a mask. While ``torch.compile`` traces, the bool keep mask at every
+    ``dropout_p``, drawn densely (the geometric gaps need a loop that depends on the draws, which
+    a graph cannot hold): the same distribution, other draws than eager for one generator state."""
+    if torch.compiler.is_compiling():
+        return torch.rand(numel, generator=generator, device=device) >= dropout_p
     if dropout_p <= 0.5:
         return bernoulli_positions(numel, dropout_p, generator, device)
     keep = torch.zeros(numel, dtype=torch.bool, device=device)

@@ -577,3 +577,35 @@ def test_no_lora_inside_a_modules_to_save_module():
     assert not any(p.requires_grad for p in head.original_module.parameters())
     assert all(p.requires_grad for p in head.modules_to_save.parameters())
     assert "roberta.encoder.layer.0.output.dense" in _lora_names(model)
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    """``torch.compile(fullgraph=True)`` of the CPU op with dropout: the traced op draws a dense
+    keep mask (no data-dependent loop). With A = I the branch exposes the mask: y - x·Wᵀ equals
+    s/(1-p)·(x⊙keep)·Bᵀ; the drop rate is p; the gradients are those of that mask."""
+    torch.manual_seed(0)
+    k, n, p, s = 32, 48, 0.3, 0.5                                       # n > k: B has full column rank
+    x = torch.randn(4, 50, k, requires_grad=True)
+    w = torch.randn(n, k)
+    a = torch.eye(k).requires_grad_(True)
+    b = torch.randn(n, k).requires_grad_(True)
+
+    def f(x, a, b):
+        return kernels.lora_linear(x, w, a, b, s, dropout_p=p)
+
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, a, b)
+    branch = torch.linalg.lstsq(b.detach(), (y - x @ w.t()).detach().reshape(-1, n).t()).solution.t()
+    keep = branch.abs() > 1e-4                                          # x is nonzero a.s.
+    assert abs((~keep).float().mean().item() - p) < 6 * (p * (1 - p) / keep.numel()) ** 0.5
+    x2 = x.detach().reshape(-1, k)
+    torch.testing.assert_close(branch, s / (1 - p) * x2 * keep, rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(y)
+    gx, ga, gb = torch.autograd.grad(y, (x, a, b), gy)
+    g2 = gy.reshape(-1, n)
+    xd = s / (1 - p) * x2 * keep
+    torch.testing.assert_close(gx.reshape(-1, k), g2 @ w + (s / (1 - p)) * (g2 @ b.detach()) * keep,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, g2.t() @ xd, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ga, (s / (1 - p)) * ((g2 @ b.detach()).t() @ (x2 * keep)),
+                               rtol=1e-4, atol=1e-4)
