@@ -14,7 +14,7 @@ accumulates into the same output buffer:
                dX = (dS·A)⊙mask/(1-p) ; dX += dY·W0    (M, K), one buffer
 
 The rank-r terms come first so that each big GEMM accumulates onto them (``beta=1``) instead of a
-second pass over the output. On a CPU (float32, a rank the vector width divides) ``dS`` and ``dB``
+second pass over the output. On a CPU (float32, a rank one vector wide) ``dS`` and ``dB``
 come from one compiled pass over ``dY`` (:mod:`kernels._lora_cpu`) instead of two GEMMs that each
 read it. Saved for backward: ``x`` (already alive as the previous layer's
 output), ``S``, and what dropout dropped: the flat positions of the dropped elements when
