@@ -156,10 +156,11 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
                  exclude_modules: TargetSpec = None) -> list[str]:
     """Full names of the modules of ``model`` selected by ``target_modules``/``exclude_modules``.
 
-    Modules already wrapped by an adapter layer are returned (so that re-applying is idempotent);
-    nothing inside an adapter layer is. Raises ``ValueError`` when nothing matches, listing the
-    Linear/Conv1D modules that exist, and when a matched module is not a Linear/Conv1D. An
-    explicit ``[]`` selects nothing (a method that trains other modules only).
+    Modules already wrapped by an adapter layer are returned (so that re-applying is idempotent;
+    under ``"all-linear"`` only adapter layers around a linear); nothing inside an adapter layer
+    is. Raises ``ValueError`` when nothing matches, listing the Linear/Conv1D modules that exist,
+    and when a matched module is not a Linear/Conv1D. An explicit ``[]`` selects nothing (a method
+    that trains other modules only).
     """
     if isinstance(target_modules, (list, tuple)) and not target_modules:
         return []
@@ -186,7 +187,10 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
         if exclude is not None and exclude(name):
             continue
         if isinstance(module, AdapterLayer):
-            chosen.append(name)
+            # "all-linear" takes an adapter layer only where it wraps a linear (not an embedding's
+            # trainable rows or an attention block); a name picks it whatever it wraps
+            if not all_linear or is_linear_like(getattr(module, "base_layer", None)):
+                chosen.append(name)
         elif is_linear_like(module):
             if name not in heads:
                 chosen.append(name)

@@ -1,5 +1,6 @@
 """LoRA layer, apply_lora/targeting, merge, parameter counts; agreement with HF PEFT."""
 
+import functools
 import math
 import re
 
@@ -609,3 +610,55 @@ def test_torch_compile_fullgraph_with_dropout():
     torch.testing.assert_close(gb, g2.t() @ xd, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ga, (s / (1 - p)) * ((g2 @ b.detach()).t() @ (x2 * keep)),
                                rtol=1e-4, atol=1e-4)
+
+
+
+@pytest.mark.parametrize("apply_name", ["apply_lora", "apply_qlora"])
+@pytest.mark.parametrize("first, targets, carried", [
+    ("apply_ia3", None, "IA3Linear"),                    # IA3 on k, v, down; LoRA's q, v: v clashes
+    ("apply_dylora", None, "DyLoRALinear"),              # DyLoRA on q, v: every LoRA target
+    ("apply_adapters", "all-linear", "BottleneckAdapter"),  # adapter sites at o and down
+])
+def test_lora_refuses_another_methods_layer_and_leaves_the_model(apply_name, first, targets, carried):
+    """LoRA (and QLoRA, through it) on a target another method already wraps is an error naming
+    the layers and that method's layer type, raised before anything changes (it used to skip those
+    targets silently: after DyLoRA on q and v, LoRA injected nothing and said nothing)."""
+    import lightning_peft
+    from lightning_peft._base import AdapterLayer
+
+    model = getattr(lightning_peft, first)(_tiny.llama())
+    apply = functools.partial(getattr(lightning_peft, apply_name),
+                              **({"compute_dtype": torch.float32} if apply_name == "apply_qlora" else {}))
+    modules = dict(model.named_modules())
+    params = {n: (p, p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"selects .*which already carr.*another method's layer "
+                                         rf"\({carried}\); LoRA does not wrap"):
+        apply(model, target_modules=targets)
+    assert dict(model.named_modules()) == modules
+    for n, p in model.named_parameters():
+        before, grad, value = params[n]
+        assert p is before and p.requires_grad == grad and torch.equal(p, value)
+    # leaving the other method's layers out works: LoRA beside them, never around or inside them
+    wrapped = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == carried})
+    apply(model, target_modules=targets or ["q_proj", "k_proj", "v_proj"], exclude_modules=wrapped)
+    layers = lora_layers(model)
+    assert layers and {type(m).__name__ for m in model.modules()} >= {"LoRALinear", carried}
+    assert not any(isinstance(m.base_layer, AdapterLayer) for _, m in layers)
+    assert not any(type(m).__name__ == carried for _, layer in layers for m in layer.modules())
+
+
+def test_all_linear_lora_beside_trainable_tokens():
+    """``"all-linear"`` takes an adapter layer only where it wraps a linear: LoRA on every linear of
+    a model whose embedding trains some rows wraps the 14 linears and leaves the embedding's layer
+    to its method; naming the embedding is refused."""
+    from lightning_peft import apply_trainable_tokens
+
+    model = apply_trainable_tokens(_tiny.llama(), token_indices=[1, 5])
+    with pytest.raises(ValueError, match=r"selects model\.embed_tokens, which already carries another "
+                                         r"method's layer \(TrainableTokensLayer\)"):
+        apply_lora(model, target_modules=["embed_tokens", "q_proj"])
+    assert not lora_layers(model)
+    apply_lora(model, target_modules="all-linear")
+    names = [n for n, _ in lora_layers(model)]
+    assert len(names) == 14 and not any("embed" in n for n in names)
+    assert type(model.get_submodule("model.embed_tokens")).__name__ == "TrainableTokensLayer"

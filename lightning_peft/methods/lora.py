@@ -717,6 +717,15 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         raise ValueError(f"every module target_modules={config.target_modules!r} selects is in "
                          f"modules_to_save={config.modules_to_save!r}, so nothing is left to adapt")
     targets = [t for t in targets if not inside_any(t, saved)]
+    foreign = {t: type(model.get_submodule(t)).__name__ for t in targets
+               if isinstance(model.get_submodule(t), AdapterLayer)
+               and not isinstance(model.get_submodule(t), (LoRALinear, ModulesToSave))}
+    if foreign:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} selects {first_names(list(foreign))}, which "
+            f"already carr{'ies' if len(foreign) == 1 else 'y'} another method's layer "
+            f"({', '.join(sorted(set(foreign.values())))}); LoRA does not wrap another method's layer. "
+            f"Leave them out with exclude_modules, or apply LoRA to a model without that method")
     tokens: tuple[dict[str, list[int]], dict[str, str]] = ({}, {})
     if config.trainable_token_indices is not None:
         tokens = _plan_lora_tokens(model, config.trainable_token_indices, targets, saved)

@@ -340,7 +340,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
         if isinstance(module, LoRALinear) and module.merged and \
                 _quantized_base_weight(module.base_layer) is None:
             raise ValueError(f"{name} is a merged LoRA layer; unmerge it before apply_qlora")
-        weight = (module.base_layer if isinstance(module, LoRALinear) else module).weight
+        weight = getattr(module.base_layer if isinstance(module, LoRALinear) else module, "weight", None)
         if isinstance(weight, Tensor) and not weight.is_floating_point() and \
                 getattr(weight, "quant_state", None) is None:
             raise TypeError(f"{name} has a {weight.dtype} weight; apply_qlora quantizes float "
