@@ -110,13 +110,14 @@ def _export(method: str) -> Callable[[Any], None]:
     return export
 
 
-def _callback(method: str, **kwargs: Any) -> Callable[[], list]:
-    """Factory of the Lightning callback of the registered ``method`` with these arguments."""
+def _callback(method: str, **kwargs: Any) -> Callable[..., list]:
+    """Factory of the Lightning callback of the registered ``method`` with these arguments (and
+    those a row with :class:`Sources` adds when it runs: the source adapters' directories)."""
 
-    def make() -> list:
+    def make(**extra: Any) -> list:
         from lightning_peft import peft_callback
 
-        return [peft_callback(method, **kwargs)]
+        return [peft_callback(method, **kwargs, **extra)]
 
     return make
 
@@ -129,8 +130,9 @@ class MethodSpec:
     """Name on the command line (``--methods``)."""
     label: str
     """Name in the table."""
-    callbacks: Callable[[], list]
-    """Builds the method's Lightning callbacks (``[]``: every parameter trains)."""
+    callbacks: Callable[..., list]
+    """Builds the method's Lightning callbacks (``[]``: every parameter trains); a row with
+    ``sources`` gets their directories as a keyword argument."""
     lr: float
     """Peak learning rate (warmup, then cosine decay)."""
     save: Callable[[Any, Path], Path] = _save_adapter
@@ -139,16 +141,35 @@ class MethodSpec:
     """Applied to the trained model before evaluation (``None``: evaluate as trained)."""
     hparams: dict[str, Any] = field(default_factory=dict)
     """Method settings shown in the JSON (r, alpha, targets, ...)."""
+    sources: Sources | None = None
+    """Adapters the method builds on, trained first in the row's process (AdapterFusion's)."""
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The adapters a row builds on (AdapterFusion fuses adapters trained on other tasks): one per
+    slice of the training records, each trained as the row ``spec`` is (same steps, batch size and
+    seed) in the row's process before the row's own training, outside its timer and memory window.
+    Their names, record counts and train times go into the row's JSON."""
+
+    spec: MethodSpec
+    """How each source adapter trains: its callbacks, learning rate and ``save``."""
+    slices: Callable[[list[dict]], dict[str, list[dict]]]
+    """``{name: records}`` from the training records; the names become the adapters' names."""
+    argument: str
+    """The row's callback argument that takes the list of the saved adapters' directories."""
 
 
 def _spec(key: str, label: str, method: str, lr: float, truncate_to: int | None = None,
-          **hparams: Any) -> MethodSpec:
+          sources: Sources | None = None, **hparams: Any) -> MethodSpec:
     """A row trained by the callback of the registered ``method``, built from ``hparams``;
-    ``truncate_to``: evaluate a DyLoRA adapter truncated to that rank without retraining."""
+    ``truncate_to``: evaluate a DyLoRA adapter truncated to that rank without retraining;
+    ``sources``: adapters trained first, whose directories the callback gets."""
     export = _export(method)
     merge = export if truncate_to is None else _truncated(truncate_to, export)
-    return MethodSpec(key, label, _callback(method, **hparams), lr=lr, merge=merge,
-                      hparams={"method": method, **hparams,
+    shown = {"sources": {"method": sources.spec.hparams, "lr": sources.spec.lr}} if sources else {}
+    return MethodSpec(key, label, _callback(method, **hparams), lr=lr, merge=merge, sources=sources,
+                      hparams={"method": method, **hparams, **shown,
                                **({"truncate_to": truncate_to} if truncate_to else {})})
 
 
@@ -162,9 +183,31 @@ def _truncated(rank: int, export: Callable[[Any], None]) -> Callable[[Any], None
     return run
 
 
+def _relation_families(records: list[dict]) -> dict[str, list[dict]]:
+    """The sibling tasks of ``examples/lorahub.py`` (records whose relations all lie in one family:
+    personal, work, company), without its held-out mixed records: the tasks AdapterFusion's source
+    adapters learn. A ``ValueError`` when the training records have none of a family."""
+    import importlib.util
+
+    found = importlib.util.spec_from_file_location("_lorahub_example", ROOT / "examples" / "lorahub.py")
+    example = importlib.util.module_from_spec(found)
+    found.loader.exec_module(example)
+    try:
+        tasks = example.split_tasks(records)
+    except (KeyError, IndexError, AttributeError) as err:
+        raise ValueError(f"the source adapters' slices need the triples data's records (an 'output' of "
+                         f"'(subject | relation | object)' triples): {err!r}") from err
+    slices = {name: tasks[name] for name in example.FAMILIES}
+    empty = [name for name, rows in slices.items() if not rows]
+    if empty:
+        raise ValueError(f"the training records have no record of the relation families {empty} "
+                         f"(examples/lorahub.py's FAMILIES) for the source adapters")
+    return slices
 
 
 _QV = ["q_proj", "v_proj"]
+_PFEIFFER = _spec("adapter_pfeiffer", "Adapters b=64, serial (Pfeiffer: FFN)", "adapter", 1e-3, bottleneck=64,
+                  placement="serial", config="pfeiffer")
 METHODS: list[MethodSpec] = [
     MethodSpec("full", "Full fine-tuning", lambda: [], lr=1e-4, save=_save_full_model, merge=None),
     _spec("lora_qv", "LoRA r=8 (q, v)", "lora", 2e-3, r=8, alpha=16, target_modules=_QV),
@@ -195,10 +238,11 @@ METHODS: list[MethodSpec] = [
                                                    288, 1806, 327, 7498, 1552, 2]),
     _spec("adapter_houlsby", "Adapters b=64, serial (Houlsby: attention + FFN)", "adapter", 1e-3,
           bottleneck=64, placement="serial", config="houlsby"),
-    _spec("adapter_pfeiffer", "Adapters b=64, serial (Pfeiffer: FFN)", "adapter", 1e-3, bottleneck=64,
-          placement="serial", config="pfeiffer"),
+    _PFEIFFER,
     _spec("adapter_parallel", "Adapters b=64, parallel (He et al.: FFN, s=4)", "adapter", 1e-3,
           bottleneck=64, placement="parallel", config="pfeiffer", scaling=4.0),
+    _spec("adapter_fusion", "AdapterFusion of 3 Pfeiffer adapters (relation families, trained first)",
+          "adapter_fusion", 5e-4, sources=Sources(_PFEIFFER, _relation_families, "adapter_dirs")),
     _spec("child_tuning_f", "Child-tuning F (p=0.3)", "child_tuning", 1e-4, mode="F", p=0.3),
     _spec("child_tuning_d", "Child-tuning D (p=0.3, Fisher of 8 batches)", "child_tuning", 1e-4, mode="D",
           p=0.3, fisher_batches=8),
@@ -239,7 +283,14 @@ loss; LLaMA-Adapter the paper's 9e-3 with adapter_len 10 on the top 30 layers, w
 30 is every layer (the paper: 30 of LLaMA-7B's 32); multitask prompt tuning with one task (the only
 task of this data set: a single-task MPT, the prompt P modulated by a rank-1 u·v, P random as the
 method's default) at prompt tuning's 3e-2. Small models gain little from prompt tuning (Lester et
-al.'s scale effect): the rows report what 135M parameters give."""
+al.'s scale effect): the rows report what 135M parameters give.
+
+AdapterFusion fuses three Pfeiffer adapters (the ``adapter_pfeiffer`` row's settings), each
+trained first, for the row's 60 steps, on one relation family of the training records (the
+sibling tasks of ``examples/lorahub.py``: personal, work, company; the records mixing families
+are seen only by the fusion), then trains the fusion on the whole task at 5e-4: the paper's 5e-5
+is for 10 epochs, and the adapter rows' 1e-3 is likewise 10x the adapter papers' 1e-4 for 60
+steps. Not tuned on the held-out set. Its train time and memory are the fusion's training only."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,12 +612,10 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
     from lightning_peft import trainable_parameters
 
     torch.set_num_threads(args.threads)
+    extra, sources = _train_sources(spec.sources, args) if spec.sources else ({}, None)
     L.seed_everything(args.seed, verbose=False)
     run = TASKS[args.task].prepare(spec, args)
-    trainer = L.Trainer(max_steps=args.steps, callbacks=spec.callbacks(), accelerator="cpu",
-                        devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=args.scratch)
+    trainer = _trainer(spec.callbacks(**extra), args)
     snapshot = Path(args.scratch) / "own_parameters.pt"
     own = _snapshot_own(run.model, snapshot)
     rss0, memory_method = _start_memory_window()
@@ -599,7 +648,47 @@ def run_method(spec: MethodSpec, args: argparse.Namespace) -> dict[str, Any]:
         "saved_mib": round(saved.stat().st_size / MiB, 4), "saved_bytes": saved.stat().st_size,
         "train_loss_first": losses[0], "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         **({"sample": sample} if sample is not None else {}),
+        **({"sources": sources} if sources is not None else {}),
     }
+
+
+def _trainer(callbacks: list, args: argparse.Namespace) -> Any:
+    import lightning as L
+
+    return L.Trainer(max_steps=args.steps, callbacks=callbacks, accelerator="cpu", devices=1,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, default_root_dir=args.scratch)
+
+
+def _train_sources(sources: Sources, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train and save the source adapters of a row (see :class:`Sources`); return the row's extra
+    callback argument (their directories) and what the JSON records of them."""
+    import gc
+
+    import lightning as L
+
+    from lightning_peft.data import load_records
+
+    root = Path(args.scratch) / "sources"
+    root.mkdir(parents=True, exist_ok=True)
+    dirs, info = [], {}
+    for name, records in sources.slices(load_records(args.train)).items():
+        train = root / f"{name}.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in records))
+        L.seed_everything(args.seed, verbose=False)
+        sliced = argparse.Namespace(**{**vars(args), "train": str(train)})
+        run = TASKS[args.task].prepare(sources.spec, sliced)
+        start = time.perf_counter()
+        _trainer(sources.spec.callbacks(), args).fit(run.module, datamodule=run.data)
+        seconds = time.perf_counter() - start
+        dirs.append(str(sources.spec.save(run.model, root / name).parent))
+        losses = [loss for _, loss in run.module.history["train_loss"]]
+        info[name] = {"records": len(records), "train_seconds": round(seconds, 1),
+                      "train_loss_first": losses[0],
+                      "train_loss_last10": sum(losses[-10:]) / len(losses[-10:])}
+        del run
+        gc.collect()
+    return {sources.argument: dirs}, {"row": sources.spec.key, "adapters": info}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -342,3 +342,47 @@ def test_trainable_count_is_new_tensors_plus_own_weights_that_moved(tmp_path):
     model[1].extra = torch.nn.Parameter(torch.zeros(5))  # a new trainable tensor
     model[1].frozen = torch.nn.Parameter(torch.zeros(7), requires_grad=False)  # new, frozen: not counted
     assert methods._changed_counts(model, own, tmp_path / "own.pt") == (5, 2)
+
+
+def test_adapter_fusion_row_trains_its_source_adapters_first(tmp_path):
+    """The AdapterFusion row first trains one Pfeiffer adapter per relation family of the training
+    data (as the adapter_pfeiffer row trains, on that family's records), then the fusion over them:
+    only the fusion's Q, K, V count as trained, the saved fusion holds the trained source adapters
+    bit for bit, and the JSON records the sources."""
+    from safetensors.torch import load_file
+
+    model_dir = save_tiny_model(tmp_path / "tiny_llama")
+    result, scratch = tmp_path / "row.json", tmp_path / "scratch"
+    assert methods.main(["--model", str(model_dir), "--steps", "2", "--batch-size", "4", "--eval-limit", "2",
+                         "--max-new-tokens", "4", "--threads", "1", "--worker", "adapter_fusion",
+                         "--result", str(result), "--scratch", str(scratch)]) == []
+    row = json.loads(result.read_text())
+    sources = row["sources"]
+    assert sources["row"] == "adapter_pfeiffer" and row["hparams"]["sources"]["lr"] == 1e-3
+    # the shipped triples data: records whose relations all lie in one family
+    assert {k: v["records"] for k, v in sources["adapters"].items()} == {"personal": 144, "work": 112,
+                                                                         "company": 96}
+    # the fusion at the tiny Llama's 2 FFN sites: Q and K with biases, V, each 32x32
+    assert row["trainable_params"] == row["new_trainable_params"] == 2 * (3 * 32 * 32 + 2 * 32)
+    assert row["changed_own_params"] == 0 and row["saved_file"] == "adapter_model.safetensors"
+    fused = load_file(scratch / "adapter_fusion" / "adapter_model.safetensors")
+    stacked = {"adapter_down.weight": "adapters_down", "adapter_down.bias": "adapters_down_bias",
+               "adapter_up.weight": "adapters_up", "adapter_up.bias": "adapters_up_bias"}
+    for i, name in enumerate(sources["adapters"]):  # stacked in the order of the adapter directories
+        source = load_file(scratch / "sources" / name / "adapter_model.safetensors")
+        assert len(source) == 2 * 4
+        for key, value in source.items():
+            site, leaf = key.rsplit(".", 2)[0], ".".join(key.rsplit(".", 2)[1:])
+            assert torch.equal(fused[f"{site}.{stacked[leaf]}"][i], value)
+            if leaf == "adapter_up.weight":
+                assert value.abs().sum() > 0  # trained: W_up starts at zero
+
+
+def test_source_slices_need_the_relation_families():
+    slices = methods._relation_families([{"output": "(A | founded | B)"}, {"output": "(C | born in | D)"},
+                                         {"output": "(C | works for | E)"}])
+    assert {k: len(v) for k, v in slices.items()} == {"personal": 1, "work": 1, "company": 1}
+    with pytest.raises(ValueError, match=r"no record of the relation families \['personal', 'work'\]"):
+        methods._relation_families([{"output": "(A | founded | B)"}])
+    with pytest.raises(ValueError, match="need the triples data's records"):
+        methods._relation_families([{"output": "positive"}])
