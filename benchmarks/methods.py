@@ -394,8 +394,9 @@ paper's range on GLUE, 1e-4..1e-3) and IA3 3e-3 (the T-Few paper's), not tuned o
 the rows of issue 12 as on the causal task (:data:`METHODS`), each training the head in full
 (``trainable_modules``). The soft-prompt rows of issue 13 run at their causal-task learning rates
 with the head as a trainable copy (``modules_to_save``, as HF PEFT's SEQ_CLS models train it);
-multitask prompt tuning has one task here and is left out, and LLaMA-Adapter supports Llama-family
-decoders only, not BERT. The intrinsic-dimension rows (issue 15, SAID and DID) train d = 10000 numbers
+multitask prompt tuning has one task here and is left out, LLaMA-Adapter supports Llama-family
+decoders only, not BERT, and AdapterFusion's source adapters need sibling tasks, which this one-task
+data set does not have. The intrinsic-dimension rows (issue 15, SAID and DID) train d = 10000 numbers
 in all, the head included through the subspace, at benchmarks.intrinsic_dimension's rate for that d
 (5e-2·√(1000/d)); its d90 sweep is that module's."""
 
