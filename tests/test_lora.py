@@ -662,3 +662,30 @@ def test_all_linear_lora_beside_trainable_tokens():
     names = [n for n, _ in lora_layers(model)]
     assert len(names) == 14 and not any("embed" in n for n in names)
     assert type(model.get_submodule("model.embed_tokens")).__name__ == "TrainableTokensLayer"
+
+
+@pytest.mark.parametrize("changed, shown", [
+    ({"r": 16}, "r=8 there, 16 asked"),
+    ({"alpha": 64}, "alpha=16.0 there, 64.0 asked"),
+    ({"dropout": 0.1}, "dropout=0.0 there, 0.1 asked"),
+    ({"use_rslora": True}, "use_rslora=False there, True asked"),
+    ({"use_dora": True}, "use_dora=False there, True asked"),
+])
+def test_applying_lora_again_takes_the_same_settings(changed, shown):
+    """Applying LoRA again keeps each layer's adapter and adds new targets; other settings for a
+    layer that carries LoRA (they used to be ignored silently) are refused before anything changes,
+    by QLoRA too (before any base is quantized)."""
+    from lightning_peft import NF4Linear, apply_qlora
+
+    model = apply_lora(_tiny.llama(), r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    layers = dict(lora_layers(model))
+    for apply in (apply_lora, functools.partial(apply_qlora, compute_dtype=torch.float32)):
+        with pytest.raises(ValueError, match=rf"self_attn\.q_proj.* already carry LoRA with other settings "
+                                             rf"\({re.escape(shown)}\).*add_adapter"):
+            apply(model, target_modules="all-linear", **{"r": 8, "alpha": 16, **changed})
+        assert dict(lora_layers(model)) == layers
+        assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    # the same settings: the LoRA layers stay (the same objects), the new targets are added
+    apply_lora(model, r=8, alpha=16, target_modules="all-linear")
+    now = dict(lora_layers(model))
+    assert len(now) == 14 and all(now[n] is layer for n, layer in layers.items())

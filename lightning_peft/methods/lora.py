@@ -678,7 +678,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     """Inject LoRA into ``model`` in place, freeze everything else, and return ``model``.
 
     Arguments are the fields of :class:`LoRAConfig` (or pass ``config=``). Layers that already
-    carry LoRA are left as they are, so applying twice is harmless. The base modules and their
+    carry LoRA are left as they are, so applying twice is harmless; it must then have their r,
+    alpha, dropout, rsLoRA and DoRA settings (others are refused, as is a target that carries
+    another method's layer). The base modules and their
     ``Parameter`` objects are kept, not copied. As in HF PEFT, a module listed in
     ``modules_to_save`` is trained in full and gets no LoRA inside it: ``"all-linear"`` (or the
     default targets) skip it and everything under it (a one-Linear classification head, or
@@ -726,6 +728,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
             f"already carr{'ies' if len(foreign) == 1 else 'y'} another method's layer "
             f"({', '.join(sorted(set(foreign.values())))}); LoRA does not wrap another method's layer. "
             f"Leave them out with exclude_modules, or apply LoRA to a model without that method")
+    _check_same_settings(model, targets, config)
     tokens: tuple[dict[str, list[int]], dict[str, str]] = ({}, {})
     if config.trainable_token_indices is not None:
         tokens = _plan_lora_tokens(model, config.trainable_token_indices, targets, saved)
@@ -763,6 +766,31 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
 
     install_adapter_names_hook(model)
     return model
+
+
+def _check_same_settings(model: nn.Module, targets: list[str], config: LoRAConfig) -> None:
+    """A ``ValueError`` when a target already carries LoRA with other settings than ``config``'s:
+    applying again keeps each layer's adapter as it is (and adds the new targets), so a different
+    rank, alpha, dropout, rsLoRA or DoRA would be ignored silently."""
+    want = {"r": config.r, "alpha": float(config.alpha), "dropout": float(config.dropout),
+            "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+    differ: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        if isinstance(layer, LoRALinear):
+            have = {"r": layer.r, "alpha": float(layer.alpha), "dropout": float(layer.dropout),
+                    "use_rslora": layer.use_rslora, "use_dora": layer.use_dora}
+            changed = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+            if changed:
+                differ[name] = changed
+    if differ:
+        first = next(iter(differ.values()))
+        shown = ", ".join(f"{k}={h!r} there, {w!r} asked" for k, (h, w) in first.items())
+        raise ValueError(
+            f"{first_names(list(differ))} already carr{'ies' if len(differ) == 1 else 'y'} LoRA with other "
+            f"settings ({shown}); applying LoRA again keeps each layer's adapter and only adds new targets, "
+            f"so it takes the same settings. For a second adapter use add_adapter(model, name, config); "
+            f"to start over, apply LoRA to a fresh model")
 
 
 def _plan_lora_tokens(model: nn.Module, spec: list[int] | dict[str, list[int]], targets: list[str],
