@@ -719,16 +719,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         raise ValueError(f"every module target_modules={config.target_modules!r} selects is in "
                          f"modules_to_save={config.modules_to_save!r}, so nothing is left to adapt")
     targets = [t for t in targets if not inside_any(t, saved)]
-    foreign = {t: type(model.get_submodule(t)).__name__ for t in targets
-               if isinstance(model.get_submodule(t), AdapterLayer)
-               and not isinstance(model.get_submodule(t), (LoRALinear, ModulesToSave))}
-    if foreign:
-        raise ValueError(
-            f"target_modules={config.target_modules!r} selects {first_names(list(foreign))}, which "
-            f"already carr{'ies' if len(foreign) == 1 else 'y'} another method's layer "
-            f"({', '.join(sorted(set(foreign.values())))}); LoRA does not wrap another method's layer. "
-            f"Leave them out with exclude_modules, or apply LoRA to a model without that method")
-    _check_same_settings(model, targets, config)
+    _check_carried(model, targets, config)
     tokens: tuple[dict[str, list[int]], dict[str, str]] = ({}, {})
     if config.trainable_token_indices is not None:
         tokens = _plan_lora_tokens(model, config.trainable_token_indices, targets, saved)
@@ -768,15 +759,24 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     return model
 
 
-def _check_same_settings(model: nn.Module, targets: list[str], config: LoRAConfig) -> None:
-    """A ``ValueError`` when a target already carries LoRA with other settings than ``config``'s:
-    applying again keeps each layer's adapter as it is (and adds the new targets), so a different
-    rank, alpha, dropout, rsLoRA or DoRA would be ignored silently."""
+def _check_carried(model: nn.Module, targets: list[str], config: LoRAConfig) -> None:
+    """A ``ValueError`` when a target already carries another method's layer (LoRA does not wrap
+    one; it used to skip such targets silently), or LoRA with other settings than ``config``'s
+    (applying again keeps each layer's adapter as it is and adds the new targets, so a different
+    rank, alpha, dropout, rsLoRA or DoRA would be ignored silently)."""
+    layers = {name: model.get_submodule(name) for name in targets}
+    foreign = {name: type(layer).__name__ for name, layer in layers.items()
+               if isinstance(layer, AdapterLayer) and not isinstance(layer, (LoRALinear, ModulesToSave))}
+    if foreign:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} selects {first_names(list(foreign))}, which "
+            f"already carr{'ies' if len(foreign) == 1 else 'y'} another method's layer "
+            f"({', '.join(sorted(set(foreign.values())))}); LoRA does not wrap another method's layer. "
+            f"Leave them out with exclude_modules, or apply LoRA to a model without that method")
     want = {"r": config.r, "alpha": float(config.alpha), "dropout": float(config.dropout),
             "use_rslora": config.use_rslora, "use_dora": config.use_dora}
     differ: dict[str, dict[str, tuple[Any, Any]]] = {}
-    for name in targets:
-        layer = model.get_submodule(name)
+    for name, layer in layers.items():
         if isinstance(layer, LoRALinear):
             have = {"r": layer.r, "alpha": float(layer.alpha), "dropout": float(layer.dropout),
                     "use_rslora": layer.use_rslora, "use_dora": layer.use_dora}
