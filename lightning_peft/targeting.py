@@ -138,8 +138,24 @@ def _matcher(spec: str | Sequence[str], arg: str) -> Callable[[str], bool]:
     return lambda name: any(name == e or name.endswith("." + e) for e in entries)
 
 
-def _inside_adapter(name: str, adapter_prefixes: list[str]) -> bool:
-    return any(name.startswith(p + ".") for p in adapter_prefixes)
+def _adapter_owned(model: nn.Module) -> list[str]:
+    """Names of the subtrees of ``model`` that belong to adapter layers: every child of an adapter
+    layer, except its ``base_layer`` where that wraps a block rather than one linear layer (a
+    LLaMA-Adapter attention, a parallel bottleneck adapter around GPT-2's ``mlp``): the block's
+    linears are the model's own and stay targetable."""
+    owned = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            base = getattr(module, "base_layer", None)
+            wraps_block = isinstance(base, nn.Module) and not isinstance(base, AdapterLayer) \
+                and not is_linear_like(base)
+            owned += [f"{name}.{child}" if name else child for child, _ in module.named_children()
+                      if not (wraps_block and child == "base_layer")]
+    return owned
+
+
+def _inside_adapter(name: str, owned: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in owned)
 
 
 def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:
@@ -158,13 +174,14 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
 
     Modules already wrapped by an adapter layer are returned (so that re-applying is idempotent;
     under ``"all-linear"`` only adapter layers around a linear); nothing inside an adapter layer
-    is. Raises ``ValueError`` when nothing matches, listing the Linear/Conv1D modules that exist,
-    and when a matched module is not a Linear/Conv1D. An explicit ``[]`` selects nothing (a method
-    that trains other modules only).
+    is, except the modules of a block an adapter layer wraps (LLaMA-Adapter's attention: its
+    q/k/v/o projections are selected as anywhere else). Raises ``ValueError`` when nothing
+    matches, listing the Linear/Conv1D modules that exist, and when a matched module is not a
+    Linear/Conv1D. An explicit ``[]`` selects nothing (a method that trains other modules only).
     """
     if isinstance(target_modules, (list, tuple)) and not target_modules:
         return []
-    adapters = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    adapters = _adapter_owned(model)
     spec = f"target_modules={target_modules!r}"  # how error messages name what selected modules
     if target_modules is None:
         kind = model_type(model)
@@ -213,7 +230,7 @@ def find_modules(model: nn.Module, names: Sequence[str], arg: str) -> list[str]:
     ``modules_to_save``; raises ``ValueError`` naming ``arg`` for an entry that matches nothing."""
     if isinstance(names, str):
         names = [names]
-    adapters = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    adapters = _adapter_owned(model)
     found: list[str] = []
     for entry in names:
         hits = [n for n, _ in model.named_modules()

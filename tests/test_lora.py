@@ -689,3 +689,40 @@ def test_applying_lora_again_takes_the_same_settings(changed, shown):
     apply_lora(model, r=8, alpha=16, target_modules="all-linear")
     now = dict(lora_layers(model))
     assert len(now) == 14 and all(now[n] is layer for n, layer in layers.items())
+
+
+@pytest.mark.parametrize("build, first, targets, count", [
+    # LLaMA-Adapter wraps the top layer's attention: its q/v used to be skipped silently
+    (_tiny.llama, "apply_llama_adapter", ["q_proj", "v_proj"], 4),
+    # parallel adapters wrap GPT-2's attn and mlp blocks: "all-linear" used to match nothing
+    (_tiny.gpt2, "apply_adapters", "all-linear", 8),
+])
+def test_lora_reaches_the_linears_of_a_block_another_method_wraps(build, first, targets, count):
+    """Another method's layer around a whole block (not one linear) leaves the block's linears
+    targetable: LoRA applied after it adapts the same projections, with the same outputs and
+    gradients, as LoRA applied before it."""
+    import lightning_peft
+
+    settings = {"apply_llama_adapter": {"adapter_len": 3, "adapter_layers": 1},
+                "apply_adapters": {"bottleneck": 4, "placement": "parallel"}}[first]
+    wrap = functools.partial(getattr(lightning_peft, first), **settings)
+    after = apply_lora(wrap(build()), r=4, target_modules=targets)
+    before = wrap(apply_lora(build(), r=4, target_modules=targets))
+    names = [n for n, _ in lora_layers(after)]
+    assert len(names) == count and names == [n for n, _ in lora_layers(before)]
+    assert any(".base_layer." in n for n in names)                    # inside the wrapped block
+    for model in (after, before):
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(4))
+    for _ in range(3):                                                 # shared-input fusion learns
+        outs = [m(ids).logits for m in (after, before)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for out in outs:
+        out.square().mean().backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (after, before)]
+    assert grads[0].keys() == grads[1].keys()
+    for n, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][n], msg=n)
