@@ -422,12 +422,12 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
         injector = method.from_json(root, config, config_where)
         clone = _meta_structure(root)
         injector(clone)
-        expected = _file_entries(clone)
+        expected = _file_entries(clone, by_key)
         saved = [n for n, m in clone.named_modules() if isinstance(m, ModulesToSave)]
     else:
         if method.update_from_json is not None:
             update = method.update_from_json(root, config, config_where)
-        expected = _file_entries(root)
+        expected = _file_entries(root, by_key)
         saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
     by_key = _drop_peft_duplicates(by_key, saved, expected)
     checked = dict(_validate({prefix + k: v[1] for k, v in expected.items()},
@@ -439,7 +439,7 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
 
     if inject:
         injector(root)
-        entries = _file_entries(root)
+        entries = _file_entries(root, by_key)
     else:
         entries = expected
     pairs = [(entries[k][1], checked[prefix + k]) for k in by_key if k in entries]
@@ -478,16 +478,16 @@ def _load_named(model: nn.Module, directory: Path, strict: bool, adapter_name: s
     if exists:
         if method.update_from_json is not None:
             update = method.update_from_json(root, config, config_where, adapter_name=adapter_name)
-        expected = _named_entries(root, adapter_name)
+        expected = {**_named_entries(root, adapter_name), **_embedding_weights(root, by_key)}
     else:
         injector = method.from_json(root, config, config_where, adapter_name=adapter_name)
         clone = _meta_structure(root)
         injector(clone)
-        expected = _named_entries(clone, adapter_name)
+        expected = {**_named_entries(clone, adapter_name), **_embedding_weights(clone, by_key)}
     checked = dict(_validate({k: v[1] for k, v in expected.items()}, by_key, strict, where, keys=True))
     if not exists:
         injector(root)
-    entries = _named_entries(root, adapter_name)
+    entries = {**_named_entries(root, adapter_name), **_embedding_weights(root, by_key)}
     pairs = [(entries[k][1], checked[k]) for k in checked if k in entries]
     with _unmerged(root):
         if update is not None:
@@ -553,12 +553,24 @@ def _check_binding(config: dict[str, Any], bound: str | None, config_path: str, 
     if not isinstance(recorded, dict):
         raise ValueError(f"{weights_path}: metadata {_BOUND_KEY!r} must hold a JSON object")
     differ = [f"{k} is {config.get(k)!r} in {config_path} but {recorded[k]!r} in the weights' "
-              f"metadata" for k in sorted(recorded) if config.get(k) != recorded[k]]
+              f"metadata" for k in sorted(recorded) if not _same_field(k, config.get(k), recorded[k])]
     if differ:
         raise ValueError(f"{weights_path}: the config does not belong to these weights: {'; '.join(differ)} "
                          f"({_BOUND_KEY!r} records the config they were saved with). The two files come "
                          f"from different saves, or the config was edited after saving. Nothing was "
                          f"loaded; the model is unchanged.")
+
+
+_SET_FIELDS = frozenset({"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"})
+"""Config fields whose lists HF PEFT treats as sets (its configs hold the first three as Python
+sets, so a config PEFT writes again lists them in any order)."""
+
+
+def _same_field(key: str, given: Any, recorded: Any) -> bool:
+    if key in _SET_FIELDS and isinstance(given, list) and isinstance(recorded, list) \
+            and all(isinstance(e, str) for e in given + recorded):
+        return set(given) == set(recorded)
+    return given == recorded
 
 
 def _meta_structure(root: nn.Module) -> nn.Module:
@@ -613,13 +625,14 @@ def _transformers_root(model: nn.Module) -> tuple[str, nn.Module]:
     return outer[0] if len(outer) == 1 else ("", model)
 
 
-def _file_entries(root: nn.Module) -> dict[str, tuple[str, Tensor]]:
+def _file_entries(root: nn.Module, given: Mapping[str, Any] | None = None) -> dict[str, tuple[str, Tensor]]:
     """``{file key without the prefix: (name in root, tensor)}`` for the adapter of ``root``: each
     adapter layer's parameters and persistent buffers under ``<layer path>.<layer.file_key(name)>``
     (LoRA ``<path>.lora_A.weight``, IA3 ``<path>.ia3_l``, a module trained in full under its own
     path, BatchNorm statistics included; a layer with ``keys_from_root`` under ``file_key`` alone,
     as HF PEFT's ``prompt_embeddings``; a layer's ``file_tensors()`` instead of its tensors where it
-    gives them), then the trainable biases under their own names."""
+    gives them), then the trainable biases under their own names. Loading (``given``: the file's
+    keys) adds the embedding weights of :func:`_embedding_weights` the file holds."""
     entries: dict[str, tuple[str, Tensor]] = {}
     computed: set[int] = set()
     for name, module in root.named_modules():
@@ -639,7 +652,31 @@ def _file_entries(root: nn.Module) -> dict[str, tuple[str, Tensor]]:
     for name, param in adapter_named_parameters(root):
         if id(param) not in covered:
             entries[name] = (name, param)
+    if given is not None:
+        entries.update((k, v) for k, v in _embedding_weights(root, given).items() if k not in entries)
     return entries
+
+
+def _embedding_weights(root: nn.Module, given: Mapping[str, Any]) -> dict[str, tuple[str, Tensor]]:
+    """The weights of ``root``'s input and output embeddings among the file keys ``given``
+    (``lm_head.base_layer.weight``, ``model.embed_tokens.weight``): HF PEFT's ``save_pretrained``
+    writes them beside the adapter when an embedding is a target or the vocabulary was resized
+    (``save_embedding_layers="auto"``), and its loading copies them into the model, as ours does
+    (the same values unless the vocabulary was resized and trained)."""
+    modules = {id(m): n for n, m in root.named_modules()}
+    prefixes = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(root, getter)() if callable(getattr(root, getter, None)) else None
+        except Exception:  # a model without that embedding may raise NotImplementedError
+            module = None
+        if module is not None and id(module) in modules:
+            prefixes.append(modules[id(module)] + ".")
+    if not prefixes:
+        return {}
+    tensors = {**dict(root.named_parameters(remove_duplicate=False)),
+               **dict(root.named_buffers(remove_duplicate=False))}
+    return {k: (k, tensors[k]) for k in given if k in tensors and k.startswith(tuple(prefixes))}
 
 
 def _validate(expected: Mapping[str, Tensor], given: Mapping[str, Any], strict: bool, where: str,

@@ -243,6 +243,20 @@ def find_modules(model: nn.Module, names: Sequence[str], arg: str) -> list[str]:
     return found
 
 
+def peft_modules_to_save(model: nn.Module, entries: Sequence[str] | None) -> list[str]:
+    """Full names of the modules HF PEFT trains in full for a file's ``modules_to_save`` entries:
+    PEFT matches an entry as a plain suffix of the module's name (``"norm"`` selects ``model.norm``
+    and every layer's ``input_layernorm``; ``"head"`` selects ``lm_head``), where our own
+    ``modules_to_save`` argument takes whole dotted names (:func:`find_modules`). Entries that
+    match nothing are skipped, as PEFT skips them (it lists both ``"classifier"`` and ``"score"``
+    for ``SEQ_CLS``, whichever the model has). Nothing inside an adapter layer is selected."""
+    entries = list(dict.fromkeys(entries or []))
+    adapters = _adapter_owned(model)
+    chosen = [n for n, _ in model.named_modules()
+              if n and any(n.endswith(e) for e in entries) and not _inside_adapter(n, adapters)]
+    return [n for n in chosen if not _inside_adapter(n, [c for c in chosen if c != n])]
+
+
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The parent module of the submodule ``name`` and its attribute name there."""
     parent_name, _, child = name.rpartition(".")

@@ -244,6 +244,64 @@ def test_hf_peft_file_loads_in_ours(case: str, tmp_path: Path) -> None:
     assert all(torch.equal(ours[k], peft_tensors[k]) for k in ours)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_hf_peft_lora_on_the_output_head_loads_with_its_base_weight(tie: bool, tmp_path: Path) -> None:
+    """PEFT writes the base weight of a targeted embedding or head beside the adapter
+    (``save_embedding_layers="auto"``: ``lm_head.base_layer.weight``) and copies it in on loading,
+    so a head whose rows changed (a resized, trained vocabulary) comes back; ours loads it the
+    same way (such files used to be refused as holding an unexpected tensor). A head of another
+    shape is refused and the model stays as it was."""
+    def llama() -> nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            tie_word_embeddings=tie)).eval()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=3, lora_alpha=7,
+                                                              target_modules=["q_proj", "lm_head"]))
+        _perturb(theirs)
+        with torch.no_grad():  # rows the base head did not have (as after resizing and training)
+            theirs.base_model.model.lm_head.base_layer.weight[-5:].normal_()
+        theirs.eval().save_pretrained(tmp_path / "peft")
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "peft" / WEIGHTS)
+    model = load_adapter(llama(), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(model), _logits(theirs), atol=1e-5, rtol=0)
+    assert {n for n, _ in lora_layers(model)} == _peft_lora_names(theirs)
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=70, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         tie_word_embeddings=tie)).eval()
+    snap = _snapshot(wider)
+    with pytest.raises(ValueError, match=r"lm_head\.base_layer\.weight: shape \(64, 16\) .* vs \(70, 16\)"):
+        load_adapter(wider, tmp_path / "peft")
+    _assert_unchanged(wider, snap)
+
+
+def test_modules_to_save_from_a_hf_peft_file_select_what_peft_selects(tmp_path: Path) -> None:
+    """PEFT matches ``modules_to_save`` entries as plain suffixes of module names: ``"norm"`` trains
+    the final norm and every layer's two norms, ``"head"`` the ``lm_head``. Loading its file selects
+    the same modules (it used to take ``"norm"`` for the final norm only and refuse the file)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=3, lora_alpha=7, target_modules=["q_proj"],
+                                                               modules_to_save=["norm", "head"]))
+        _perturb(theirs)
+        theirs.eval().save_pretrained(tmp_path / "peft")
+    model = load_adapter(_llama(), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(model), _logits(theirs), atol=1e-5, rtol=0)
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, ModulesToSave))
+    assert wrapped == ["lm_head", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                       "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
+                       "model.norm"]
+    # and back: PEFT loads what we save from it
+    save_adapter(model, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(again), _logits(theirs), atol=1e-5, rtol=0)
+
+
 def test_hf_peft_per_layer_ranks_and_scalings(tmp_path: Path) -> None:
     kind, kwargs = THEIRS["llama-patterns-rslora-lm_head"]
     with warnings.catch_warnings():
@@ -716,6 +774,30 @@ def test_config_from_another_save_is_refused(tmp_path: Path) -> None:
     assert lora_layers(load_adapter(_llama(), tmp_path / "b"))[0][1].alpha == 2
     _edit_config(tmp_path / "a")  # drops the metadata: a pair as HF PEFT writes it
     assert lora_layers(load_adapter(_llama(), tmp_path / "a"))[0][1].alpha == 2
+
+
+def test_config_written_again_by_hf_peft_still_belongs_to_its_weights(tmp_path: Path) -> None:
+    """PEFT holds ``target_modules`` (and ``exclude_modules``, IA3's ``feedforward_modules``) as sets:
+    a config it writes again (to change ``base_model_name_or_path``, say) lists them in another
+    order, which is the same config (it used to be refused as not belonging to the weights)."""
+    save_adapter(_ours("llama", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+                 tmp_path)
+    written = (tmp_path / CONFIG).read_text()
+    config = json.loads(written)
+    for order in (sorted(config["target_modules"], reverse=True), sorted(config["target_modules"])[1:] * 2):
+        config["target_modules"] = order
+        (tmp_path / CONFIG).write_text(json.dumps(config))
+        if len(set(order)) == 3:
+            assert len(lora_layers(load_adapter(_llama(), tmp_path))) == 6
+        else:  # another set of modules is another config
+            with pytest.raises(ValueError, match=r"target_modules is .* but .* in the weights' metadata"):
+                load_adapter(_llama(), tmp_path)
+    (tmp_path / CONFIG).write_text(written)
+    peft_config = peft.PeftConfig.from_pretrained(str(tmp_path))
+    peft_config.base_model_name_or_path = "moved/here"
+    peft_config.target_modules = set(reversed(sorted(peft_config.target_modules)))
+    peft_config.save_pretrained(str(tmp_path))
+    assert len(lora_layers(load_adapter(_llama(), tmp_path))) == 6
 
 
 def test_save_to_a_file_path_is_refused(tmp_path: Path) -> None:

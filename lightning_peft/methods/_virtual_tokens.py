@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft._base import AdapterLayer, ModulesToSave, freeze_all_but_adapters, inside_any
-from lightning_peft.targeting import find_modules, get_parent
+from lightning_peft.targeting import find_modules, get_parent, peft_modules_to_save
 
 PROMPT_ATTR = "prompt_encoder"
 """Name of the prompt layer as a submodule of the transformers model."""
@@ -172,19 +172,12 @@ def wrap_modules_to_save(root: nn.Module, paths: Sequence[str]) -> None:
 
 
 def read_modules_to_save(root: nn.Module, config: dict[str, Any], where: str) -> list[str] | None:
-    """A file's ``modules_to_save``, checked, kept to the entries ``root`` has (HF PEFT lists both
-    ``"classifier"`` and ``"score"`` for ``SEQ_CLS``, whichever the model has)."""
+    """A file's ``modules_to_save``, checked, as the full names of the modules HF PEFT selects with
+    it (:func:`~lightning_peft.targeting.peft_modules_to_save`)."""
     saved = config.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(s, str) and s for s in saved)):
         raise ValueError(f"{where}: modules_to_save must be a list of module names or null, got {saved!r}")
-    entries = []
-    for entry in dict.fromkeys(saved or []):
-        try:
-            find_modules(root, [entry], "modules_to_save")
-        except ValueError:
-            continue
-        entries.append(entry)
-    return entries or None
+    return peft_modules_to_save(root, saved) or None
 
 
 # --------------------------------------------------------------------------------------------

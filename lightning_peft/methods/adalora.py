@@ -75,6 +75,7 @@ from lightning_peft.targeting import (
     find_modules,
     find_targets,
     get_parent,
+    peft_modules_to_save,
     short_names,
 )
 
@@ -727,14 +728,7 @@ def _config_from_json(config: dict[str, Any], where: str) -> tuple[AdaLoRAConfig
 def _from_json(model: nn.Module, config: dict[str, Any], where: str) -> Callable[[nn.Module], None]:
     """Check ``config`` and plan the injection into ``model`` (read only); return the injection."""
     ada, patterns = _config_from_json(config, where)
-    saved_entries = []
-    for entry in dict.fromkeys(config.get("modules_to_save") or []):
-        try:  # PEFT may list modules the model lacks (the head it adds for SEQ_CLS): skipped
-            find_modules(model, [entry], "modules_to_save")
-        except ValueError:
-            continue
-        saved_entries.append(entry)
-    ada.modules_to_save = saved_entries or None
+    ada.modules_to_save = peft_modules_to_save(model, config.get("modules_to_save")) or None
     try:
         targets, _ = _plan(model, ada)
     except ValueError as err:

@@ -52,6 +52,7 @@ from lightning_peft.targeting import (
     get_parent,
     is_linear_like,
     model_type,
+    peft_modules_to_save,
 )
 
 IA3_TARGET_MODULES: dict[str, list[str]] = {
@@ -558,13 +559,7 @@ def _config_from_json(model: nn.Module, config: dict[str, Any], where: str) -> I
     saved = config.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(s, str) and s for s in saved)):
         raise ValueError(f"{where}: modules_to_save must be a list of module names or null, got {saved!r}")
-    entries = []
-    for entry in dict.fromkeys(saved or []):  # PEFT may list one twice, or one the model lacks
-        try:  # (the "classifier"/"score" PEFT adds for SEQ_CLS): such entries are skipped
-            find_modules(model, [entry], "modules_to_save")
-        except ValueError:
-            continue
-        entries.append(entry)
+    entries = peft_modules_to_save(model, saved)
     try:
         return IA3Config(target_modules=config.get("target_modules"),
                          feedforward_modules=config.get("feedforward_modules"),

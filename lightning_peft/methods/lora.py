@@ -69,6 +69,7 @@ from lightning_peft.targeting import (
     find_targets,
     get_parent,
     is_linear_like,
+    peft_modules_to_save,
     short_names,
 )
 
@@ -1080,12 +1081,7 @@ def _injection_plan(root: nn.Module, config: dict[str, Any],
         if not (config.get("modules_to_save") or tokens is not None):
             raise ValueError(f"{where}: {err}") from err
         targets = []
-    saved: list[str] = []
-    for entry in dict.fromkeys(config.get("modules_to_save") or []):  # PEFT may list one twice
-        try:  # PEFT skips entries that match nothing (e.g. the "score" it adds for SEQ_CLS)
-            saved.extend(n for n in find_modules(root, [entry], "modules_to_save") if n not in saved)
-        except ValueError:
-            continue
+    saved = peft_modules_to_save(root, config.get("modules_to_save"))
     # PEFT adapts nothing it trains in full, nor anything inside it (RoBERTa's two-Linear
     # classifier under "all-linear": PEFT lists its Linears in target_modules all the same)
     kept = [t for t in targets if not inside_any(t, saved)]

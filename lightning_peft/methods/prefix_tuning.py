@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from lightning_peft._base import AdapterLayer, ModulesToSave, freeze_all_but_adapters, inside_any
 from lightning_peft.methods import Method, planned_injection, register
 from lightning_peft.methods._virtual_tokens import PrefixModulesToSave
-from lightning_peft.targeting import check_module_names, find_modules, get_parent
+from lightning_peft.targeting import check_module_names, find_modules, get_parent, peft_modules_to_save
 
 ENCODER_NAME = "prefix_encoder"
 """Attribute of the transformers model that holds the :class:`PrefixEncoder`."""
@@ -521,13 +521,7 @@ def _config_from_json(model: nn.Module, config: dict[str, Any], where: str) -> P
         root = _root(model)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
-    entries = []
-    for entry in dict.fromkeys(saved or []):  # PEFT lists "classifier" and "score" for SEQ_CLS (twice)
-        try:
-            find_modules(root, [entry], "modules_to_save")
-        except ValueError:
-            continue
-        entries.append(entry)
+    entries = peft_modules_to_save(root, saved)
     try:
         return PrefixTuningConfig(num_virtual_tokens=config["num_virtual_tokens"],
                                   prefix_projection=config.get("prefix_projection", False),
