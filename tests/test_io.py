@@ -458,6 +458,10 @@ CONFIG_ERRORS = {
     "pissa": (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'"),
     "rank": (dict(r=0), ValueError, "r must be a positive integer"),
     "target": (dict(target_modules=["no_such_layer"]), ValueError, "no_such_layer"),
+    # PEFT ties the head to the embedding's trained copy; loading its lm_head.weight would change
+    # the base's tied weights instead
+    "weight-tying": (dict(ensure_weight_tying=True, modules_to_save=["embed_tokens"]), ValueError,
+                     "PEFT options not supported here: ensure_weight_tying=True"),
 }
 
 

@@ -988,6 +988,9 @@ def _check_json(config: dict[str, Any], where: str) -> None:
         if key in config and not isinstance(config[key], bool):
             fail(key, "true or false (a JSON boolean)")
     used = [k for k in _UNSUPPORTED_OPTIONS if config.get(k)]
+    if config.get("ensure_weight_tying") and (config.get("modules_to_save")
+                                              or config.get("trainable_token_indices")):
+        used.append("ensure_weight_tying")  # PEFT ties the head to the embedding's trained copy
     if used:
         raise ValueError(f"{where}: PEFT options not supported here: "
                          + ", ".join(f"{k}={config[k]!r}" for k in used))
