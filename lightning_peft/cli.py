@@ -179,10 +179,33 @@ def _import(class_path: str) -> Any:
 
 
 def _adapter_dir(text: str) -> str:
-    """``argparse`` type: a directory holding ``adapter_config.json``."""
+    """``argparse`` type: a directory holding ``adapter_config.json`` and
+    ``adapter_model.safetensors``."""
     if not (Path(text) / "adapter_config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text!r} is not an adapter directory (no adapter_config.json)")
+    if not (Path(text) / "adapter_model.safetensors").is_file():
+        pickled = " (adapter_model.bin is a pickle and is not loaded)" \
+            if (Path(text) / "adapter_model.bin").exists() else ""
+        raise argparse.ArgumentTypeError(f"{text!r} has no adapter_model.safetensors{pickled}")
     return text
+
+
+def _out_problem(out: Path, inputs: dict[str, str | None]) -> str | None:
+    """Why ``merge`` may not write (and so replace) the directory ``out``, or None. It must not be
+    or hold one of ``inputs`` (``{flag: path}``: the adapter, the base model), and an existing
+    directory is replaced only when it is a model directory (an earlier merge), never a run
+    directory with checkpoints and logs."""
+    if not out.name:
+        return f"{str(out)!r} is not a directory merge can write"
+    if out.exists() and not out.is_dir():
+        return f"{str(out)!r} is a file"
+    for flag, path in inputs.items():
+        if path is not None and (Path(path).resolve() == out or out in Path(path).resolve().parents):
+            return f"{str(out)!r} is or holds {flag} {path!r}, which writing it would delete"
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        return (f"{str(out)!r} exists and is not a model directory (no config.json); merge replaces "
+                f"--out, so name a new directory (or an earlier merge's)")
+    return None
 
 
 def _model_path(text: str) -> str:
@@ -271,9 +294,14 @@ def merge_to_directory(base: str | None, adapter: str, out: str | Path, dtype: t
     first, as in training, and the merge goes into their dequantized weights. The exported tensors
     must be exactly the base model's (a method that added tensors, e.g. BitFit's new biases on a
     model without biases, is refused). With ``verify``, the written directory is loaded back with
-    ``AutoModelForCausalLM`` and its logits compared with the merged model's; returns ``out``."""
+    ``AutoModelForCausalLM`` and its logits compared with the merged model's; returns ``out``.
+    An existing ``out`` is replaced only when it is a model directory (an earlier merge) that
+    holds neither ``adapter`` nor ``base``; otherwise a ``ValueError`` before anything is read."""
     from lightning_peft.io import load_adapter
 
+    problem = _out_problem(Path(out).resolve(), {"adapter": adapter, "base": base})
+    if problem:
+        raise ValueError(f"out: {problem}")
     model, tokenizer = load_causal_lm(base)
     model.eval()
     keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -294,7 +322,7 @@ def merge_to_directory(base: str | None, adapter: str, out: str | Path, dtype: t
         raise ValueError(f"the merged model's tensors differ from the base model's (new: {extra[:3]}, "
                          f"missing: {missing[:3]}, reshaped: {shaped[:3]}): a transformers directory of this "
                          f"architecture cannot hold them")
-    out = Path(out)
+    out = Path(out).resolve()
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     _forget_gguf(model)
@@ -358,7 +386,9 @@ def _merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", type=_model_path, default=None, help=_MODEL_HELP)
     parser.add_argument("--adapter", type=_adapter_dir, required=True,
                         help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    parser.add_argument("--out", required=True,
+                        help="directory to write (an earlier merge there is replaced; a directory "
+                             "that is not a model directory, or holds --adapter or --base, is refused)")
     parser.add_argument("--dtype", type=_dtype, default="float32",
                         help=f"dtype of the written weights: one of {sorted(DTYPES)}")
     parser.add_argument("--qlora", action="store_true",
@@ -373,12 +403,13 @@ def _merge_parser() -> argparse.ArgumentParser:
 def _merge_main(argv: Sequence[str]) -> Path:
     parser = _merge_parser()
     args = parser.parse_args(list(argv))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out: {args.out!r} is a file")
+    out = Path(args.out).resolve()
+    problem = _out_problem(out, {"--adapter": args.adapter, "--base": args.base})
+    if problem:
+        parser.error(f"--out: {problem}")
     try:
         path = merge_to_directory(args.base, args.adapter, out, args.dtype, args.verify, args.qlora)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     print(f"lightning-peft merge | wrote {path} ({str(args.dtype).removeprefix('torch.')})", flush=True)
     return path
@@ -451,7 +482,7 @@ def _generate_main(argv: Sequence[str]) -> str:
     if args.adapter is not None:
         try:
             load_adapter(model, args.adapter)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             parser.error(f"--adapter: {err}")
     model = model.to(args.dtype).eval()
     text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,

@@ -14,7 +14,7 @@ import yaml
 
 from lightning_peft import apply_peft, load_adapter, save_adapter
 from lightning_peft.callbacks import PEFTCallback, peft_callback
-from lightning_peft.cli import main
+from lightning_peft.cli import main, merge_to_directory
 from lightning_peft.methods import methods
 from tests import _tiny
 
@@ -271,6 +271,41 @@ def test_merge_argument_errors(llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--base", str(tmp_path), "--adapter", str(tmp_path), "--out", str(tmp_path / "m")])
     assert "--base" in capsys.readouterr().err
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "adapter_config.json").write_text("{}")
+    bare = str(tmp_path / "no_weights")
+    for command in (["merge", "--out", str(tmp_path / "m")], ["generate", "--prompt", "hi"]):
+        with pytest.raises(SystemExit):
+            main([command[0], "--base", str(llama_dir), "--adapter", bare, *command[1:]])
+        assert "has no adapter_model.safetensors" in capsys.readouterr().err
+
+
+def test_merge_never_replaces_its_inputs_or_a_run_directory(llama_dir, tmp_path, capsys, monkeypatch):
+    """``--out`` is replaced only when it is an earlier merge: naming the run directory that holds
+    the adapter (and checkpoints, logs), the adapter itself, the base model or any directory that
+    is not a model directory is refused before anything is read, and every file stays (a run
+    directory given as --out used to be deleted with the adapter in it)."""
+    run = tmp_path / "run"
+    adapter = save_adapter(_adapted(llama_dir, "lora", r=4, target_modules=["q_proj"]), run / "adapter")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+    files = sorted(p for p in tmp_path.rglob("*"))
+    base_files = sorted(p for p in llama_dir.rglob("*"))
+    for out, says in [(run, "is or holds --adapter"), (adapter, "is or holds --adapter"),
+                      (llama_dir, "is or holds --base"), (run / "checkpoints", "is not a model directory")]:
+        with pytest.raises(SystemExit):
+            main(["merge", "--base", str(llama_dir), "--adapter", str(adapter), "--out", str(out)])
+        assert says in capsys.readouterr().err
+        assert sorted(p for p in tmp_path.rglob("*")) == files
+        assert sorted(p for p in llama_dir.rglob("*")) == base_files
+    with pytest.raises(ValueError, match="out: .* is or holds adapter"):
+        merge_to_directory(str(llama_dir), str(adapter), run)
+    # an earlier merge is replaced; "." is the directory it names
+    first = main(["merge", "--base", str(llama_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")])
+    monkeypatch.chdir(first)
+    again = main(["merge", "--base", str(llama_dir), "--adapter", str(adapter), "--out", "."])
+    assert again == first.resolve() and (again / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"checkpoint"
 
 
 # ------------------------------------------------------------------------------------------- generate
