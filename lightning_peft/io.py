@@ -60,6 +60,7 @@ from lightning_peft._base import (
     first_names,
 )
 from lightning_peft.methods import file_method, get_method, method_for_peft_type, methods_in
+from lightning_peft.targeting import targets_from_file
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -406,6 +407,7 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
     prefix = method.file_prefix
     _, root = _transformers_root(model)
     file_keys = {k[len(prefix):] if k.startswith(prefix) else k: k for k in tensors}
+    peft_keys = None if _written_here(where) else file_keys  # may hold PEFT's embedding weights
     if len(file_keys) != len(tensors):
         raise ValueError(f"{where}: tensor names collide once the {prefix!r} prefix is removed")
     by_key = {key: tensors[full] for key, full in file_keys.items() if full.startswith(prefix)}
@@ -419,15 +421,17 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
     inject = not present
     update = None
     if inject:
-        injector = method.from_json(root, config, config_where)
-        clone = _meta_structure(root)
-        injector(clone)
-        expected = _file_entries(clone, by_key)
+        with targets_from_file():
+            injector = method.from_json(root, config, config_where)
+            clone = _meta_structure(root)
+            injector(clone)
+        expected = _file_entries(clone, peft_keys)
         saved = [n for n, m in clone.named_modules() if isinstance(m, ModulesToSave)]
     else:
         if method.update_from_json is not None:
-            update = method.update_from_json(root, config, config_where)
-        expected = _file_entries(root, by_key)
+            with targets_from_file():
+                update = method.update_from_json(root, config, config_where)
+        expected = _file_entries(root, peft_keys)
         saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
     by_key = _drop_peft_duplicates(by_key, saved, expected)
     checked = dict(_validate({prefix + k: v[1] for k, v in expected.items()},
@@ -438,12 +442,13 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
                              where)
 
     if inject:
-        injector(root)
-        entries = _file_entries(root, by_key)
+        with targets_from_file():
+            injector(root)
+        entries = _file_entries(root, peft_keys)
     else:
         entries = expected
     pairs = [(entries[k][1], checked[prefix + k]) for k in by_key if k in entries]
-    with _unmerged(root):
+    with _unmerged(root), targets_from_file():
         if update is not None:
             update()
         _copy(pairs)
@@ -473,23 +478,27 @@ def _load_named(model: nn.Module, directory: Path, strict: bool, adapter_name: s
     by_key = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
     if len(by_key) != len(tensors):
         raise ValueError(f"{where}: tensor names collide once the {prefix!r} prefix is removed")
+    peft_keys = {} if _written_here(where) else by_key  # may hold PEFT's embedding weights
     exists = adapter_name in _named_adapters(root)
     update = None
     if exists:
         if method.update_from_json is not None:
-            update = method.update_from_json(root, config, config_where, adapter_name=adapter_name)
-        expected = {**_named_entries(root, adapter_name), **_embedding_weights(root, by_key)}
+            with targets_from_file():
+                update = method.update_from_json(root, config, config_where, adapter_name=adapter_name)
+        expected = {**_named_entries(root, adapter_name), **_embedding_weights(root, peft_keys)}
     else:
-        injector = method.from_json(root, config, config_where, adapter_name=adapter_name)
-        clone = _meta_structure(root)
-        injector(clone)
-        expected = {**_named_entries(clone, adapter_name), **_embedding_weights(clone, by_key)}
+        with targets_from_file():
+            injector = method.from_json(root, config, config_where, adapter_name=adapter_name)
+            clone = _meta_structure(root)
+            injector(clone)
+        expected = {**_named_entries(clone, adapter_name), **_embedding_weights(clone, peft_keys)}
     checked = dict(_validate({k: v[1] for k, v in expected.items()}, by_key, strict, where, keys=True))
     if not exists:
-        injector(root)
-    entries = {**_named_entries(root, adapter_name), **_embedding_weights(root, by_key)}
+        with targets_from_file():
+            injector(root)
+    entries = {**_named_entries(root, adapter_name), **_embedding_weights(root, peft_keys)}
     pairs = [(entries[k][1], checked[k]) for k in checked if k in entries]
-    with _unmerged(root):
+    with _unmerged(root), targets_from_file():
         if update is not None:
             update()
         _copy(pairs)
@@ -525,6 +534,15 @@ def _read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tens
         raise ValueError(f"{str(weights_path)!r} is not a readable safetensors file: {err}") from err
     _check_binding(config, metadata.get(_BOUND_KEY), str(config_path), str(weights_path))
     return config, tensors, str(weights_path)
+
+
+def _written_here(weights_path: str) -> bool:
+    """Whether the weights file carries the config record :func:`save_adapter` writes (files of
+    HF PEFT and other tools do not)."""
+    from safetensors import safe_open
+
+    with safe_open(weights_path, framework="pt") as file:
+        return _BOUND_KEY in (file.metadata() or {})
 
 
 def _check_common_fields(config: dict[str, Any], where: str) -> None:
@@ -631,8 +649,8 @@ def _file_entries(root: nn.Module, given: Mapping[str, Any] | None = None) -> di
     (LoRA ``<path>.lora_A.weight``, IA3 ``<path>.ia3_l``, a module trained in full under its own
     path, BatchNorm statistics included; a layer with ``keys_from_root`` under ``file_key`` alone,
     as HF PEFT's ``prompt_embeddings``; a layer's ``file_tensors()`` instead of its tensors where it
-    gives them), then the trainable biases under their own names. Loading (``given``: the file's
-    keys) adds the embedding weights of :func:`_embedding_weights` the file holds."""
+    gives them), then the trainable biases under their own names. Loading a file written by HF
+    PEFT (``given``: its keys) adds the embedding weights of :func:`_embedding_weights` it holds."""
     entries: dict[str, tuple[str, Tensor]] = {}
     computed: set[int] = set()
     for name, module in root.named_modules():

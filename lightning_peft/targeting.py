@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -168,8 +170,28 @@ def describe_linear_modules(model: nn.Module, limit: int = 12) -> str:
     return f"Linear/Conv1D module names: {leaves}; full names: {shown}"
 
 
+_FROM_FILE = contextvars.ContextVar("lightning_peft_targets_from_file", default=False)
+
+
+@contextlib.contextmanager
+def targets_from_file() -> Iterator[None]:
+    """Within the block, list entries of ``target_modules``/``exclude_modules`` may match nothing
+    (:func:`find_targets`): an adapter file's lists are read as HF PEFT reads them, which needs
+    only one entry to match (configs list names of several architectures)."""
+    token = _FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _FROM_FILE.reset(token)
+
+
+def _unmatched(model: nn.Module, entries: Sequence[str], owned: list[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n, owned)]
+    return [e for e in entries if not any(n == e or n.endswith("." + e) for n in names)]
+
+
 def find_targets(model: nn.Module, target_modules: TargetSpec = None,
-                 exclude_modules: TargetSpec = None) -> list[str]:
+                 exclude_modules: TargetSpec = None, every_entry: bool = True) -> list[str]:
     """Full names of the modules of ``model`` selected by ``target_modules``/``exclude_modules``.
 
     Modules already wrapped by an adapter layer are returned (so that re-applying is idempotent;
@@ -177,11 +199,16 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
     is, except the modules of a block an adapter layer wraps (LLaMA-Adapter's attention: its
     q/k/v/o projections are selected as anywhere else). Raises ``ValueError`` when nothing
     matches, listing the Linear/Conv1D modules that exist, and when a matched module is not a
-    Linear/Conv1D. An explicit ``[]`` selects nothing (a method that trains other modules only).
+    Linear/Conv1D. With ``every_entry`` (and outside :func:`targets_from_file`), each entry of a
+    ``target_modules`` or ``exclude_modules`` list must match a module: a misspelt name is an
+    error, not a layer silently left out (or in); a method's per-architecture defaults pass
+    ``every_entry=False``. An explicit ``[]`` selects nothing (a method that trains other modules
+    only).
     """
     if isinstance(target_modules, (list, tuple)) and not target_modules:
         return []
     adapters = _adapter_owned(model)
+    given = {"target_modules": target_modules if every_entry else None, "exclude_modules": exclude_modules}
     spec = f"target_modules={target_modules!r}"  # how error messages name what selected modules
     if target_modules is None:
         kind = model_type(model)
@@ -197,6 +224,15 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
     heads = _output_head_names(model) if all_linear else set()
     match = (lambda name: True) if all_linear else _matcher(target_modules, "target_modules")
     exclude = _matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else None
+    for arg, entries in given.items():
+        missing = _unmatched(model, entries, adapters) \
+            if isinstance(entries, (list, tuple)) and not _FROM_FILE.get() else []
+        # (a target list that matches nothing at all gets the error below)
+        if missing and (arg == "exclude_modules" or len(missing) < len(entries)):
+            several = len(missing) > 1
+            raise ValueError(f"{arg} entr{'ies' if several else 'y'} {', '.join(map(repr, missing))} of "
+                             f"{list(entries)!r} match{'' if several else 'es'} no module of "
+                             f"{type(model).__name__}. {describe_linear_modules(model)}")
     chosen: list[str] = []
     for name, module in model.named_modules():
         if not name or _inside_adapter(name, adapters) or not match(name):

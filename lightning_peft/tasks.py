@@ -513,9 +513,6 @@ def check_targets(parser: argparse.ArgumentParser, model: nn.Module, targets: st
     from lightning_peft.targeting import find_targets
 
     try:
-        if isinstance(targets, list):
-            for name in targets:
-                find_targets(model, [name])
         return find_targets(model, targets)
     except ValueError as err:
         parser.error(f"{option}: {err}")

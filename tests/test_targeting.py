@@ -100,3 +100,46 @@ def test_nf4_base_is_recognised_by_its_weight():
     assert not is_linear_like(nn.Conv2d(2, 2, 1))
     model = nn.Sequential(FourBit(), nn.ReLU())
     assert find_targets(model, "all-linear") == ["0"]
+
+
+@pytest.mark.parametrize("method, kwargs, arg, entry", [
+    ("apply_lora", {"target_modules": ["q_proj", "v_porj"]}, "target_modules", "v_porj"),
+    ("apply_lora", {"target_modules": ["q_proj"], "exclude_modules": ["layers.0.self_attn.q_proj", "nope"]},
+     "exclude_modules", "nope"),
+    ("apply_ia3", {"target_modules": ["k_proj", "vproj"], "feedforward_modules": []},
+     "target_modules", "vproj"),
+    ("apply_dylora", {"target_modules": ["q_proj", "q.proj"]}, "target_modules", "q.proj"),
+    ("apply_adalora", {"target_modules": ["q_proj", "v"], "total_step": 10}, "target_modules", "v"),
+])
+def test_every_list_entry_must_match_a_module(method, kwargs, arg, entry):
+    """An entry of a ``target_modules``/``exclude_modules`` list that matches nothing is an error
+    naming it and the modules that exist, before the model changes (a misspelt entry beside a
+    good one used to leave its layers out, or in, silently)."""
+    import lightning_peft
+    from tests import _tiny
+
+    model = _tiny.llama()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=rf"{arg} entry '{entry}' of .* matches no module of "
+                                         rf"LlamaForCausalLM\. Linear/Conv1D module names: \[.*'q_proj'"):
+        getattr(lightning_peft, method)(model, **kwargs)
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+
+
+def test_a_file_may_list_entries_of_other_architectures(tmp_path):
+    """HF PEFT needs one entry of a file's ``target_modules`` to match (configs shared across
+    architectures list both Llama's and BERT's names): such a file loads, adapting what matches."""
+    import warnings
+
+    import peft
+
+    from lightning_peft import load_adapter
+    from tests import _tiny
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.llama(), peft.LoraConfig(
+            r=2, target_modules=["q_proj", "v_proj", "query", "value"], exclude_modules=["key"]))
+        theirs.save_pretrained(tmp_path)
+    model = load_adapter(_tiny.llama(), tmp_path)
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)}) == ["q_proj", "v_proj"]

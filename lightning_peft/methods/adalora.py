@@ -346,7 +346,7 @@ def _plan(model: nn.Module, config: AdaLoRAConfig) -> tuple[list[str], list[str]
         from lightning_peft.targeting import model_type
 
         spec = ADALORA_TARGET_MODULES.get(model_type(model))
-    targets = find_targets(model, spec, config.exclude_modules)
+    targets = find_targets(model, spec, config.exclude_modules, every_entry=config.target_modules is not None)
     saved = find_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else []
     explicit = config.target_modules is not None and config.target_modules != "all-linear"
     clash = sorted(set(targets) & set(saved)) if explicit else []

@@ -404,7 +404,7 @@ def _plan(model: nn.Module, config: IA3Config) -> tuple[dict[str, bool], list[st
         _check_subset(config.feedforward_modules, target_spec,
                       f"the default target_modules of model type {kind!r}")
     try:
-        targets = find_targets(model, target_spec, config.exclude_modules)
+        targets = find_targets(model, target_spec, config.exclude_modules, every_entry=not defaulted)
     except ValueError as err:
         if not defaulted:
             raise
