@@ -45,7 +45,7 @@ from lightning_peft._base import (
 )
 from lightning_peft.fsdp import clean_name
 from lightning_peft.io import _validate
-from lightning_peft.methods import apply_peft, get_method
+from lightning_peft.methods import _grouping, apply_peft, get_method
 from lightning_peft.methods.lora import LoRAConfig
 
 _WRAPPED = "_lightning_peft_wrapped"
@@ -92,13 +92,18 @@ class PEFTCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config)}
+        # with what the shared-input groups learned, so a resumed run fuses from its first step
+        shared = _grouping.learned_state(self._module) if self._module is not None else {}
+        return {"config": asdict(self.config), **({"shared_input": shared} if shared else {})}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config")
         if isinstance(saved, dict):
             self._check_config(type(self).__qualname__, saved)
+        shared = state_dict.get("shared_input")
+        if isinstance(shared, dict) and self._module is not None:  # restored after setup
+            _grouping.restore_learned(self._module, shared)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

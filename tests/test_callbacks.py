@@ -133,6 +133,38 @@ def test_resume_from_ckpt_path_restores_adapters_and_optimizer(tmp_path):
     assert len(seen["opt"]["state"]) == len(opt_state["state"])
 
 
+def test_resume_is_bit_exact_with_shared_input_fusion(tmp_path):
+    """q/k/v (and gate/up) fuse their LoRA branches from the second pass on, once the groups have
+    seen them read one tensor, and the fused backward sums the input gradient in another order:
+    checkpoints keep what the groups learned, so a run resumed at step 4 fuses from its first
+    step, as the uninterrupted run did there, and ends bit for bit where that run ends (it
+    used to differ in the last bits)."""
+    from lightning_peft.methods import _grouping
+
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+
+    def fit(steps, ckpt_path=None, callbacks=()):
+        module = _lit.TinyLM()
+        trainer = _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4, target_modules=targets), *callbacks],
+                               enable_checkpointing=bool(callbacks), max_steps=steps)
+        trainer.fit(module, _lit.loader(), ckpt_path=ckpt_path)
+        return module
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    whole = fit(8, callbacks=[ckpt])
+    path = tmp_path / "epoch=0-step=4.ckpt"
+    shared = torch.load(path, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in shared.items() if k.startswith("LoRACallback")]
+    assert len(state["shared_input"]) == 4  # q/k/v and gate/up of two layers
+    assert all(entry["first"] in entry["fused"] for entry in state["shared_input"].values())
+    resumed = fit(8, ckpt_path=path)
+    assert _grouping.learned_state(resumed) == _grouping.learned_state(whole)
+    want, got = _adapters(whole), _adapters(resumed)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
 def test_resume_with_wrong_checkpoint_names_the_tensors(tmp_path):
     module = _lit.TinyLM()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

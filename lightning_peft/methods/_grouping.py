@@ -15,6 +15,11 @@ not assumed from the order the layers were registered in: OPT, GPT-J, BART, Whis
 register ``k_proj`` before ``q_proj`` but call ``q_proj`` first. Nothing is learned while
 backward runs, so an activation-checkpointing recomputation takes the path of the forward it
 replays.
+
+What the groups learned is kept in Lightning checkpoints (:func:`learned_state`, through the
+callbacks): a resumed run takes the fused path from its first step, as the uninterrupted run did
+there, and so resumes bit for bit (the fused backward sums the input gradient in another order
+than the layers one by one, so the first, unfused pass of a fresh run differs in the last bits).
 """
 
 from __future__ import annotations
@@ -135,6 +140,43 @@ class SharedInputGroup:
         if not all(isinstance(w, Tensor) for w in weights) and _backend.use_triton(x):
             return None
         return list(weights), computes[0]
+
+
+def _groups(model: nn.Module) -> list[tuple[SharedInputGroup, list[str]]]:
+    """Each shared-input group of ``model`` once, with its members' names in ``model``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[int, tuple[SharedInputGroup, list[str]]] = {}
+    for module in model.modules():
+        group = module.__dict__.get(_ATTR)
+        if group is not None and id(group) not in found and all(id(m) in names for m in group.layers):
+            found[id(group)] = (group, [names[id(m)] for m in group.layers])
+    return list(found.values())
+
+
+def learned_state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What the groups of ``model`` learned, by member names (plain lists and strings):
+    ``{"<members, comma-joined>": {"fused": [names], "first": name}}``, groups that learned
+    nothing left out."""
+    state = {}
+    for group, names in _groups(model):
+        if group.learned is not None and group._first is not None:
+            state[",".join(names)] = {"fused": [names[i] for i in group.learned],
+                                      "first": names[group._first]}
+    return state
+
+
+def restore_learned(model: nn.Module, state: dict[str, Any]) -> None:
+    """Give the groups of ``model`` what :func:`learned_state` recorded; entries for groups the
+    model does not have (another model, other targets) are ignored: those groups learn anew."""
+    for group, names in _groups(model):
+        entry = state.get(",".join(names))
+        if not isinstance(entry, dict):
+            continue
+        fused, first = entry.get("fused"), entry.get("first")
+        if not (isinstance(fused, list) and len(fused) >= 2 and set(fused) <= set(names) and first in names):
+            continue
+        group.learned = group._candidate = tuple(sorted(names.index(n) for n in fused))
+        group._first = names.index(first)
 
 
 def groupable(layer: LoRALinear) -> bool:
