@@ -627,3 +627,22 @@ def test_callback_checkpoint_holds_only_biases_and_resumes(tmp_path):
     assert all(torch.equal(p, base[n]) for n, p in resumed.named_parameters() if n not in state)
     ids = _ids()
     assert torch.equal(_logits(resumed.model, ids), _logits(module.model, ids))
+
+
+@pytest.mark.parametrize("spec", ["all-linear", None])
+def test_bitfit_refuses_layers_another_method_wraps(spec):
+    """Every bias (or every linear's) of a model whose k/v/down layers carry IA3: those biases lie
+    inside IA3's layers, which BitFit does not reach; it used to leave them out silently. Now an
+    error names them and IA3's layer, before the model changes; excluding them works."""
+    from lightning_peft.methods.ia3 import IA3Config
+
+    model = apply_peft(_tiny.bert(), IA3Config())
+    grads = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    with pytest.raises(ValueError, match=rf"target_modules={spec!r} selects .*self\.key.* which carry "
+                                         r"another method's layer \(IA3Linear\); BitFit does not reach"):
+        apply_peft(model, BitFitConfig(target_modules=spec))
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
+    apply_peft(model, BitFitConfig(target_modules=spec, exclude_modules=["key", "value", "output.dense"]))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    assert "bert.encoder.layer.0.attention.self.query.bias" in trained
+    assert not any(".key." in n or ".value." in n for n in trained)

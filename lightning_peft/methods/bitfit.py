@@ -34,6 +34,7 @@ from lightning_peft._base import (
     TRAIN_BIAS_ATTR,
     AdapterLayer,
     ModulesToSave,
+    first_names,
     freeze_all_but_adapters,
     inside_any,
     wrap_modules_to_save,
@@ -192,6 +193,17 @@ def _plan(model: nn.Module, config: BitFitConfig) -> tuple[list[str], list[str],
     add = config.add_missing_biases
     if spec in EVERY_BIAS or spec == "all-linear":
         linear = _all_linear(model)
+        # layers another method wraps: their biases lie inside its layer, out of BitFit's reach
+        wrapped = {n: type(m).__name__ for n, m in model.named_modules()
+                   if isinstance(m, AdapterLayer) and not isinstance(m, ModulesToSave)
+                   and isinstance(getattr(m, "base_layer", None), nn.Module) and _has_bias_slot(m.base_layer)
+                   and (spec != "all-linear" or n in linear) and not (exclude is not None and exclude(n))}
+        if wrapped:
+            raise ValueError(f"target_modules={spec!r} selects {first_names(list(wrapped))}, which carr"
+                             f"{'ies' if len(wrapped) == 1 else 'y'} another method's layer "
+                             f"({', '.join(sorted(set(wrapped.values())))}); BitFit does not reach inside "
+                             f"another method's layer. Leave them out with exclude_modules, or apply "
+                             f"BitFit to a model without that method")
         pool = {n: m for n, m in slots.items() if not inside_any(n, trainable)
                 and (spec != "all-linear" or n in linear)}
         existing = [n for n, m in pool.items() if m._parameters["bias"] is not None]
