@@ -173,7 +173,10 @@ def file_method(model: nn.Module) -> Method:
                          f"apply_lora(model, ...) or apply_peft(model, config)")
     if len(found) > 1:
         raise ValueError(f"{type(model).__name__} carries adapters of several methods "
-                         f"({sorted(m.name for m in found)}); one adapter file holds one method")
+                         f"({sorted(m.name for m in found)}); one adapter file holds one method. "
+                         f"adapter_state_dict(model) holds every method's tensors (save it with "
+                         f"safetensors' save_file; load_adapter_state_dict puts it back into a model "
+                         f"the same methods were applied to)")
     return found[0]
 
 
