@@ -273,11 +273,19 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
-    """Set ``requires_grad`` on the adapter tensors of ``model`` and clear it everywhere else."""
+    """Set ``requires_grad`` on the adapter tensors of ``model`` and clear it everywhere else, and
+    give each adapter layer the train/eval mode of the module it wraps (else of the module that
+    holds it): a layer is created in training mode, and one injected into a model in ``eval()``
+    must not run its dropout at inference."""
     keep = {id(p) for _, p in adapter_named_parameters(model)}
-    for module in model.modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if isinstance(module, AdapterLayer):
             keep.difference_update(id(p) for p in module.inactive_adapter_parameters())
+            base = module._modules.get("base_layer")
+            host = base if base is not None else modules.get(name.rpartition(".")[0]) if name else None
+            if host is not None and module.training != host.training:
+                module.train(host.training)
     for param in model.parameters():
         param.requires_grad_(id(param) in keep)
 

@@ -726,3 +726,24 @@ def test_lora_reaches_the_linears_of_a_block_another_method_wraps(build, first, 
     assert grads[0].keys() == grads[1].keys()
     for n, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][n], msg=n)
+
+
+def test_injected_layers_take_the_models_train_or_eval_mode(tmp_path):
+    """Layers are created in training mode; injected into a model in ``eval()`` (by apply_lora,
+    load_adapter or P-tuning) they used to stay there, so dropout ran at inference and two eval
+    forwards differed. They now take the mode of the module they wrap (or sit in)."""
+    from lightning_peft import apply_p_tuning, load_adapter, save_adapter
+
+    ids = torch.randint(0, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    source = apply_lora(_tiny.llama(), r=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.3)
+    _tiny.randomize_lora(source)
+    save_adapter(source, tmp_path)
+    prompted = apply_p_tuning(_tiny.llama(), num_virtual_tokens=3, encoder_type="LSTM", encoder_dropout=0.5)
+    for model in (source, load_adapter(_tiny.llama(), tmp_path), prompted):
+        assert not model.training and not any(m.training for m in model.modules())
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, model(ids).logits)
+    trained = apply_lora(_tiny.llama().train(), r=4, target_modules=["q_proj"], dropout=0.3)
+    assert all(layer.training for _, layer in lora_layers(trained))
+    torch.testing.assert_close(load_adapter(_tiny.llama(), tmp_path)(ids).logits, source(ids).logits,
+                               rtol=0, atol=0)
