@@ -302,3 +302,26 @@ def test_lightning_fit_with_the_instruction_data_module(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     loaded = load_adapter(_tiny.llama(vocab=len(tok)), tmp_path / "pt")
     assert torch.equal(loaded.prompt_encoder.embedding, model.prompt_encoder.embedding)
+
+
+@pytest.mark.parametrize("apply_name, kwargs", [
+    ("apply_prompt_tuning", {}),
+    ("apply_p_tuning", {}),
+    ("apply_multitask_prompt_tuning", {"num_tasks": 2}),
+])
+def test_prompt_methods_refuse_encoder_decoder_models(apply_name, kwargs):
+    """On T5 the prompt went into the encoder's embeddings only through the model's forward:
+    ``generate`` calls the encoder directly and ignored it, and decoder labels were padded as if
+    they were the encoder's input. Refused, naming the model type, as prefix tuning refuses it."""
+    import transformers
+
+    import lightning_peft
+
+    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"prompt methods support decoder-only and encoder-only models; "
+                                         r"model type 't5' is an encoder-decoder model"):
+        getattr(lightning_peft, apply_name)(model, num_virtual_tokens=4, **kwargs)
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
