@@ -185,9 +185,21 @@ def targets_from_file() -> Iterator[None]:
         _FROM_FILE.reset(token)
 
 
-def _unmatched(model: nn.Module, entries: Sequence[str], owned: list[str]) -> list[str]:
+def check_every_entry(model: nn.Module, entries: object, arg: str, some_may_miss: bool = False) -> None:
+    """A ``ValueError`` naming ``arg`` when an entry of the list ``entries`` (exact or dotted-suffix
+    names) matches no module of ``model`` outside adapter layers, listing the linear layers that
+    exist; ``some_may_miss``: only when some entries match and others do not. Nothing is checked for
+    a string (a regex) or inside :func:`targets_from_file`."""
+    if not isinstance(entries, (list, tuple)) or _FROM_FILE.get():
+        return
+    owned = _adapter_owned(model)
     names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n, owned)]
-    return [e for e in entries if not any(n == e or n.endswith("." + e) for n in names)]
+    missing = [e for e in entries if not any(n == e or n.endswith("." + e) for n in names)]
+    if missing and not (some_may_miss and len(missing) == len(entries)):
+        several = len(missing) > 1
+        raise ValueError(f"{arg} entr{'ies' if several else 'y'} {', '.join(map(repr, missing))} of "
+                         f"{list(entries)!r} match{'' if several else 'es'} no module of "
+                         f"{type(model).__name__}. {describe_linear_modules(model)}")
 
 
 def find_targets(model: nn.Module, target_modules: TargetSpec = None,
@@ -224,15 +236,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
     heads = _output_head_names(model) if all_linear else set()
     match = (lambda name: True) if all_linear else _matcher(target_modules, "target_modules")
     exclude = _matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else None
-    for arg, entries in given.items():
-        missing = _unmatched(model, entries, adapters) \
-            if isinstance(entries, (list, tuple)) and not _FROM_FILE.get() else []
-        # (a target list that matches nothing at all gets the error below)
-        if missing and (arg == "exclude_modules" or len(missing) < len(entries)):
-            several = len(missing) > 1
-            raise ValueError(f"{arg} entr{'ies' if several else 'y'} {', '.join(map(repr, missing))} of "
-                             f"{list(entries)!r} match{'' if several else 'es'} no module of "
-                             f"{type(model).__name__}. {describe_linear_modules(model)}")
+    for arg, entries in given.items():  # (a target list matching nothing gets the error below)
+        check_every_entry(model, entries, arg, some_may_miss=arg == "target_modules")
     chosen: list[str] = []
     for name, module in model.named_modules():
         if not name or _inside_adapter(name, adapters) or not match(name):

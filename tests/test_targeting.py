@@ -110,6 +110,7 @@ def test_nf4_base_is_recognised_by_its_weight():
      "target_modules", "vproj"),
     ("apply_dylora", {"target_modules": ["q_proj", "q.proj"]}, "target_modules", "q.proj"),
     ("apply_adalora", {"target_modules": ["q_proj", "v"], "total_step": 10}, "target_modules", "v"),
+    ("apply_adapters", {"target_modules": ["o_proj", "v_porj"], "bottleneck": 4}, "target_modules", "v_porj"),
 ])
 def test_every_list_entry_must_match_a_module(method, kwargs, arg, entry):
     """An entry of a ``target_modules``/``exclude_modules`` list that matches nothing is an error

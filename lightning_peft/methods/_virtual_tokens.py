@@ -73,9 +73,10 @@ def transformers_root(model: nn.Module) -> nn.Module:
         raise ValueError(f"prompt methods need a transformers model with input embeddings (one "
                          f"PreTrainedModel inside {type(model).__name__}); found {type(root).__name__}")
     config = getattr(root, "config", None)
-    if getattr(config, "is_encoder_decoder", False):  # generate calls the encoder directly, past the prompt
+    if getattr(config, "is_encoder_decoder", False):  # generate calls the encoder past the prompt
+        kind = getattr(config, "model_type", type(root).__name__)
         raise ValueError(f"prompt methods support decoder-only and encoder-only models; model type "
-                         f"{getattr(config, 'model_type', type(root).__name__)!r} is an encoder-decoder model")
+                         f"{kind!r} is an encoder-decoder model")
     return root
 
 

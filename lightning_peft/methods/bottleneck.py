@@ -59,6 +59,7 @@ from lightning_peft.methods import Method, register
 from lightning_peft.targeting import (
     TargetSpec,
     _matcher,
+    check_every_entry,
     check_module_names,
     check_module_spec,
     conv1d_class,
@@ -350,6 +351,7 @@ def adapter_sites(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
         sites = default_sites(model, config.config or "houlsby", config.placement)
     else:
         match = _matcher(config.target_modules, "target_modules")
+        check_every_entry(model, config.target_modules, "target_modules")
         sites = {n: n for n, _ in model.named_modules()
                  if n and match(n) and not any(n.startswith(a + ".") for a in adapters)}
         if not sites:
