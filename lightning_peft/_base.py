@@ -28,6 +28,9 @@ class AdapterLayer(nn.Module):
     name relative to the layer (e.g. ``{"lora_A": ..., "lora_B": ...}``).
     """
 
+    runs_base_when_disabled: bool = False
+    """Whether the layer itself runs as its base when ``lightning_peft.disable_adapters`` marks it
+    (``_disabled`` in its ``__dict__``); others that wrap a module are swapped for it instead."""
     adapter_dtype: torch.dtype | None = None
     """The dtype the layer's adapter tensors are meant to keep whatever the base is cast to
     (fp32 on a half-precision base); ``None``: they follow the model's casts."""
@@ -113,6 +116,8 @@ class LinearAdapterLayer(AdapterLayer):
 class ModulesToSave(AdapterLayer):
     """A module trained in full: a trainable copy (``modules_to_save``) runs, the frozen
     ``original_module`` is kept so the base model can be restored."""
+
+    runs_base_when_disabled = True
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()

@@ -216,24 +216,42 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Modul
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every LoRA layer runs its base layer alone and every module trained in
-    full (``modules_to_save``) its original: the base model's outputs bit for bit (biases a
-    ``bias="all"``/``"lora_only"`` adapter trained stay as trained). Merged layers are unmerged
-    for the block (``W0`` restored exactly) and merged again after it."""
+    full (``modules_to_save``) its original, and so does every other method's layer beside LoRA
+    (IA3, bottleneck adapters, LLaMA-Adapter, prompts, prefixes, trainable tokens): the base
+    model's outputs bit for bit (biases a ``bias="all"``/``"lora_only"`` adapter trained stay as
+    trained). Merged layers are unmerged for the block (``W0`` restored exactly) and merged again
+    after it."""
     layers = _layers(model)
-    # every other adapter layer beside LoRA (modules trained in full, trainable-token rows) runs
-    # its base too; merged ones are unmerged for the block (their merge/unmerge are idempotent)
+    # every other adapter layer beside LoRA runs its base too: the ones that can (modules trained
+    # in full, trainable-token rows, prompts, prefixes) when marked, the other wrappers (IA3,
+    # bottleneck adapters, LLaMA-Adapter, ...) swapped for their base module for the block; merged
+    # ones are unmerged for the block (their merge/unmerge are idempotent)
     lora = {id(layer) for _, layer in layers}
-    saved = [m for m in model.modules() if isinstance(m, AdapterLayer) and id(m) not in lora]
+    others = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer) and id(m) not in lora]
+    marked = [m for _, m in others if m.runs_base_when_disabled]
+    wrappers = [(n, m) for n, m in others if not m.runs_base_when_disabled]
+    stuck = [n for n, m in wrappers if not isinstance(m._modules.get("base_layer"), nn.Module)]
+    if stuck:
+        raise ValueError(f"disable_adapters cannot run {first_names(stuck)} "
+                         f"({', '.join(sorted({type(model.get_submodule(n)).__name__ for n in stuck}))}) "
+                         f"as the base model")
+    parents = {id(child): (parent, key) for parent in model.modules()
+               for key, child in parent._modules.items() if child is not None}
+    swaps = [(*parents[id(m)], m) for _, m in wrappers]
     merged = [layer for _, layer in layers if layer.merged] + \
-        [m for m in saved if getattr(m, "merged", False)]
+        [m for _, m in others if getattr(m, "merged", False)]
     for layer in merged:
         layer.unmerge()
-    previous = [(m, m.__dict__.get("_disabled", False)) for m in [*(layer for _, layer in layers), *saved]]
+    previous = [(m, m.__dict__.get("_disabled", False)) for m in [*(layer for _, layer in layers), *marked]]
     try:
         for layer, _ in previous:
             layer.__dict__["_disabled"] = True
+        for parent, key, wrapper in swaps:
+            parent._modules[key] = wrapper.base_layer
         yield model
     finally:
+        for parent, key, wrapper in reversed(swaps):
+            parent._modules[key] = wrapper
         for layer, state in previous:
             layer.__dict__["_disabled"] = state
         with warnings.catch_warnings():

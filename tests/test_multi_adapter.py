@@ -466,3 +466,36 @@ def test_gpt2_conv1d_and_dora_rows_merge_and_mix():
     names = ["d", "__base__", "default"]
     want = torch.stack([runs[n][i] for i, n in enumerate(names)])
     torch.testing.assert_close(_logits(model, ids, adapter_names=names), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("first, kwargs", [
+    ("apply_adapters", {"bottleneck": 4}),
+    ("apply_prefix_tuning", {"num_virtual_tokens": 3}),
+    ("apply_prompt_tuning", {"num_virtual_tokens": 3}),
+    ("apply_llama_adapter", {"adapter_len": 3}),
+    ("apply_ia3", {}),
+    ("apply_trainable_tokens", {"token_indices": [1, 5]}),
+])
+def test_disable_adapters_runs_the_base_model_beside_other_methods(first, kwargs):
+    """LoRA beside another method's layers: inside ``disable_adapters`` the model is the base model
+    bit for bit (those layers used to keep running: a bottleneck adapter moved the logits by 0.5,
+    a prompt still lengthened them), and after the block it is the adapted model again."""
+    import lightning_peft
+    from lightning_peft import disable_adapters
+
+    ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = _tiny.llama()(ids).logits
+        model = getattr(lightning_peft, first)(_tiny.llama(), **kwargs)
+        apply_lora(model, r=2, target_modules=["q_proj"], exclude_modules=None)
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        adapted = model(ids).logits
+        structure = [(n, type(m)) for n, m in model.named_modules()]
+        with disable_adapters(model):
+            off = model(ids).logits
+        assert off.shape == base.shape and torch.equal(off, base)
+        assert [(n, type(m)) for n, m in model.named_modules()] == structure
+        assert torch.equal(model(ids).logits, adapted) and not torch.equal(adapted[:, -7:], base)

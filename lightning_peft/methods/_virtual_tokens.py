@@ -195,6 +195,8 @@ class VirtualTokens(AdapterLayer):
     HF PEFT keeps them) that a forward pre-hook on the transformers model inserts into its input.
     Subclasses compute the prompt in :meth:`prompt`."""
 
+    runs_base_when_disabled = True
+
     keys_from_root = True
     adapter_dtype = torch.float32
 
@@ -226,6 +228,8 @@ class VirtualTokens(AdapterLayer):
         inserted, masks, labels and positions extended to match (see the module docstring)."""
         if getattr(model, PROMPT_ATTR, None) is not self:
             return args, kwargs  # detached (another layer took the model's place)
+        if self.__dict__.get("_disabled", False):  # disable_adapters: the base model's call
+            return args, {k: v for k, v in kwargs.items() if k != "task_ids"}
         kwargs = dict(kwargs)
         if len(args) > len(self._arg_names):
             raise TypeError(f"{type(model).__name__} called with {len(args)} positional arguments")

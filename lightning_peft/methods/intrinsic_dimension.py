@@ -272,6 +272,8 @@ class IntrinsicProjection(AdapterLayer):
     projected tensors. :meth:`delta` gives tensor ``i``'s ``(P·θ)_i`` from a cache computed once
     per forward pass. Its own ``forward`` returns its input (it may sit in an ``nn.Sequential``)."""
 
+    runs_base_when_disabled = True  # it runs nothing: its layers do
+
     adapter_dtype = torch.float32
     merges_away = True
     """Once every :class:`IntrinsicDimensionLayer` is merged, nothing reads this module: an export
@@ -350,6 +352,8 @@ class IntrinsicDimensionLayer(AdapterLayer):
     tensor: ``θ_d``/``λ`` live in the model's :class:`IntrinsicProjection` (referenced, not a
     submodule). Merging writes the same weights into ``θ0`` (the originals kept for
     :meth:`unmerge`, bit for bit)."""
+
+    runs_base_when_disabled = True
 
     def __init__(self, base_layer: nn.Module, indices: Mapping[str, int],
                  projection: IntrinsicProjection) -> None:

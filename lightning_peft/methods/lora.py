@@ -260,6 +260,8 @@ class LoRALinear(LinearAdapterLayer):
     and the layer computes in the base's ``compute_dtype``; merging re-quantizes (see :meth:`merge`).
     """
 
+    runs_base_when_disabled = True
+
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
                  autocast_adapter_dtype: bool = True, use_dora: bool = False) -> None:

@@ -146,6 +146,8 @@ class PrefixEncoder(AdapterLayer):
     ``PrefixEncoder``; held by the transformers model as ``prefix_encoder``. Its
     :meth:`inject` is the forward pre-hook that passes the prefix to the model."""
 
+    runs_base_when_disabled = True
+
     keys_from_root = True  # HF PEFT's top-level ``prompt_embeddings``
     adapter_dtype = torch.float32  # created in fp32, as HF PEFT's prompt encoder; kept through casts
 
@@ -233,6 +235,8 @@ class PrefixEncoder(AdapterLayer):
         and the positions extended by it. See the module docstring."""
         from transformers import Cache, DynamicCache
 
+        if self.__dict__.get("_disabled", False):  # disable_adapters: the base model's call
+            return args, kwargs
         kwargs = dict(kwargs)
         if len(args) > len(self._call_args):
             raise TypeError(f"{type(module).__name__}.forward takes at most {len(self._call_args)} "

@@ -127,6 +127,8 @@ class TrainableTokensLayer(AdapterLayer):
     tensor: it uses the rows of the layer it is tied to, and is merged when that one is.
     """
 
+    runs_base_when_disabled = True
+
     def __init__(self, base_layer: nn.Module, token_indices: Sequence[int],
                  tied_to: TrainableTokensLayer | None = None, in_lora: bool = False) -> None:
         super().__init__()
