@@ -309,10 +309,13 @@ def merge_to_directory(base: str | None, adapter: str, out: str | Path, dtype: t
     if qlora:
         from lightning_peft.methods.lora import LoRALinear
         from lightning_peft.methods.qlora import NF4Linear
+        from lightning_peft.targeting import is_linear_like
 
-        for module in model.modules():
-            if isinstance(module, LoRALinear) and isinstance(module.base_layer, nn.Linear):
+        for module in model.modules():  # nn.Linear and GPT-2's Conv1D bases, as apply_qlora takes them
+            if isinstance(module, LoRALinear) and is_linear_like(module.base_layer) \
+                    and not isinstance(module.base_layer, NF4Linear):
                 module.base_layer = NF4Linear.from_linear(module.base_layer, compute_dtype=torch.float32)
+                module.fan_in_fan_out = False  # the NF4 weight is (out, in) even for a Conv1D
     export_merged(model, dtype)
     exported = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if exported != keys:

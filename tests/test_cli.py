@@ -255,6 +255,46 @@ def test_merge_in_bfloat16(llama_dir, tmp_path):
     assert (got - want).abs().max() <= 0.1 and (got - want).abs().mean() <= 0.01
 
 
+def test_qlora_merge_of_gpt2_keeps_its_conv1d_layout(tmp_path):
+    """GPT-2's projections are ``Conv1D`` (weight (in, out)): QLoRA quantizes them (out, in), and
+    the export used to give ``nn.Linear`` layers (out, in) that ``from_pretrained`` refused, while
+    ``merge --qlora`` left the Conv1D bases dense (LoRA on the dense base, not the trained QLoRA
+    model, off by 4e-3). Now both give the QLoRA model's logits through ``AutoModelForCausalLM``."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_peft import apply_qlora
+    from lightning_peft.methods.qlora import merge_and_dequantize
+
+    corpus = [f"{r['instruction']} {r['input']} {r['output']}" for r in _records("triples_train.jsonl")]
+    tok = _tiny.tokenizer(corpus, vocab_size=300)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=24, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=32, bos_token_id=0, eos_token_id=0))
+    base.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    model = apply_qlora(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval(), r=2,
+                        target_modules=["c_attn", "c_fc"], compute_dtype="float32")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        want = model(input_ids=IDS).logits
+    adapter = save_adapter(model, tmp_path / "adapter")
+    out = main(["merge", "--base", str(tmp_path / "gpt2"), "--adapter", str(adapter), "--out",
+                str(tmp_path / "m"), "--qlora"])
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    merged = merge_and_dequantize(model, torch.float32)
+    assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
+    merged.save_pretrained(tmp_path / "direct")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "direct").eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
 def test_merge_refuses_a_method_that_does_not_merge(llama_dir, tmp_path, capsys):
     model = _adapted(llama_dir, "prompt_tuning", num_virtual_tokens=4)
     adapter = save_adapter(model, tmp_path / "adapter")

@@ -147,6 +147,10 @@ class NF4Linear(nn.Module):
     (a placeholder to load or :meth:`quantize_` into; free on the meta device).
     """
 
+    from_conv1d: bool = False
+    """Quantized from a transformers ``Conv1D`` (GPT-2): :func:`merge_and_dequantize` gives a
+    ``Conv1D`` back, with its (in, out) weight, so the exported model saves and loads as one."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  compute_dtype: torch.dtype | str = torch.bfloat16, blocksize: int = 64,
                  double_quant: bool = True, device: torch.device | str | None = None,
@@ -182,11 +186,7 @@ class NF4Linear(nn.Module):
         if q is not None:
             out_features, in_features = q.shape
         else:
-            from lightning_peft.targeting import conv1d_class
-
-            conv1d = conv1d_class()
-            w = weight.detach().t() if conv1d is not None and isinstance(linear, conv1d) \
-                else weight.detach()                                              # (out, in)
+            w = weight.detach().t() if _is_conv1d(linear) else weight.detach()  # (out, in)
             if w.dim() != 2:
                 raise ValueError(f"linear.weight must be 2-D, got shape {tuple(w.shape)}")
             out_features, in_features = w.shape
@@ -201,6 +201,8 @@ class NF4Linear(nn.Module):
         layer.weight = q
         if getattr(linear, "bias", None) is not None:
             layer.bias = linear.bias
+        # the weight is (out, in) either way; a Conv1D's model expects its (in, out) back on export
+        layer.from_conv1d = _is_conv1d(linear)
         return layer
 
     # ------------------------------------------------------------------------------ weights
@@ -434,13 +436,13 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
                 w = q.dequantize(torch.float32)  # (out, in) fp32
                 if active:
                     w.add_(module._delta(active))
-                new = _dense_linear(w, module.base_layer.bias, dtype)
+                new = _dense_linear(w, module.base_layer.bias, dtype, module.base_layer)
         elif isinstance(module, ModulesToSave):
             new = module.modules_to_save
         elif not isinstance(module, AdapterLayer) and hasattr(module, "weight") and \
                 _quantized_base_weight(module) is not None:
             new = _dense_linear(_quantized_base_weight(module).dequantize(torch.float32),
-                                module.bias, dtype)
+                                module.bias, dtype, module)
         else:
             continue
         parent, child = get_parent(model, name)
@@ -449,14 +451,28 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
     return model
 
 
-def _dense_linear(weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> nn.Linear:
+def _is_conv1d(module: nn.Module) -> bool:
+    from lightning_peft.targeting import conv1d_class
+
+    conv1d = conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _dense_linear(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, quantized: nn.Module) -> nn.Module:
+    """A frozen dense layer for the (out, in) ``weight``: an ``nn.Linear``, or a transformers
+    ``Conv1D`` holding ``weightᵀ`` where ``quantized`` was made from one."""
     out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if getattr(quantized, "from_conv1d", False):
+        from lightning_peft.targeting import conv1d_class
+
+        layer = conv1d_class()(out_features, in_features)
+        layer.weight = nn.Parameter(weight.t().contiguous().to(dtype), requires_grad=False)
+    else:
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     if bias is not None:
-        linear.bias = nn.Parameter(bias.detach().to(weight.device, dtype, copy=True),
-                                   requires_grad=False)
-    return linear
+        layer.bias = nn.Parameter(bias.detach().to(weight.device, dtype, copy=True), requires_grad=False)
+    return layer
 
 
 
