@@ -994,39 +994,53 @@ class AdaLoRACallback(PEFTCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The config, and the triplets the allocation keeps in each layer (a run resumed in the
-        final phase keeps its mask)."""
+        """The config, the triplets the allocation keeps in each layer (a run resumed in the
+        final phase keeps its mask) and the smoothed importance and uncertainty (Ī, Ū) of each
+        layer's A, E, B (a run resumed in the budget phase ranks the triplets as the
+        uninterrupted run does)."""
         from lightning_peft.methods.adalora import adalora_layers
 
-        masks = {} if self._module is None else {
-            name: layer.rank_mask.tolist() for name, layer in adalora_layers(self._module)
-            if layer.rank_mask is not None}
-        return {**super().state_dict(), "rank_masks": masks}
+        layers = [] if self._module is None else adalora_layers(self._module)
+        masks = {name: layer.rank_mask.tolist() for name, layer in layers if layer.rank_mask is not None}
+        importance = {name: [t.detach().cpu().clone() for t in (*layer._importance[0], *layer._importance[1])]
+                      for name, layer in layers if layer._importance is not None}
+        return {**super().state_dict(), "rank_masks": masks, "importance": importance}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        masks = state_dict.get("rank_masks")
+        masks, importance = state_dict.get("rank_masks"), state_dict.get("importance")
         self._pending_masks = masks if isinstance(masks, dict) else None
+        self._pending_importance = importance if isinstance(importance, dict) else None
 
     def _restore_masks(self, pl_module: pl.LightningModule) -> None:
-        """Put back the masks of the checkpoint this run resumes from (checked against the layers)."""
+        """Put back the masks and importance averages of the checkpoint this run resumes from
+        (checked against the layers)."""
         import torch
 
         from lightning_peft.methods.adalora import adalora_layers
 
         masks, self._pending_masks = getattr(self, "_pending_masks", None), None
-        if not masks:
-            return
+        importance, self._pending_importance = getattr(self, "_pending_importance", None), None
         layers = dict(adalora_layers(pl_module))
-        wrong = [n for n, m in masks.items() if n not in layers or not isinstance(m, list)
+        wrong = [n for n, m in (masks or {}).items() if n not in layers or not isinstance(m, list)
                  or len(m) != layers[n].r or not all(isinstance(b, bool) for b in m)]
+        def factors(name: str) -> tuple[Tensor, ...]:  # what (Ī, Ū) hold, in order: A, E, B twice
+            return 2 * (layers[name].lora_A, layers[name].lora_E, layers[name].lora_B)
+
+        wrong += [n for n, ts in (importance or {}).items() if n not in layers or not isinstance(ts, list)
+                  or len(ts) != 6 or not all(isinstance(t, torch.Tensor) and t.shape == own.shape
+                                             for t, own in zip(ts, factors(n)))]
         if wrong:
-            raise ValueError(f"the checkpoint's AdaLoRA rank masks do not fit this model's layers: "
-                             f"{wrong[:5]}")
-        for name, mask in masks.items():
+            raise ValueError(f"the checkpoint's AdaLoRA rank masks or importance averages do not fit this "
+                             f"model's layers: {wrong[:5]}")
+        for name, mask in (masks or {}).items():
             layer = layers[name]
             layer.rank_mask = torch.tensor(mask, dtype=torch.bool, device=layer.lora_E.device)
+        for name, ts in (importance or {}).items():
+            layer = layers[name]
+            ts = [t.to(p.device, p.dtype) for t, p in zip(ts, factors(name))]
+            layer._importance = (ts[:3], ts[3:])
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
