@@ -841,6 +841,13 @@ class ReLoRACallback(PEFTCallback):
         if self.lr_schedule == "jagged_cosine":
             self._install_schedule(trainer)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # (after a resumed run's step is restored) a run resumed at a reset step made that reset
+        # before its checkpoint was written: under gradient accumulation its first batches still
+        # see that step, and must not reset again
+        self._last_reset = trainer.global_step
+
     def _install_schedule(self, trainer: pl.Trainer) -> None:
         """Put a jagged cosine ``LambdaLR`` on every optimizer, in place of the module's schedulers
         (Lightning restores a resumed run's scheduler state into it afterwards)."""

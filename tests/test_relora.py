@@ -419,6 +419,28 @@ def test_checkpoints_hold_the_merged_bases_and_resume_exactly(tmp_path):
             victim, _lit.loader(n=4), ckpt_path=tmp_path / "broken.ckpt")
 
 
+def test_a_run_resumed_at_a_reset_step_under_accumulation_does_not_reset_again(tmp_path):
+    """With ``accumulate_grad_batches=2`` the first batch of a run resumed from the checkpoint of
+    reset step 2 still sees ``global_step == 2``: it used to reset a second time (3 resets counted,
+    not 2). The resumed run now ends where the uninterrupted one ends, counts included."""
+    def fit(steps, root, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        module = _lit.TinyLM()
+        callback = ReLoRACallback(r=2, target_modules=["q_proj", "v_proj"], reset_every=2, restart_warmup=1,
+                                  total_steps=4)
+        _lit.trainer(root, max_steps=steps, accumulate_grad_batches=2, callbacks=[callback, *callbacks],
+                     enable_checkpointing=bool(callbacks)).fit(module, _lit.loader(), ckpt_path=ckpt_path)
+        return module
+
+    straight = fit(4, tmp_path / "a")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=2, save_top_k=-1)
+    fit(2, tmp_path / "b", callbacks=[ckpt])
+    resumed = fit(4, tmp_path / "c", ckpt_path=tmp_path / "b" / "epoch=0-step=2.ckpt")
+    assert relora_resets(straight) == relora_resets(resumed) == 2
+    want = _params(straight)
+    assert all(torch.equal(p, want[n]) for n, p in _params(resumed).items())
+
+
 def test_adapter_written_after_a_reset_comes_with_a_warning(tmp_path):
     module = _lit.TinyLM()
     callback = ReLoRACallback(r=2, reset_every=2, restart_warmup=1, adapter_dir=str(tmp_path / "early"))
