@@ -130,10 +130,11 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         mask = self.attention_mask
         if mask is None:
             return torch.ones_like(input_ids)
-        if mask.shape[0] != batch or mask.shape[1] > length:
+        if mask.shape[0] == 0 or batch % mask.shape[0] or mask.shape[1] > length:
             raise ValueError(f"attention_mask {tuple(mask.shape)} does not fit the ids "
                              f"{tuple(input_ids.shape)}: pass the prompt's mask to the processor")
-        mask = mask.to(input_ids.device, torch.long)
+        # generate repeats each prompt's row for num_return_sequences or num_beams
+        mask = mask.to(input_ids.device, torch.long).repeat_interleave(batch // mask.shape[0], dim=0)
         return torch.cat([mask, mask.new_ones(batch, length - mask.shape[1])], dim=1)
 
     @torch.no_grad()

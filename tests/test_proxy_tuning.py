@@ -99,6 +99,21 @@ def test_greedy_proxy_generation_equals_a_manual_loop(padded, use_cache):
     assert not torch.equal(own, out.sequences)  # the offset changes the decoding
 
 
+def test_padded_prompts_with_several_sequences_per_prompt():
+    """``generate`` repeats each prompt's row for ``num_return_sequences`` (and ``num_beams``); the
+    prompts' mask is repeated the same way (it used to be refused as not fitting the ids). With
+    top-k 1 sampling every returned sequence is its prompt's greedy proxy decoding."""
+    large, tuned, untuned = _models()
+    ids, mask = _prompts(padded=True)
+    out = proxy_generate(large, tuned, untuned, ids, attention_mask=mask, max_new_tokens=5, do_sample=True,
+                         top_k=1, num_return_sequences=2, pad_token_id=PAD, eos_token_id=EOS)
+    expected, _ = _manual_greedy(large, tuned, untuned, ids, mask, 5)
+    assert torch.equal(out, expected.repeat_interleave(2, dim=0))
+    beams = proxy_generate(large, tuned, untuned, ids, attention_mask=mask, max_new_tokens=3, num_beams=2,
+                           pad_token_id=PAD, eos_token_id=EOS)
+    assert beams.shape[0] == 2 and torch.equal(beams[:, :7], ids)
+
+
 def test_alpha_zero_is_the_large_models_own_generation():
     large, tuned, untuned = _models(torch.float32)
     ids, mask = _prompts(padded=True)
