@@ -295,6 +295,32 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
         param.requires_grad_(id(param) in keep)
 
 
+class ModelState:
+    """What injecting (and quantizing) can change in ``model``, kept by reference (no tensor is
+    copied) so that :meth:`restore` puts it back exactly after a failure part way: every module's
+    attributes, children, parameters and buffers (the same objects), and every parameter's
+    ``requires_grad``. Values written into existing tensors are not undone."""
+
+    _STORES = ("_modules", "_parameters", "_buffers")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(m, dict(m.__dict__), [dict(getattr(m, k)) for k in self._STORES])
+                        for m in model.modules()]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, attrs, stores in self.modules:
+            for key in module.__dict__.keys() - attrs.keys():
+                del module.__dict__[key]
+            module.__dict__.update(attrs)
+            for key, saved in zip(self._STORES, stores):
+                store = getattr(module, key)
+                store.clear()
+                store.update(saved)
+        for param, requires_grad in self.requires_grad:
+            param.requires_grad_(requires_grad)
+
+
 class ParameterCount(NamedTuple):
     """``(trainable, total)`` parameter counts; ``str()`` gives PEFT's summary line."""
 

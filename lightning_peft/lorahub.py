@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft._base import AdapterLayer, first_names
+from lightning_peft._base import AdapterLayer, ModelState, first_names
 from lightning_peft.io import _read_adapter, _transformers_root
 from lightning_peft.methods import get_method
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear, apply_lora, lora_scaling
@@ -386,7 +386,8 @@ def lorahub(model: nn.Module, adapter_dirs: Sequence[str | Path], examples: Sequ
     Everything (directories, their configs and tensors, shapes against the model, the same target
     modules in every adapter, no adapter on the model, the examples, one pass of the loss on the
     base model) is checked before the model is changed; a problem raises a ``ValueError`` naming
-    the adapter and the modules, with the model unchanged. The combined LoRA layers are plain
+    the adapter and the modules, with the model unchanged; a failure during the search (an
+    exception in ``loss_fn``, an interrupt) also leaves it as it was. The combined LoRA layers are plain
     :class:`LoRALinear` layers of rank Σ r_i and scaling 1; :func:`save_adapter` writes them as a
     HF PEFT LoRA adapter. As :func:`apply_lora` does, every other parameter of the model is frozen.
     """
@@ -400,6 +401,7 @@ def lorahub(model: nn.Module, adapter_dirs: Sequence[str | Path], examples: Sequ
 
     was_training = model.training
     model.eval()
+    before = ModelState(model)  # a failure during the search leaves the model without the LoRA
     try:
         loss_base = _few_shot_loss(model, batches, loss_fn)  # checks examples and loss_fn first
         combination = _Combination(root, targets, adapters)
@@ -433,6 +435,9 @@ def lorahub(model: nn.Module, adapter_dirs: Sequence[str | Path], examples: Sequ
             weights = list(best["weights"])
         loss_after = evaluate(weights)[0]
         combination.set_weights(weights)
+    except BaseException:
+        before.restore()
+        raise
     finally:
         model.train(was_training)
     return LoRAHubResult(weights=weights, loss_before=loss_before, loss_after=loss_after,

@@ -209,6 +209,28 @@ def test_bad_input_is_refused_with_the_model_unchanged(tmp_path):
         lorahub(carrying, [good], [batch], budget=2)
 
 
+def test_a_search_that_fails_part_way_leaves_the_model_unchanged(tmp_path):
+    """An exception in ``loss_fn`` on its fourth call (after the combined LoRA was injected) leaves
+    the model exactly as it was: no LoRA layers, the same modules, tensors and ``requires_grad``."""
+    good = _random_adapter(_tiny.llama, tmp_path / "good", 2, 4.0, 1, ["q_proj", "v_proj"])
+    batch = _chain_batch(TASKS["plus"], 3, 6, torch.Generator().manual_seed(0))
+    model = _tiny.llama()
+    before = _snapshot(model)
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("out of memory")
+        return model(**batch).loss
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lorahub(model, [good], [batch], loss_fn=loss_fn, budget=5)
+    assert len(calls) == 4
+    _assert_unchanged(model, before)
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
 def test_missing_nevergrad_names_the_install(monkeypatch, tmp_path):
     good = _random_adapter(_tiny.llama, tmp_path / "good", 2, 4.0, 1, ["q_proj"])
     monkeypatch.setitem(sys.modules, "nevergrad", None)

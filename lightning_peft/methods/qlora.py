@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.nf4 import BLOCKSIZES
-from lightning_peft._base import AdapterLayer, freeze_all_but_adapters
+from lightning_peft._base import AdapterLayer, ModelState, freeze_all_but_adapters
 from lightning_peft.methods import Method, _grouping, register
 from lightning_peft.methods.lora import METHOD as LORA_METHOD
 from lightning_peft.methods.lora import (
@@ -347,7 +347,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
                 getattr(weight, "quant_state", None) is None:
             raise TypeError(f"{name} has a {weight.dtype} weight; apply_qlora quantizes float "
                             f"weights or takes over bitsandbytes nf4 Linear4bit layers")
-    before = _ModelState(model)
+    before = ModelState(model)
     try:
         apply_lora(model, config=config)
         dtype = config.torch_compute_dtype
@@ -373,31 +373,6 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
         before.restore()
         raise
     return model
-
-
-class _ModelState:
-    """What injecting and quantizing can change in ``model``, kept by reference (no tensor is
-    copied) so that :meth:`restore` puts it back exactly: every module's attributes, children,
-    parameters and buffers (the same objects), and every parameter's ``requires_grad``."""
-
-    _STORES = ("_modules", "_parameters", "_buffers")
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = [(m, dict(m.__dict__), [dict(getattr(m, k)) for k in self._STORES])
-                        for m in model.modules()]
-        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-
-    def restore(self) -> None:
-        for module, attrs, stores in self.modules:
-            for key in module.__dict__.keys() - attrs.keys():
-                del module.__dict__[key]
-            module.__dict__.update(attrs)
-            for key, saved in zip(self._STORES, stores):
-                store = getattr(module, key)
-                store.clear()
-                store.update(saved)
-        for param, requires_grad in self.requires_grad:
-            param.requires_grad_(requires_grad)
 
 
 # ----------------------------------------------------------------------------------- export
