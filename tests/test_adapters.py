@@ -295,6 +295,27 @@ def test_fusion_forward_matches_the_formula(tmp_path, arch, placement):
         torch.testing.assert_close(run(model, ids), run(ref, ids), rtol=1e-10, atol=1e-10)
 
 
+def test_fusion_takes_source_adapters_saved_with_their_task_heads(tmp_path):
+    """Classifier adapters are saved with their head (``trainable_modules``): the fusion takes their
+    site adapters and leaves their heads out (they used to make the adapter refused), its outputs
+    those of the same adapters saved without heads; the fusion trains a head of its own."""
+    with_heads, bare = [], []
+    for i, b in enumerate((3, 5)):
+        model = apply_adapters(_tiny.bert(), bottleneck=b, trainable_modules=["classifier"])
+        randomize(model, seed=20 + i)
+        save_adapter(model, tmp_path / f"head{i}")
+        with_heads.append(str(tmp_path / f"head{i}"))
+        model.classifier = model.classifier.modules_to_save  # the same adapter without its head
+        save_adapter(apply_adapters(model, bottleneck=b), tmp_path / f"bare{i}")
+        bare.append(str(tmp_path / f"bare{i}"))
+    fused = apply_adapter_fusion(_tiny.bert(), with_heads, trainable_modules=["classifier"])
+    reference = apply_adapter_fusion(_tiny.bert(), bare, trainable_modules=["classifier"])
+    ids = ids_for(1)
+    with torch.no_grad():
+        torch.testing.assert_close(run(fused, ids), run(reference, ids), rtol=0, atol=0)
+    assert fused.classifier.modules_to_save.weight.requires_grad
+
+
 def test_fusion_trains_only_the_fusion_and_round_trips(tmp_path):
     dirs = _saved_adapters(tmp_path, _tiny.llama)
     model = apply_adapter_fusion(_tiny.llama().train(), dirs)

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft._base import AdapterLayer, ModulesToSave, freeze_all_but_adapters, wrap_modules_to_save
+from lightning_peft._base import (
+    AdapterLayer,
+    ModulesToSave,
+    freeze_all_but_adapters,
+    inside_any,
+    wrap_modules_to_save,
+)
 from lightning_peft.methods import Method, register
 from lightning_peft.methods.bottleneck import (
     ACTIVATIONS,
@@ -271,7 +277,12 @@ def _plan(model: nn.Module, config: AdapterFusionConfig) -> tuple[dict[str, Any]
         "scalings": [float(c["scaling"]) for c in configs],
     }
     _check_plan(model, fields)
-    for directory, cfg, ten in zip(config.adapter_dirs, configs, tensors):
+    for i, (directory, cfg) in enumerate(zip(config.adapter_dirs, configs)):
+        # a source adapter's own task head (its trainable_modules) is not fused: the fusion trains
+        # the heads of its own trainable_modules
+        heads = [n for e in (cfg.get("trainable_modules") or []) if isinstance(e, str)
+                 for n, _ in model.named_modules() if n and (n == e or n.endswith("." + e))]
+        ten = tensors[i] = {k: v for k, v in tensors[i].items() if not inside_any(k, heads)}
         want = {
             f"{w}.{k}"
             for w in sites
@@ -280,7 +291,9 @@ def _plan(model: nn.Module, config: AdapterFusionConfig) -> tuple[dict[str, Any]
         if set(ten) != want:
             raise ValueError(
                 f"adapter_dirs: {directory!r} does not hold exactly the tensors of its sites "
-                f"(missing {sorted(want - set(ten))[:3]}, unexpected {sorted(set(ten) - want)[:3]})"
+                f"(missing {sorted(want - set(ten))[:3]}, unexpected {sorted(set(ten) - want)[:3]}; "
+                f"besides its sites' adapters a source adapter may hold its trainable_modules, which "
+                f"are not fused)"
             )
         for write, read in sites.items():
             inp, out = _dims(model, write, read, first["placement"])
