@@ -1,9 +1,10 @@
-"""Ops for parameter-efficient fine-tuning: fused LoRA matmul (and DoRA's), (IA)³ scaling and NF4
-4-bit quantization.
+"""Ops for parameter-efficient fine-tuning: fused LoRA matmul (and DoRA's), (IA)³ scaling, NF4
+4-bit quantization and the Walsh-Hadamard transform.
 
-Every op has a pure-PyTorch reference (the CPU fallback and the specification) and a Triton
-kernel; :func:`set_backend` picks between them. Only torch is imported here; triton is imported
-lazily on the Triton path.
+Every op has a pure-PyTorch reference (the CPU fallback and the specification); the LoRA, DoRA,
+NF4 and Hadamard ops also have Triton kernels, and :func:`set_backend` picks between the two
+((IA)³ is one elementwise product around ``nn.Linear``'s call and runs its PyTorch op on every
+backend). Only torch is imported here; triton is imported lazily on the Triton path.
 """
 
 from kernels._backend import get_backend, set_backend, use_backend

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import _backend
-from kernels.nf4 import _NESTED_BLOCKSIZE, NF4Tensor, _tables, _workspace
+from kernels.nf4 import _NESTED_BLOCKSIZE, NF4Tensor, _nested_offset, _tables, _workspace
 
 # Largest M served by the fused matmul kernel; larger batches dequantize once and call the GEMM.
 SMALL_M = 16
@@ -224,7 +224,7 @@ def quantize(w: Tensor, blocksize: int, double_quant: bool) -> NF4Tensor:
         num_warps=4, enable_fp_fusion=False)
     if not double_quant:
         return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
-    offset = absmax.mean()                                              # () fp32
+    offset = _nested_offset(absmax)                                     # () fp32
     groups = -(-blocks // _NESTED_BLOCKSIZE)
     qabs = torch.empty(blocks, dtype=torch.uint8, device=w.device)
     nested = torch.empty(groups, dtype=torch.float32, device=w.device)

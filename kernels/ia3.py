@@ -96,7 +96,7 @@ def _sum_of_products(a: Tensor, b: Tensor, dtype: torch.dtype, l: Tensor | None 
     temporary), and the block of ``a`` is scaled while still in cache. Half-precision inputs
     accumulate in fp32."""
     m, n = a.shape
-    rows = min(m, max(1, _BLOCK_BYTES // max(1, n * a.element_size())))
+    rows = max(1, min(m, _BLOCK_BYTES // max(1, n * a.element_size())))  # >= 1: also 0 rows
     wide = torch.promote_types(dtype, torch.float32)
     same = a.dtype == wide and b.dtype == wide  # addcmul_ needs one dtype
     acc = torch.zeros((rows, n) if same else (n,), dtype=wide, device=a.device)
@@ -222,6 +222,9 @@ def ia3_linear(x: Tensor, weight: Tensor, ia3_l: Tensor, bias: Tensor | None = N
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight is "
                          f"{tuple(weight.shape)} (out, in); expected x[..., {in_features}]")
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}; cast one of "
+                        f"them or run under torch.autocast")
     fused = (x.dtype == weight.dtype == ia3_l.dtype and not torch.is_autocast_enabled(x.device.type)
              and (bias is None or bias.dtype == x.dtype))
     if not fused:

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from kernels import _backend, _lora_cpu
 from kernels.nf4 import NF4Tensor, nf4_dense_for_matmul
@@ -88,7 +89,16 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _check_args(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None,
-                dropout_p: float) -> None:
+                dropout_p: float, scaling: Any) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
+        got = f"{x.dtype}, shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor (..., in) of at least one dim, got {got}")
+    if len(getattr(weight, "shape", ())) != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(getattr(weight, 'shape', ()))}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight is "
@@ -103,7 +113,8 @@ def _check_args(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, bias: Te
         raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if isinstance(weight, Tensor) and weight.dtype != x.dtype:
+    autocast = torch.is_autocast_enabled(x.device.type)  # then both run in the autocast dtype
+    if isinstance(weight, Tensor) and weight.dtype != x.dtype and not autocast:
         raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}; cast one of "
                         "them or run under torch.autocast")
 
@@ -219,6 +230,7 @@ class _LoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # (second derivatives: not through the saved S)
     def backward(ctx, grad_out):
         x2, lora_a, lora_b, s_lora, drop, weight = ctx.saved_tensors   # s_lora holds s·S
         weight = ctx.weight if weight is None else weight
@@ -329,7 +341,7 @@ def lora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
     dtype, ``x`` in its own. Under ``torch.autocast`` everything runs in the autocast dtype. The
     output is a fresh tensor that may be edited in place. (All casts are differentiable.)
     """
-    _check_args(x, weight, lora_a, lora_b, bias, dropout_p)
+    _check_args(x, weight, lora_a, lora_b, bias, dropout_p, scaling)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -403,6 +415,7 @@ class _LoRALinearGrouped(torch.autograd.Function):
         return outs
 
     @staticmethod
+    @once_differentiable  # (second derivatives: not through the saved S)
     def backward(ctx, *grad_outs):
         x2, s_cat, drop, *rest = ctx.saved_tensors
         n, p = len(ctx.scalings), ctx.dropout_p
@@ -489,7 +502,7 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
         raise ValueError("weights, lora_as, lora_bs, scalings (and biases) must be non-empty and have "
                          "one entry per member")
     for i, (w, a, b) in enumerate(zip(weights, lora_as, lora_bs)):
-        _check_args(x, w, a, b, None if biases is None else biases[i], dropout_p)
+        _check_args(x, w, a, b, None if biases is None else biases[i], dropout_p, scalings[i])
     return lora_linear_grouped_reference(x, weights, lora_as, lora_bs, scalings, biases, dropout_p,
                                          generator)
 
@@ -567,6 +580,7 @@ class _DoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # (second derivatives: not through the saved S)
     def backward(ctx, grad_out):
         x2, lora_a, lora_b, s_lora, drop, weight, g, norm, u = ctx.saved_tensors
         weight = ctx.weight if weight is None else weight
@@ -624,7 +638,7 @@ def dora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
     ``u``) and the fused LoRA backward on ``g⊙dY`` (:mod:`kernels._lora_triton`); a quantized
     ``weight`` runs the PyTorch path on every backend.
     """
-    _check_args(x, weight, lora_a, lora_b, bias, dropout_p)
+    _check_args(x, weight, lora_a, lora_b, bias, dropout_p, scaling)
     out_features = weight.shape[0]
     if not isinstance(magnitude, Tensor) or tuple(magnitude.shape) != (out_features,):
         raise ValueError(f"magnitude must be a ({out_features},) tensor, one entry per output "
@@ -634,8 +648,6 @@ def dora_linear(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, scaling:
         got = tuple(getattr(weight_norm_sq, "shape", ())) or type(weight_norm_sq).__name__
         raise ValueError(f"weight_norm_sq must be None or a ({out_features},) tensor of ||W0_i||², "
                          f"got {got}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

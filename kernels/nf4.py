@@ -428,10 +428,21 @@ def _quantize_torch(w: Tensor, blocksize: int, double_quant: bool) -> NF4Tensor:
     packed = (codes[0::2] << 4) | codes[1::2]                          # ((n+1)//2,)
     if not double_quant:
         return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
-    offset = absmax.mean()                                             # () fp32
+    offset = _nested_offset(absmax)                                    # () fp32
     qabs, nested = _quantize_absmax_torch(absmax - offset, tables)
     return NF4Tensor(packed, qabs, w.shape, w.dtype, blocksize, nested_absmax=nested,
                      nested_code=tables.dynamic.clone(), nested_offset=offset)
+
+
+def _nested_offset(absmax: Tensor) -> Tensor:
+    """The mean of the blocks' maxima, which double quantization subtracts before its 8-bit
+    quantization; a ``ValueError`` where it overflows float32 (maxima near fp32's limit)."""
+    offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        raise ValueError(f"w's block maxima (up to {float(absmax.max()):.3g}) overflow float32 in their "
+                         f"mean, which double quantization subtracts; scale w down or pass "
+                         f"double_quant=False")
+    return offset
 
 
 def _quantize_absmax_torch(v: Tensor, tables: _Tables) -> tuple[Tensor, Tensor]:
@@ -773,7 +784,8 @@ def _matmul(x2: Tensor, q: NF4Tensor, bias: Tensor | None, triton: bool) -> Tens
     if triton:
         from kernels import _nf4_triton
 
-        return _nf4_triton.nf4_matmul(x2, q, bias)
+        # its kernels read the bias at unit stride
+        return _nf4_triton.nf4_matmul(x2, q, None if bias is None else bias.contiguous())
     w = nf4_dense_for_matmul(q, x2.dtype)                               # (N, K), scratch
     return torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
 
@@ -784,18 +796,16 @@ def _grad_x(dy: Tensor, q: NF4Tensor) -> Tensor:
 
 
 class _NF4Linear(torch.autograd.Function):
+    # on 2-D x (M, K): the caller reshapes, so the output is no view made in here (a model may
+    # edit it in place)
     @staticmethod
-    def forward(ctx, x, q, bias, triton):
-        shape = x.shape
-        y = _matmul(x.reshape(-1, shape[-1]), q, bias, triton)          # (M, N)
-        ctx.q, ctx.shape = q, shape
-        return y.view(*shape[:-1], q.shape[0])
+    def forward(ctx, x2, q, bias, triton):
+        ctx.q = q
+        return _matmul(x2, q, bias, triton)                             # (M, N)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q = ctx.q
-        dy = grad_out.reshape(-1, q.shape[0])                           # (M, N)
-        grad_x = _grad_x(dy, q).view(ctx.shape) if ctx.needs_input_grad[0] else None
+    def backward(ctx, dy):  # linear in dy: double backward through it is exact
+        grad_x = _grad_x(dy, ctx.q) if ctx.needs_input_grad[0] else None
         grad_bias = dy.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, None
 
@@ -862,9 +872,9 @@ def _nf4_linear(x: Tensor, q: NF4Tensor, bias: Tensor | None, triton: bool | Non
         bias = bias.to(x.dtype)
     if triton is None:
         triton = _backend.use_triton(x, q.packed)
-    if not torch.compiler.is_compiling():
-        return _NF4Linear.apply(x, q, bias, triton)
     x2 = x.reshape(-1, x.shape[-1])                                     # (M, K)
+    if not torch.compiler.is_compiling():
+        return _NF4Linear.apply(x2, q, bias, triton).view(*x.shape[:-1], q.shape[0])
     y = _nf4_linear_op(x2, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.nested_offset,
                        q.blocksize, list(q.shape), bias, triton)        # (M, N)
     return y.view(*x.shape[:-1], q.shape[0])
