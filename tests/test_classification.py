@@ -242,7 +242,7 @@ def test_module_argument_errors(tokenizer):
         SequenceClassificationModule(_bert(tokenizer), num_labels=1)
     with pytest.raises(ValueError, match="has no config.num_labels"):
         SequenceClassificationModule(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="lr must be a positive number"):
+    with pytest.raises(ValueError, match="lr must be a finite positive number"):
         SequenceClassificationModule(_bert(tokenizer), lr=0)
     with pytest.raises(ValueError, match="schedule must be one of"):
         SequenceClassificationModule(_bert(tokenizer), schedule="step")

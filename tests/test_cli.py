@@ -159,7 +159,10 @@ def test_print_config_and_callbacks_from_flags(capsys):
     ("--trainer.callbacks.init_args.r=eight", 'Parser key "r":\n          Expected a <class \'int\'>'),
     ("--trainer.callbacks.init_args.r=0", "trainer.callbacks[1] (LoRACallback): r must be"),  # method's check
     ("--trainer.callbacks.init_args.target_modules=[q_proj]", None),        # fine: reaches the model
-    ("--model.init_args.lr=-1", "model.init_args (CausalLMModule): lr must be a positive number, got -1.0"),
+    ("--model.init_args.lr=-1", "model.init_args (CausalLMModule): lr must be a finite positive number"),
+    ("--model.init_args.lr=.inf", "lr must be a finite positive number, got inf"),
+    ("--model.init_args.weight_decay=.nan", "weight_decay must be a finite number >= 0, got nan"),
+    ("--model.init_args.betas=[0.9,2.0]", "betas must be two numbers in [0, 1) (AdamW's), got (0.9, 2.0)"),
     ("--data.init_args.batch_size=0", "data.init_args (InstructionDataModule): batch_size must be"),
     ("--data.init_args.batch_sise=4", "batch_sise"),                        # unknown key
     ("--trainer.max_steps=many", "trainer.max_steps"),
@@ -183,6 +186,21 @@ def test_bad_config_values_fail_naming_the_key_before_the_model_loads(override, 
         main(args)
     assert exit_.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_an_over_long_record_is_a_usage_error_before_the_model_loads(llama_dir, monkeypatch, capsys):
+    """Without truncation an over-long record used to be a traceback from the trainer's setup."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("lightning_peft.tasks.load_causal_lm", refuse)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(CONFIGS / "lora.yaml"), f"--model.model={llama_dir}",
+              "--trainer.accelerator=cpu", "--trainer.logger=false", "--data.init_args.max_length=8"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.init_args (InstructionDataModule): " in err and "triples_train.jsonl line 1" in err
+    assert "max_length" in err
 
 
 def test_model_path_that_is_not_a_model_is_a_config_error(tmp_path, capsys):
@@ -436,9 +454,10 @@ def test_merge_of_a_base_read_from_gguf(llama_dir, tmp_path, monkeypatch):
                                    model(input_ids=IDS).logits, rtol=1e-5, atol=2e-5)
 
 
-def test_classifier_and_data_must_agree_on_the_classes(bert_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["fit", "validate"])  # validate used to fail in the loss (IndexError)
+def test_classifier_and_data_must_agree_on_the_classes(command, bert_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIGS / "bitfit.yaml"), f"--model.model={bert_dir}",
+        main([command, "--config", str(CONFIGS / "bitfit.yaml"), f"--model.model={bert_dir}",
               "--model.init_args.num_labels=3", f"--trainer.default_root_dir={tmp_path}",
               "--trainer.logger=false", "--trainer.accelerator=cpu"])
     assert "model.init_args.num_labels is 3 but the data has 2 classes" in capsys.readouterr().err

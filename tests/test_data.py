@@ -224,6 +224,55 @@ def test_train_shuffle_is_seeded(chat_tok):
     assert torch.equal(first_epoch(3), first_epoch(3))
 
 
+def test_shuffle_order_per_epoch_resumes_at_an_epoch_boundary(chat_tok, tmp_path):
+    """Each epoch's order comes from the seed and the epoch (Lightning sets the sampler's epoch):
+    the same orders as a seeded shuffling loader over its epochs, and a run resumed from the
+    checkpoint at the end of epoch 0 sees epoch 1's batches as the uninterrupted run does (a fresh
+    loader used to replay epoch 0's order)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    dm = InstructionDataModule(chat_tok, RECORDS, batch_size=2, seed=4)
+    dm.setup()
+    plain = DataLoader(list(range(len(dm.train_dataset))), batch_size=len(dm.train_dataset), shuffle=True,
+                       generator=torch.Generator().manual_seed(4))
+    sampler = dm.train_dataloader().sampler
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert list(sampler) == next(iter(plain)).tolist()
+
+    class _Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["input_ids"].tolist()))
+            return self.weight.sum() * 0.0 + self.weight.square().sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    steps = -(-len(dm.train_dataset) // 2)  # batches per epoch
+
+    def fit(ckpt_path=None, callbacks=()):
+        module = _Recorder()
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                            callbacks=list(callbacks), default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=InstructionDataModule(chat_tok, RECORDS, batch_size=2, seed=4),
+                    ckpt_path=ckpt_path)
+        return module.seen
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=steps, save_top_k=-1)
+    whole = fit(callbacks=[ckpt])
+    resumed = fit(ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={steps}.ckpt")
+    assert [s for s in whole if s[0] == 1] == resumed and resumed
+    assert [b for e, b in whole if e == 0] != [b for e, b in whole if e == 1]
+
+
 def test_fit_with_lightning_trainer(chat_tok):
     import lightning as L
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -376,3 +425,19 @@ def test_shipped_task_files_are_valid():
         assert r["output"].startswith("(") and r["output"].endswith(")")
         for triple in r["output"][1:-1].split("); ("):
             assert len(triple.split(" | ")) == 3, r["output"]
+
+
+def test_files_from_windows_tools_load(chat_tok, tmp_path):
+    """A UTF-8 byte-order mark (Notepad, PowerShell) and an upper-case ``.JSON`` suffix load (they
+    used to be invalid JSON at line 1); an empty file is named by its path."""
+    record = '{"instruction": "a", "output": "b"}'
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + record + "\r\n" + record + "\r\n", encoding="utf-8")
+    (tmp_path / "LIST.JSON").write_text("\ufeff[" + record + "]", encoding="utf-8")
+    assert load_records(tmp_path / "bom.jsonl") == [{"instruction": "a", "input": "", "output": "b"}] * 2
+    assert load_records(tmp_path / "LIST.JSON") == [{"instruction": "a", "input": "", "output": "b"}]
+    assert len(InstructionDataModule(chat_tok, str(tmp_path / "bom.jsonl")).train_records) >= 1
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"^'.*empty\.jsonl' holds no records$"):
+        load_records(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match=r"^train: '.*empty\.jsonl' holds no records$"):
+        InstructionDataModule(chat_tok, str(tmp_path / "empty.jsonl"))

@@ -351,7 +351,7 @@ def test_module_optimizes_only_adapters_and_steps_the_schedule_per_step(tiny_mod
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"lr": 0}, "lr must be a positive number"),
+    ({"lr": 0}, "lr must be a finite positive number"),
     ({"schedule": "step"}, "schedule must be one of"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio must be in"),
     ({"warmup_steps": -1}, "warmup_steps must be an integer"),

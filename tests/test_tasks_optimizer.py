@@ -49,3 +49,22 @@ def test_causal_lm_module_uses_the_fused_kernel_on_cpu():
     assert optimizer.defaults["fused"] is True
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == \
         {id(p) for p in module.parameters() if p.requires_grad}
+
+
+def test_result_helpers_work_where_the_os_lacks_them(monkeypatch, tmp_path):
+    """The examples' result files: no load average on Windows (``None``, not an AttributeError),
+    and a data path on another drive is written absolute (relpath raises ValueError there)."""
+    import os
+
+    from lightning_peft.tasks import idle_cpu_threads, load_average, shown_path
+
+    assert isinstance(load_average(), float)
+    monkeypatch.delattr(os, "getloadavg")
+    assert load_average() is None and idle_cpu_threads() >= 1
+    assert shown_path(tmp_path / "a.jsonl") == os.path.relpath(tmp_path / "a.jsonl")
+
+    def other_drive(path, start=None):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(os.path, "relpath", other_drive)
+    assert shown_path(tmp_path / "a.jsonl") == str(tmp_path / "a.jsonl")
