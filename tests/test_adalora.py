@@ -349,22 +349,27 @@ def test_allocation_needs_total_step_and_gradients(tmp_path):
     assert isinstance(adalora_layers(model)[0][1], AdaLoRALinear)
 
 
-def test_a_run_resumed_in_the_final_phase_keeps_its_mask(tmp_path):
+def _adalora_run(tmp_path, max_steps, every, schedule, batch_size=4, ckpt_path=None):
+    """A TinyLM trained by AdaLoRACallback (``schedule``: tinit, tfinal, total_step), with a
+    checkpoint every ``every`` steps; resumed from ``ckpt_path`` when given."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def run(max_steps, ckpt_path=None):
-        torch.manual_seed(0)
-        module = _lit.TinyLM(lr=0.1)
-        callback = AdaLoRACallback(init_r=4, target_r=2, target_modules=TARGETS, tinit=1, tfinal=4,
-                                   total_step=10)
-        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
-        trainer = _lit.trainer(tmp_path, max_steps=max_steps, callbacks=[callback, checkpoint],
-                               enable_checkpointing=True)
-        trainer.fit(module, _lit.loader(n=8), ckpt_path=ckpt_path)
-        return module
+    torch.manual_seed(0)
+    module = _lit.TinyLM(lr=0.1)
+    tinit, tfinal, total_step = schedule
+    callback = AdaLoRACallback(init_r=4, target_r=2, target_modules=TARGETS, tinit=tinit, tfinal=tfinal,
+                               total_step=total_step)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)
+    trainer = _lit.trainer(tmp_path, max_steps=max_steps, callbacks=[callback, checkpoint],
+                           enable_checkpointing=True)
+    trainer.fit(module, _lit.loader(n=8, batch_size=batch_size), ckpt_path=ckpt_path)
+    return module
 
-    full = run(10)
-    resumed = run(10, ckpt_path=tmp_path / "ckpt" / "epoch=3-step=8.ckpt")  # 8 > 10 - 4
+
+def test_a_run_resumed_in_the_final_phase_keeps_its_mask(tmp_path):
+    full = _adalora_run(tmp_path, 10, 8, (1, 4, 10))
+    resumed = _adalora_run(tmp_path, 10, 8, (1, 4, 10),
+                           ckpt_path=tmp_path / "ckpt" / "epoch=3-step=8.ckpt")  # 8 > 10 - 4
     assert adalora_ranks(resumed.model) == adalora_ranks(full.model)
     for (_, a), (_, b) in zip(adalora_layers(resumed.model), adalora_layers(full.model), strict=True):
         torch.testing.assert_close(a.lora_E, b.lora_E)
@@ -374,24 +379,12 @@ def test_a_run_resumed_in_the_budget_phase_ranks_as_the_uninterrupted_run(tmp_pa
     """Checkpoints hold the smoothed importance and uncertainty (Ī, Ū) of every layer: a run
     resumed while the budget still falls chooses the same triplets, with the same adapter bit for
     bit, as the uninterrupted run (it used to restart the averages from zero and keep others)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(max_steps, ckpt_path=None):
-        torch.manual_seed(0)
-        module = _lit.TinyLM(lr=0.1)
-        callback = AdaLoRACallback(init_r=4, target_r=2, target_modules=TARGETS, tinit=2, tfinal=1,
-                                   total_step=8)
-        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-        trainer = _lit.trainer(tmp_path, max_steps=max_steps, callbacks=[callback, checkpoint],
-                               enable_checkpointing=True)
-        trainer.fit(module, _lit.loader(n=8, batch_size=2), ckpt_path=ckpt_path)
-        return module
-
-    full = run(8)
+    full = _adalora_run(tmp_path, 8, 4, (2, 1, 8), batch_size=2)
     saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)["callbacks"]
     (state,) = [v for k, v in saved.items() if k.startswith("AdaLoRACallback")]
     assert len(state["importance"]) == 4 and all(len(ts) == 6 for ts in state["importance"].values())
-    resumed = run(8, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")  # budget falls over 3..6
+    resumed = _adalora_run(tmp_path, 8, 4, (2, 1, 8), batch_size=2,
+                           ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")  # budget falls over 3..6
     assert adalora_ranks(resumed.model) == adalora_ranks(full.model)
     for (_, a), (_, b) in zip(adalora_layers(resumed.model), adalora_layers(full.model), strict=True):
         for name in ("lora_A", "lora_E", "lora_B"):  # pruned to the kept triplets at the end
