@@ -250,21 +250,21 @@ def _pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-class EpochShuffle(torch.utils.data.Sampler):
+class EpochShuffle(torch.utils.data.RandomSampler):
     """The training order of epoch ``e``, found from the epoch alone: the order a ``DataLoader``
     with ``shuffle=True`` and a generator seeded with ``seed`` gives in its epoch ``e`` (its
-    ``e+1``-th iteration). Lightning calls :meth:`set_epoch` when each epoch
-    starts, so a run resumed from a checkpoint at an epoch's end shuffles the next epoch as the
-    uninterrupted run does (a fresh seeded loader used to start over at epoch 0's order)."""
+    ``e+1``-th iteration). Lightning calls :meth:`set_epoch` when each epoch starts, so a run
+    resumed from a checkpoint at an epoch's end shuffles the next epoch as the uninterrupted run
+    does (a fresh seeded loader used to start over at epoch 0's order). A ``RandomSampler``, so
+    that under DDP Lightning puts its ``DistributedSampler`` (shuffling by epoch) in its place, as
+    for any shuffling loader."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, data_source: Sequence[Any], seed: int) -> None:
+        super().__init__(data_source)
+        self.n, self.seed, self.epoch = len(data_source), seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
@@ -291,7 +291,7 @@ class _BatchesDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        sampler = EpochShuffle(dataset, self.seed) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=functools.partial(type(self).collate_fn, pad_token_id=self.pad_token_id))
