@@ -242,6 +242,19 @@ def test_bf16_true_resume_restores_the_fp32_adapters_exactly(tmp_path):
         assert seen[name].dtype == torch.float32 and torch.equal(seen[name], value), name
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_qlora_adapters_keep_their_compute_dtype_through_bf16_true(compute_dtype, tmp_path):
+    """QLoRA's adapters train in ``compute_dtype``: "bf16-true" casts the whole module, and fp32
+    adapters used to come out of it bf16; they are put back, as LoRA's fp32 adapters are."""
+    from lightning_peft import QLoRACallback
+
+    module = _lit.TinyLM()
+    _lit.trainer(tmp_path, max_steps=2, precision="bf16-true",
+                 callbacks=[QLoRACallback(r=4, compute_dtype=compute_dtype)]).fit(module, _lit.loader())
+    adapters = _adapters(module)
+    assert adapters and {t.dtype for t in adapters.values()} == {compute_dtype}
+
+
 def test_state_dict_and_state_key():
     a, b = LoRACallback(r=4), LoRACallback(r=8, target_modules=["k_proj"])
     assert a.state_dict()["config"]["r"] == 4

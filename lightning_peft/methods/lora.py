@@ -439,9 +439,12 @@ class LoRALinear(LinearAdapterLayer):
 
     @property
     def adapter_dtype(self) -> torch.dtype | None:
-        """float32 for fp32 adapters kept over a dense base (``autocast_adapter_dtype``); None
-        over a 4-bit base, whose adapters follow its ``compute_dtype``."""
-        return None if _quantized_base_weight(self.base_layer) is not None else self._adapter_dtype
+        """float32 for fp32 adapters kept over a dense base (``autocast_adapter_dtype``); over a
+        4-bit base the ``compute_dtype`` :func:`~lightning_peft.apply_qlora` gave them (kept
+        through a whole-model cast such as "bf16-true"), else None (they follow the casts)."""
+        if _quantized_base_weight(self.base_layer) is not None:
+            return self.__dict__.get("_qlora_adapter_dtype")
+        return self._adapter_dtype
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.__dict__.get("_disabled", False):

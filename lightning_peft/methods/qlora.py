@@ -366,6 +366,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
                 param = getattr(layer, attr, None)
                 if param is not None and param.dtype != dtype:
                     setattr(layer, attr, nn.Parameter(param.detach().to(dtype)))
+            layer.__dict__["_qlora_adapter_dtype"] = dtype  # kept through "bf16-true"'s cast
             layer.reset_magnitude()  # DoRA: m = ||W0_i|| of the 4-bit weight, so it starts at the base
         _grouping.attach(model)  # 4-bit siblings share one pass over x as dense ones do
         freeze_all_but_adapters(model)
