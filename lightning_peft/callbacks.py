@@ -730,6 +730,14 @@ class DyLoRACallback(PEFTCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._full_rank(pl_module)
+
+    def _undo(self, pl_module: pl.LightningModule) -> None:
+        self._full_rank(pl_module)  # also after an exception in the middle of a step's rank
+        super()._undo(pl_module)
+
+    @staticmethod
+    def _full_rank(pl_module: pl.LightningModule) -> None:
         from lightning_peft.methods.dylora import dylora_layers, dylora_set_rank
 
         if dylora_layers(pl_module):

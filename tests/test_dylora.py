@@ -421,3 +421,28 @@ def test_biases_and_modules_trained_in_full_round_trip(tmp_path, bias):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, out)
     assert {n for n, _ in adapter_named_parameters(loaded)} == {n for n, _ in adapter_named_parameters(model)}
+
+
+def test_an_exception_during_fit_leaves_the_layers_at_full_rank(tmp_path):
+    """The rank drawn for a step is undone when ``fit`` fails in that step (it used to stay: a
+    merge afterwards merged the drawn rank, not the adapter)."""
+    from tests import _lit
+
+    class Boom(_lit.TinyLM):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    module = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer = _lit.trainer(tmp_path, max_steps=3, callbacks=[DyLoRACallback(r=8, seed=1)])
+        trainer.fit(module, _lit.loader())
+    layers = dylora_layers(module)
+    assert layers and all(layer.rank_in_use is None and layer.active_rank == 8 for _, layer in layers)
+    ids = _lit.loader().dataset.tensors[0][:2]
+    module.eval()
+    with torch.no_grad():
+        before = module(ids)
+        merge_adapters(module)
+        torch.testing.assert_close(module(ids), before, rtol=1e-5, atol=1e-5)
