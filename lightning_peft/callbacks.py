@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from lightning_peft._base import (
     AdapterLayer,
+    ModelState,
     adapter_named_buffers,
     adapter_named_parameters,
     merge_adapters,
@@ -1192,11 +1193,18 @@ class FishMaskCallback(PEFTCallback):
 
     def _check_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Re-create the checkpoint's mask (its ``fishmask_indices_*`` buffers) where the module
-        carries another one or none, then check the checkpoint as every PEFT callback does."""
+        carries another one or none, then check the checkpoint as every PEFT callback does; a
+        refused checkpoint leaves the module's own mask and values in place."""
         state = checkpoint.get("state_dict")
-        if isinstance(state, dict):
-            self._rebuild(pl_module, state)
-        super()._check_checkpoint(pl_module, checkpoint)
+        before, remerge = ModelState(pl_module), list(self._remerge)
+        try:
+            if isinstance(state, dict):
+                self._rebuild(pl_module, state)
+            super()._check_checkpoint(pl_module, checkpoint)
+        except BaseException:
+            before.restore()
+            self._remerge = remerge
+            raise
 
     def _rebuild(self, pl_module: nn.Module, state: dict[str, Any]) -> None:
         import torch
@@ -1234,10 +1242,17 @@ class FishMaskCallback(PEFTCallback):
                     raise ValueError(f"checkpoint: {path}.{_INDICES}{name} names no floating-point "
                                      f"parameter of the module. Nothing was loaded.")
                 check_indices(idx, param.numel(), f"checkpoint: {path}.{_INDICES}{name}")
+        replaced = {id(layer): name for name, layer in fishmask_layers(pl_module)}
         for name, layer in fishmask_layers(pl_module):  # the mask this run chose gives way
             parent, child = get_parent(pl_module, name)
             setattr(parent, child, layer.base_layer)
         inject_fishmask(pl_module, selection, _trainable(pl_module, self.config), keep=self.config.keep)
+        # setup unmerged a merged module to merge it again at teardown: merge the new layers then,
+        # never the replaced ones (they share the base modules and would write their values in)
+        new = dict(fishmask_layers(pl_module))
+        self._remerge = [new.get(replaced[id(layer)]) if id(layer) in replaced else layer
+                         for layer in self._remerge]
+        self._remerge = [layer for layer in self._remerge if layer is not None]
 
 
 class ChildTuningCallback(PEFTCallback):

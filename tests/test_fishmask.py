@@ -502,3 +502,48 @@ def test_callback_fits_checkpoints_and_resumes(tmp_path):
     assert torch.equal(_logits(fresh.model, ids), _logits(module.model, ids))
     with pytest.raises(ValueError, match="validate on a module without a FishMask adapter"):
         _lit.trainer(tmp_path, callbacks=[FishMaskCallback(keep=0.01)]).validate(_lit.TinyLM(), _lit.loader())
+
+
+def test_a_checkpoint_with_another_mask_on_a_merged_or_refused_module(tmp_path):
+    """Module A (merged when fit ended) validates with module B's checkpoint (another mask): it
+    ends merged with B's adapter, B's outputs, and its frozen weights are W0 under the adapter
+    (the replaced layers used to be merged again into the shared base weights). A checkpoint of
+    another ``keep`` is refused before anything changes (the mask used to be replaced first)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_peft import unmerge_adapters
+    from lightning_peft.callbacks import FishMaskCallback
+    from tests import _lit
+
+    def fit(module, keep, root, loader, **kwargs):
+        saver = ModelCheckpoint(dirpath=root, save_last=True)
+        callback = FishMaskCallback(keep=keep, fisher_batches=2, **kwargs)
+        _lit.trainer(root, max_steps=3, enable_checkpointing=True, callbacks=[callback, saver]).fit(
+            module, loader)
+        return root / "last.ckpt"
+
+    b = _lit.TinyLM()
+    b_ckpt = fit(b, 0.02, tmp_path / "b", _lit.loader(seed=7))
+    a = _lit.TinyLM()
+    w0 = {n: p.detach().clone() for n, p in _lit.TinyLM().named_parameters()}
+    fit(a, 0.02, tmp_path / "a", _lit.loader(), merge_on_fit_end=True)
+    ids = _ids()
+    _lit.trainer(tmp_path, callbacks=[FishMaskCallback(keep=0.02, fisher_batches=2, merge_on_fit_end=True)]
+                 ).validate(a, _lit.loader(), ckpt_path=b_ckpt)
+    assert fishmask_layers(a.model) and all(layer.merged for _, layer in fishmask_layers(a.model))
+    torch.testing.assert_close(_logits(a.model, ids), _logits(b.model, ids), rtol=1e-6, atol=1e-6)
+    unmerge_adapters(a)
+    frozen = {n.replace(".base_layer", ""): p for n, p in a.named_parameters() if not p.requires_grad}
+    assert all(torch.equal(p, w0[n]) for n, p in frozen.items())
+
+    c = _lit.TinyLM()
+    fit(c, 0.02, tmp_path / "c", _lit.loader())
+    state = {k: v.clone() for k, v in c.state_dict().items()}
+    logits = _logits(c.model, ids)
+    other = fit(_lit.TinyLM(), 0.05, tmp_path / "d", _lit.loader())
+    with pytest.raises(ValueError, match=r"keep: 0\.05 in the checkpoint, 0\.02 in this run"):
+        _lit.trainer(tmp_path, callbacks=[FishMaskCallback(keep=0.02, fisher_batches=2)]).validate(
+            c, _lit.loader(), ckpt_path=other)
+    assert c.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in c.state_dict().items())
+    assert torch.equal(_logits(c.model, ids), logits)
