@@ -24,6 +24,7 @@ their values through "bf16-true"'s cast of the whole module.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -67,6 +68,10 @@ class PEFTCallback(Callback):
     what the adapter tensors mean. Any other differing field refuses the checkpoint."""
 
     def __init__(self, merge_on_fit_end: bool = False, adapter_dir: str | None = None) -> None:
+        if not isinstance(merge_on_fit_end, bool):
+            raise ValueError(f"merge_on_fit_end must be True or False, got {merge_on_fit_end!r}")
+        if adapter_dir is not None and not (isinstance(adapter_dir, (str, os.PathLike)) and str(adapter_dir)):
+            raise ValueError(f"adapter_dir must be a directory path or None, got {adapter_dir!r}")
         self.merge_on_fit_end = merge_on_fit_end
         self.adapter_dir = adapter_dir
         self._module: pl.LightningModule | None = None
@@ -1600,11 +1605,15 @@ class IntrinsicDimensionCallback(PEFTCallback):
 def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""
-    name = get_method(method).name
+    found = get_method(method)
     classes = {cls.method: cls for cls in _subclasses(PEFTCallback) if cls.method}
-    if name not in classes:
-        raise ValueError(f"no callback for method {name!r}; callbacks exist for {sorted(classes)}")
-    return classes[name](**kwargs)
+    if found.name not in classes:
+        raise ValueError(f"no callback for method {found.name!r}; callbacks exist for {sorted(classes)}")
+    for key, value in found.alias_settings.get(method, {}).items():  # "rslora": use_rslora=True
+        if kwargs.setdefault(key, value) != value:
+            raise ValueError(f"method {method!r} is {found.name!r} with {key}={value!r}; got {key}="
+                             f"{kwargs[key]!r} (pass method={found.name!r} for that)")
+    return classes[found.name](**kwargs)
 
 
 def _subclasses(cls: type) -> list[type]:

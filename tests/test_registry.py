@@ -216,3 +216,29 @@ def test_fresh_adapter_gives_the_base_outputs_and_files_round_trip(tmp_path, nam
     assert not has_adapters(victim) and not methods_in(victim)  # nothing was injected
     config = json.loads((tmp_path / name / "adapter_config.json").read_text())
     assert method_for_peft_type(config["peft_type"]).name == (get_method(name).file_format or name)
+
+
+@pytest.mark.parametrize("method, kwargs, match", [
+    *((m, {"adapter_dir": 3}, r"adapter_dir must be a directory path or None, got 3")
+      for m in ("lora", "ia3", "bitfit", "prompt_tuning")),
+    ("lora", {"adapter_dir": ""}, r"adapter_dir must be a directory path or None, got ''"),
+    *((m, {"merge_on_fit_end": "no"}, r"merge_on_fit_end must be True or False, got 'no'")
+      for m in ("lora", "ia3")),  # (the methods whose layers merge take it)
+])
+def test_every_callback_checks_its_common_arguments(method, kwargs, match):
+    """Refused when the callback is built (a bad adapter_dir used to fail after training, a string
+    merge_on_fit_end to count as True)."""
+    from lightning_peft.callbacks import peft_callback
+
+    extra = {"num_virtual_tokens": 2} if method == "prompt_tuning" else {}
+    with pytest.raises(ValueError, match=match):
+        peft_callback(method, **extra, **kwargs)
+
+
+def test_the_rslora_name_builds_rslora():
+    from lightning_peft.callbacks import peft_callback
+
+    assert peft_callback("rslora", r=8).config.use_rslora is True
+    assert peft_callback("lora", r=8).config.use_rslora is False
+    with pytest.raises(ValueError, match=r"'rslora' is 'lora' with use_rslora=True; got use_rslora=False"):
+        peft_callback("rslora", use_rslora=False)

@@ -102,6 +102,9 @@ class Method:
     """Prefix of every tensor name in ``adapter_model.safetensors``."""
     aliases: tuple[str, ...] = field(default=())
     """Other names that find the method (e.g. ``"rslora"``)."""
+    alias_settings: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
+    """Config fields an alias stands for (``{"rslora": {"use_rslora": True}}``): a callback
+    built by that name (:func:`lightning_peft.peft_callback`) gets them."""
     named_adapters: bool = False
     """Whether the method's layers hold named adapters beside the default one (LoRA's
     :func:`lightning_peft.add_adapter`): then ``to_json``, ``from_json`` and ``update_from_json``

@@ -1262,4 +1262,5 @@ METHOD = register(Method(
     name="lora", config_class=LoRAConfig, peft_type="LORA", apply=apply_lora,
     detect=_detect,
     to_json=_to_json, from_json=_from_json, update_from_json=_update_from_json,
-    bound_fields=_BOUND_FIELDS, aliases=("rslora",), named_adapters=True))
+    bound_fields=_BOUND_FIELDS, aliases=("rslora",), alias_settings={"rslora": {"use_rslora": True}},
+    named_adapters=True))
