@@ -98,9 +98,18 @@ class PEFTCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # with what the shared-input groups learned, so a resumed run fuses from its first step
+        # with what the shared-input groups learned, so a resumed run fuses from its first step,
+        # and (one process) torch's random state, which the adapters' dropout draws from and
+        # Lightning's checkpoints do not hold, so a resumed run draws the masks the whole run draws
         shared = _grouping.learned_state(self._module) if self._module is not None else {}
-        return {"config": asdict(self.config), **({"shared_input": shared} if shared else {})}
+        state = {"config": asdict(self.config), **({"shared_input": shared} if shared else {})}
+        if self._trainer is not None and self._trainer.world_size == 1:
+            import torch
+
+            state["rng"] = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_initialized():
+                state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -110,6 +119,17 @@ class PEFTCallback(Callback):
         shared = state_dict.get("shared_input")
         if isinstance(shared, dict) and self._module is not None:  # restored after setup
             _grouping.restore_learned(self._module, shared)
+        rng = state_dict.get("rng")
+        if isinstance(rng, dict) and self._trainer is not None and self._trainer.world_size == 1 \
+                and self._trainer.state.fn == "fit":
+            import torch
+
+            if isinstance(rng.get("cpu"), Tensor):
+                torch.set_rng_state(rng["cpu"])
+            cuda = rng.get("cuda")
+            devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if isinstance(cuda, list) and len(cuda) == devices > 0:
+                torch.cuda.set_rng_state_all(cuda)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
