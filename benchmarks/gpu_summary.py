@@ -9,7 +9,6 @@ step, every target met / not met / not run.
 from __future__ import annotations
 
 import json
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -73,4 +72,13 @@ def write(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(write(Path(sys.argv[1])).read_text())
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_summary",
+                                     description="Summarise a GPU suite run (benchmarks/gpu_suite.sh) "
+                                                 "into OUTDIR/summary.md and print it.")
+    parser.add_argument("outdir", type=Path, help="the suite's output directory (holds steps.tsv)")
+    args = parser.parse_args()
+    if not (args.outdir / "steps.tsv").is_file():
+        parser.error(f"{str(args.outdir)!r} holds no steps.tsv: pass the GPU suite's output directory")
+    print(write(args.outdir).read_text())

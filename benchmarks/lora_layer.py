@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRALinear
+from lightning_peft.tasks import non_negative_int, positive_int
 
 
 def _peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float) -> nn.Module:
@@ -119,11 +120,11 @@ def run(tokens: int = 1024, features: int = 4096, r: int = 16, repeats: int = 30
 def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     """The options both layer benchmarks take."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--features", type=int, default=4096)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=repeats)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--tokens", type=positive_int, default=1024)
+    p.add_argument("--features", type=positive_int, default=4096)
+    p.add_argument("--r", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=repeats)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return p
 

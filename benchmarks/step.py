@@ -55,6 +55,7 @@ from torch import nn
 
 from benchmarks import cpu_info, write_result
 from kernels import _lora_cpu
+from lightning_peft.tasks import positive_int
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_OVERHEAD = 0.08
@@ -297,12 +298,12 @@ def load_model(model: str | None) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a .gguf file or HF folder (default SmolLM2-135M)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=96)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--seq", type=positive_int, default=96)
+    p.add_argument("--r", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=15)
+    p.add_argument("--warmup", type=positive_int, default=2)
+    p.add_argument("--threads", type=positive_int, nargs="+", default=[2, 1])
     p.add_argument("--no-qlora", action="store_true")
     p.add_argument("--breakdown", action="store_true",
                    help=f"add the diagnostic row {BREAKDOWN!r} (see the module docstring)")

@@ -219,6 +219,15 @@ def fully_shard_peft(model: nn.Module, mesh: Any = None, blocks: Iterable[nn.Mod
 
 
 # ------------------------------------------------------------------------ gathering, names
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """A ``ValueError`` when ``model`` is sharded (:func:`is_sharded`): ``what`` writes adapter
+    tensors whole, so it runs before sharding (or after gathering)."""
+    if is_sharded(model):
+        raise ValueError(f"{what} works on an unsharded model, and this one is sharded (FSDP or "
+                         f"DeepSpeed ZeRO-3): call it before fully_shard_peft / the strategy's setup. "
+                         f"Nothing was changed.")
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP1 wraps part of ``model``, or any of its parameters is a DTensor (FSDP2) or
     partitioned by DeepSpeed ZeRO-3."""

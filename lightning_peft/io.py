@@ -399,6 +399,9 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
     several adapters: then ``directory/<adapter_name>`` is read. ``None`` or ``"default"``: the
     default adapter, as without the argument.
     """
+    from lightning_peft.fsdp import refuse_sharded
+
+    refuse_sharded(model, "load_adapter")  # its copies write whole tensors
     if adapter_name is not None and adapter_name != "default":
         return _load_named(model, Path(directory), strict, adapter_name)
     config, tensors, where = _read_adapter(directory)

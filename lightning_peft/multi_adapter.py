@@ -52,7 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft._base import AdapterLayer, first_names
+from lightning_peft._base import AdapterLayer, ModelState, first_names
+from lightning_peft.fsdp import refuse_sharded
 from lightning_peft.methods.lora import (
     BASE_ROWS,
     DEFAULT_ADAPTER,
@@ -392,6 +393,7 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
     """
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
         raise ValueError(f"adapter_names must be a non-empty list of adapter names, got {adapter_names!r}")
+    refuse_sharded(model, "combine_adapters")
     names = _check_known(model, list(adapter_names), "adapter_names")
     if len(set(names)) != len(names):
         raise ValueError(f"adapter_names lists an adapter twice: {names}")
@@ -446,16 +448,28 @@ def combine_adapters(model: nn.Module, adapter_names: Sequence[str], weights: Se
                 else:
                     total = _dare(deltas, ws, density, generator)
                     k = rank or sum(s.r for s, _ in held)
+                if not bool(torch.isfinite(total).all()):
+                    raise ValueError(f"weights={weights} make the combined update of {lname} overflow "
+                                     f"float64; use smaller weights")
                 b, a = _svd_factors(total, min(k, *total.shape))
-            plan.append((lname, a.to(dtype), b.to(dtype)))
-        for lname, a, b in plan:
-            layer = model.get_submodule(lname)
-            k = a.shape[0]
-            adapter = layer.add_named(name, r=k, alpha=float(k))  # scaling 1: B·A is the update
-            adapter.lora_A.copy_(a)
-            adapter.lora_B.copy_(b)
-            for param in adapter.parameters_by_name().values():
-                param.requires_grad_(False)
+            a, b = a.to(dtype), b.to(dtype)
+            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                raise ValueError(f"weights={weights} make the combined update of {lname} overflow {dtype}; "
+                                 f"use smaller weights")
+            plan.append((lname, a, b))
+        before = ModelState(model)  # a failure part way leaves no half-built adapter
+        try:
+            for lname, a, b in plan:
+                layer = model.get_submodule(lname)
+                k = a.shape[0]
+                adapter = layer.add_named(name, r=k, alpha=float(k))  # scaling 1: B·A is the update
+                adapter.lora_A.copy_(a)
+                adapter.lora_B.copy_(b)
+                for param in adapter.parameters_by_name().values():
+                    param.requires_grad_(False)
+        except BaseException:
+            before.restore()
+            raise
     install_adapter_names_hook(model)
     return model
 

@@ -57,3 +57,31 @@ def test_block_benchmark_refuses_bad_sizes():
 
     with pytest.raises(SystemExit):
         lora_block.main(["--features", "50"])
+
+
+@pytest.mark.parametrize("module, argv, says", [
+    ("lora_layer", ["--r", "0"], "argument --r: must be a positive integer"),
+    ("lora_layer", ["--repeats", "0"], "argument --repeats: must be a positive integer"),
+    ("lora_layer", ["--threads", "-3"], "argument --threads: must be an integer >= 0"),
+    ("dora_layer", ["--r", "0"], "argument --r: must be a positive integer"),
+    ("step", ["--threads", "0"], "argument --threads: must be a positive integer"),
+])
+def test_benchmark_arguments_are_checked_before_measuring(module, argv, says, capsys):
+    """They used to fail after (or in the middle of) measuring: a division by zero at r=0, no
+    median of zero repeats, torch refusing 0 threads."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"benchmarks.{module}").main(argv)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_gpu_summary_names_its_argument():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_summary"], capture_output=True, text=True)
+    assert done.returncode == 2 and "the following arguments are required: outdir" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_summary", "--help"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "usage: python -m benchmarks.gpu_summary" in done.stdout

@@ -499,3 +499,67 @@ def test_disable_adapters_runs_the_base_model_beside_other_methods(first, kwargs
         assert off.shape == base.shape and torch.equal(off, base)
         assert [(n, type(m)) for n, m in model.named_modules()] == structure
         assert torch.equal(model(ids).logits, adapted) and not torch.equal(adapted[:, -7:], base)
+
+
+def _structure(model):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return [(n, type(m)) for n, m in model.named_modules()], state
+
+
+def _same(model, before):
+    modules, state = before
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["/tmp/outside", "a\\\\b", "x\\0"])
+def test_adapter_names_are_not_paths(name, tmp_path):
+    """A named adapter's name is a subdirectory of the saved directory: a path in it would have
+    written the adapter elsewhere (``/tmp/outside``)."""
+    model = _model()
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string without dots or path"):
+        add_adapter(model, name, r=2)
+    assert list_adapters(model) == ["default", "b", "c"]
+
+
+def test_combine_adapters_that_fails_leaves_the_model_as_it_was(monkeypatch):
+    """Weights that overflow the combined update are refused by name; a failure while the combined
+    adapter is written (here the third layer) leaves no half-built adapter in the others."""
+    from lightning_peft.methods.lora import LoRALinear
+
+    model = _model()
+    before = _structure(model)
+    for method in ("linear", "svd"):
+        with pytest.raises(ValueError, match=r"weights=\[1e\+308, 1e\+308\] make the combined update"):
+            combine_adapters(model, ["default", "b"], [1e308, 1e308], method=method, name="k")
+        _same(model, before)
+    calls = []
+    original = LoRALinear.add_named
+
+    def third_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRALinear, "add_named", third_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        combine_adapters(model, ["default", "b"], [1.0, 0.5], name="k")
+    _same(model, before)
+    assert list_adapters(model) == ["default", "b", "c"]
+
+
+def test_a_sharded_model_is_refused_by_load_and_combine(monkeypatch, tmp_path):
+    """Both write whole adapter tensors, which a sharded (FSDP2 DTensor) parameter refuses in the
+    middle of the copy; they now refuse up front, the model unchanged."""
+    model = _model()
+    save_adapter(model, tmp_path)
+    before = _structure(model)
+    monkeypatch.setattr("lightning_peft.fsdp.is_sharded", lambda m: True)
+    calls = (lambda: load_adapter(model, tmp_path), lambda: load_adapter(model, tmp_path, adapter_name="b"),
+             lambda: combine_adapters(model, ["default", "b"], [1.0, 1.0], name="k"))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"works on an unsharded model.*fully_shard_peft"):
+            call()
+        _same(model, before)

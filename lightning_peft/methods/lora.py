@@ -1150,11 +1150,13 @@ def _from_json(model: nn.Module, config: dict[str, Any], where: str,
 
 
 def check_adapter_name(name: Any, arg: str = "adapter_name") -> str:
-    """A valid name for a new named adapter: a non-empty string without dots, not ``"default"``
-    nor ``"__base__"``."""
-    if not isinstance(name, str) or not name or "." in name or name in (DEFAULT_ADAPTER, BASE_ROWS):
-        raise ValueError(f"{arg} must be a non-empty string without dots, other than {DEFAULT_ADAPTER!r} "
-                         f"and {BASE_ROWS!r}, got {name!r}")
+    """A valid name for a new named adapter: a non-empty string without dots or path separators
+    (it names a module key and, in saved files, a subdirectory), not ``"default"`` nor
+    ``"__base__"``."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0") \
+            or name in (DEFAULT_ADAPTER, BASE_ROWS):
+        raise ValueError(f"{arg} must be a non-empty string without dots or path separators, other than "
+                         f"{DEFAULT_ADAPTER!r} and {BASE_ROWS!r}, got {name!r}")
     return name
 
 
