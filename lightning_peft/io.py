@@ -60,7 +60,7 @@ from lightning_peft._base import (
     first_names,
 )
 from lightning_peft.methods import file_method, get_method, method_for_peft_type, methods_in
-from lightning_peft.targeting import targets_from_file
+from lightning_peft.targeting import embedding_names, targets_from_file
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -684,20 +684,12 @@ def _embedding_weights(root: nn.Module, given: Mapping[str, Any]) -> dict[str, t
     writes them beside the adapter when an embedding is a target or the vocabulary was resized
     (``save_embedding_layers="auto"``), and its loading copies them into the model, as ours does
     (the same values unless the vocabulary was resized and trained)."""
-    modules = {id(m): n for n, m in root.named_modules()}
-    prefixes = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            module = getattr(root, getter)() if callable(getattr(root, getter, None)) else None
-        except Exception:  # a model without that embedding may raise NotImplementedError
-            module = None
-        if module is not None and id(module) in modules:
-            prefixes.append(modules[id(module)] + ".")
+    prefixes = tuple(n + "." for kind in ("input", "output") for n in embedding_names(root, kind))
     if not prefixes:
         return {}
     tensors = {**dict(root.named_parameters(remove_duplicate=False)),
                **dict(root.named_buffers(remove_duplicate=False))}
-    return {k: (k, tensors[k]) for k in given if k in tensors and k.startswith(tuple(prefixes))}
+    return {k: (k, tensors[k]) for k in given if k in tensors and k.startswith(prefixes)}
 
 
 def _validate(expected: Mapping[str, Tensor], given: Mapping[str, Any], strict: bool, where: str,

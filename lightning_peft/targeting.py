@@ -108,19 +108,28 @@ def model_type(model: nn.Module) -> str | None:
     return None
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Names of output heads (``get_output_embeddings()`` of any transformers model inside)."""
-    heads = set()
+def embedding_names(model: nn.Module, kind: str) -> list[str]:
+    """Names in ``model`` of the ``kind`` ("input" or "output") embeddings that the transformers
+    models inside it give (``get_input_embeddings()``/``get_output_embeddings()``), outermost
+    first; a model whose getter raises (one without that embedding) gives none."""
     by_id = {id(m): n for n, m in model.named_modules()}
+    names: list[str] = []
     for module in model.modules():
-        getter = getattr(module, "get_output_embeddings", None)
+        getter = getattr(module, f"get_{kind}_embeddings", None)
         if callable(getter):
             try:
-                head = getter()
-            except Exception:
-                head = None
-            if head is not None and id(head) in by_id:
-                heads.add(by_id[id(head)])
+                found = getter()
+            except (NotImplementedError, AttributeError):
+                found = None
+            name = by_id.get(id(found)) if found is not None else None
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of output heads (``get_output_embeddings()`` of any transformers model inside)."""
+    heads = set(embedding_names(model, "output"))
     if not heads:  # plain models: a top-level lm_head
         heads = {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head",)}
     return heads

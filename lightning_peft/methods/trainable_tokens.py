@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from lightning_peft._base import AdapterLayer, freeze_all_but_adapters, inside_any
 from lightning_peft.methods import Method, register
+from lightning_peft.targeting import embedding_names
 
 LORA_PART_ATTR = "_lightning_peft_lora_part"
 """Set (in ``__dict__``) on the token layers and the modules trained in full that ``apply_lora``
@@ -249,16 +250,9 @@ def token_layers(model: nn.Module) -> list[tuple[str, TrainableTokensLayer]]:
 def input_embedding_name(model: nn.Module) -> str:
     """The name of the input embedding of ``model``: ``get_input_embeddings()`` of the outermost
     transformers model inside, else the only ``nn.Embedding``; a ``ValueError`` otherwise."""
-    by_id = {id(m): n for n, m in model.named_modules()}
-    for module in model.modules():
-        getter = getattr(module, "get_input_embeddings", None)
-        if callable(getter):
-            try:
-                emb = getter()
-            except Exception:
-                emb = None
-            if emb is not None and id(emb) in by_id and by_id[id(emb)]:
-                return by_id[id(emb)]
+    names = embedding_names(model, "input")
+    if names:
+        return names[0]
     found = [n for n, m in model.named_modules()
              if n and isinstance(m, (nn.Embedding, TrainableTokensLayer))
              and not any(n.startswith(t + ".") for t, _ in token_layers(model))]
