@@ -218,14 +218,14 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Modul
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every LoRA layer runs its base layer alone and every module trained in
     full (``modules_to_save``) its original, and so does every other method's layer beside LoRA
-    (IA3, bottleneck adapters, LLaMA-Adapter, prompts, prefixes, trainable tokens): the base
+    (layers that wrap a module, prompts and prefixes, rows trained in full): the base
     model's outputs bit for bit (biases a ``bias="all"``/``"lora_only"`` adapter trained stay as
     trained). Merged layers are unmerged for the block (``W0`` restored exactly) and merged again
     after it."""
     layers = _layers(model)
-    # every other adapter layer beside LoRA runs its base too: the ones that can (modules trained
-    # in full, trainable-token rows, prompts, prefixes) when marked, the other wrappers (IA3,
-    # bottleneck adapters, LLaMA-Adapter, ...) swapped for their base module for the block; merged
+    # every other adapter layer beside LoRA runs its base too: the ones that can
+    # (``runs_base_when_disabled``) when marked, the other wrappers swapped for their base module
+    # for the block; merged
     # ones are unmerged for the block (their merge/unmerge are idempotent)
     lora = {id(layer) for _, layer in layers}
     others = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer) and id(m) not in lora]

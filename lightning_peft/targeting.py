@@ -151,9 +151,8 @@ def _matcher(spec: str | Sequence[str], arg: str) -> Callable[[str], bool]:
 
 def _adapter_owned(model: nn.Module) -> list[str]:
     """Names of the subtrees of ``model`` that belong to adapter layers: every child of an adapter
-    layer, except its ``base_layer`` where that wraps a block rather than one linear layer (a
-    LLaMA-Adapter attention, a parallel bottleneck adapter around GPT-2's ``mlp``): the block's
-    linears are the model's own and stay targetable."""
+    layer, except its ``base_layer`` where that wraps a block rather than one linear layer (an
+    attention module, an MLP): the block's linears are the model's own and stay targetable."""
     owned = []
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
@@ -217,8 +216,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
 
     Modules already wrapped by an adapter layer are returned (so that re-applying is idempotent;
     under ``"all-linear"`` only adapter layers around a linear); nothing inside an adapter layer
-    is, except the modules of a block an adapter layer wraps (LLaMA-Adapter's attention: its
-    q/k/v/o projections are selected as anywhere else). Raises ``ValueError`` when nothing
+    is, except the modules of a block an adapter layer wraps (an attention module's q/k/v/o
+    projections are selected as anywhere else). Raises ``ValueError`` when nothing
     matches, listing the Linear/Conv1D modules that exist, and when a matched module is not a
     Linear/Conv1D. With ``every_entry`` (and outside :func:`targets_from_file`), each entry of a
     ``target_modules`` or ``exclude_modules`` list must match a module: a misspelt name is an
