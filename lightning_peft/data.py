@@ -40,6 +40,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ClassificationDataModule",
     "InstructionDataModule",
+    "ResumableLoader",
     "collate",
     "collate_classification",
     "encode_classification_example",
@@ -275,6 +276,87 @@ class EpochShuffle(torch.utils.data.RandomSampler):
         return iter(order.tolist())
 
 
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` that a Lightning run resumes in the middle of an epoch.
+
+    Its state is the epoch, the number of its batches the training steps had consumed and
+    whether that was all of them, read from the trainer when a checkpoint is written
+    (``progress``: a callable returning that dict, ``{}`` outside a fit; the loader itself cannot
+    tell consumed batches from batches its workers or Lightning fetched ahead). Lightning saves
+    the ``state_dict`` of a training loader that has one and hands it back to
+    :meth:`load_state_dict` on ``fit(ckpt_path=...)``; the shipped data modules also keep it in
+    their own state, because Lightning skips that step when the loader was built before the
+    checkpoint was restored (a ``configure_optimizers`` that reads
+    ``trainer.estimated_stepping_batches`` builds it). The loader's next iteration then sets its
+    sampler to the epoch it resumes in (the next one after a finished epoch) and skips the
+    consumed batches by their sampler indices, without loading them, so the resumed run trains on
+    the batches the uninterrupted run does (a plain loader restarts the epoch, and Lightning
+    warns). Under DDP Lightning rebuilds this loader with its ``DistributedSampler``, and each
+    rank skips its own consumed batches."""
+
+    def __init__(self, dataset: Any, *, progress: Callable[[], dict[str, Any]] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.progress = progress
+        self._resume: tuple[int, int, bool] | None = None  # from a checkpoint, for the next epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch": e, "batches": n, "finished": bool}``: the epoch running, its batches
+        consumed so far and whether they are all of its batches (``{}`` outside a fit)."""
+        return dict(self.progress()) if self.progress is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume after the consumed batches in ``state_dict`` (from :meth:`state_dict`); an empty
+        state (a checkpoint written outside ``fit``) leaves the loader as it is."""
+        if state_dict:
+            self._resume = _loader_position(state_dict)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # what the loader's iterators draw batch indices from: the batch sampler, wrapped while a
+        # resume is pending so that its next iteration resumes
+        sampler = super()._index_sampler
+        return sampler if self._resume is None else _SkipConsumed(self, sampler)
+
+
+def _loader_position(state: Mapping[str, Any]) -> tuple[int, int, bool]:
+    """``(epoch, batches, finished)`` of a :class:`ResumableLoader` state, checked."""
+    epoch, batches, finished = (state.get(k) for k in ("epoch", "batches", "finished"))
+    if set(state) != {"epoch", "batches", "finished"} or not isinstance(finished, bool) or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, batches)):
+        raise ValueError("the training loader's checkpoint state must be {'epoch': int >= 0, "
+                         "'batches': int >= 0, 'finished': bool} as ResumableLoader.state_dict "
+                         f"writes it, got {dict(state)!r}")
+    return epoch, batches, finished
+
+
+class _SkipConsumed:
+    """The index sampler of a :class:`ResumableLoader` with a pending resume. Its next iteration
+    (eager in a worker's iterator, which Lightning builds before it sets the epoch) sets the
+    sampler's epoch, skips the consumed batches of an unfinished epoch, and clears the resume;
+    later ones (persistent workers' iterators keep this object) iterate the sampler in full."""
+
+    def __init__(self, loader: ResumableLoader, sampler: Any) -> None:
+        self.loader, self.sampler = loader, sampler
+
+    def __len__(self) -> int:  # the full epoch: Lightning counts the consumed batches itself
+        return len(self.sampler)
+
+    def __iter__(self):
+        if self.loader._resume is None:
+            yield from self.sampler
+            return
+        (epoch, batches, finished), self.loader._resume = self.loader._resume, None
+        for sampler in (self.loader.sampler, getattr(self.loader.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch + 1 if finished else epoch)
+        it = iter(self.sampler)
+        for _ in range(0 if finished else batches):
+            if next(it, None) is None:
+                return
+        yield from it
+
+
 class _BatchesDataModule(L.LightningDataModule):
     """The loaders both data modules share: seeded shuffled training batches, validation batches
     in order (``[]`` without validation records), collated by :attr:`collate_fn` with the
@@ -288,13 +370,43 @@ class _BatchesDataModule(L.LightningDataModule):
     train_dataset: list | None
     val_dataset: list | None
     val_records: list
+    _resume_state: Mapping[str, Any] | None = None  # a restored checkpoint's loader position
 
     def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         sampler = EpochShuffle(dataset, self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=functools.partial(type(self).collate_fn, pad_token_id=self.pad_token_id))
+        kwargs = {"progress": self._position} if shuffle else {}
+        loader = (ResumableLoader if shuffle else DataLoader)(
+            dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            collate_fn=functools.partial(type(self).collate_fn, pad_token_id=self.pad_token_id), **kwargs)
+        if shuffle and self._resume_state:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        return loader
+
+    def _position(self) -> dict[str, Any]:
+        """The training loader's state (:meth:`ResumableLoader.state_dict`) in the fit running
+        with this module: its epoch, the batches consumed in it and whether that is all of them;
+        ``{}`` outside a fit."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": consumed,
+                "finished": consumed >= trainer.num_training_batches}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"train_loader": position}`` in a fit (see :class:`ResumableLoader`), else ``{}``."""
+        position = self._position()
+        return {"train_loader": position} if position else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Keep a checkpoint's training-loader position for the next training loader built."""
+        position = state_dict.get("train_loader") if isinstance(state_dict, Mapping) else None
+        if position:
+            _loader_position(position)  # checked now, while the checkpoint loads
+        self._resume_state = position or None
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) batches of the training examples."""

@@ -168,6 +168,34 @@ def test_resume_is_bit_exact_with_shared_input_fusion(dropout, tmp_path):
         assert torch.equal(got[name], value), name
 
 
+def test_resume_mid_epoch_with_the_data_module_is_bit_exact(tmp_path):
+    """LoRA with dropout on the shipped data module and task, resumed from a checkpoint in the
+    middle of the second epoch: the loader resumes after the consumed batches (it used to restart
+    the epoch) and the run ends bit for bit where the uninterrupted run ends."""
+    from lightning_peft.data import InstructionDataModule
+    from lightning_peft.tasks import CausalLMModule
+    from tests import _tiny
+    from tests.test_data import RECORDS
+
+    tok = _tiny.tokenizer([r["instruction"] + " " + r.get("input", "") + " " + r["output"]
+                           for r in RECORDS], 400, True)
+
+    def fit(ckpt_path=None, callbacks=()):
+        module = CausalLMModule(_tiny.llama(0, vocab=len(tok)), lr=1e-2, warmup_steps=2)
+        trainer = _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4, dropout=0.1), *callbacks],
+                               enable_checkpointing=bool(callbacks), max_steps=-1, max_epochs=2)
+        trainer.fit(module, datamodule=InstructionDataModule(tok, RECORDS, batch_size=3, seed=1),
+                    ckpt_path=ckpt_path)
+        return module
+
+    whole = fit(callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)])
+    resumed = fit(ckpt_path=tmp_path / "epoch=1-step=4.ckpt")  # 3 batches an epoch: epoch 1's second
+    want, got = _adapters(whole), _adapters(resumed)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
 def test_resume_with_wrong_checkpoint_names_the_tensors(tmp_path):
     module = _lit.TinyLM()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -273,6 +273,140 @@ def test_shuffle_order_per_epoch_resumes_at_an_epoch_boundary(chat_tok, tmp_path
     assert [b for e, b in whole if e == 0] != [b for e, b in whole if e == 1]
 
 
+class _SeenRecorder:
+    """A LightningModule factory recording each training batch's ids (one record per batch)."""
+
+    @staticmethod
+    def module(estimate: bool = False):
+        import lightning as L
+
+        class _Recorder(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(1))
+                self.seen = []
+
+            def training_step(self, batch, batch_idx):
+                self.seen.append(batch["input_ids"][0].tolist())
+                return self.weight.square().sum() + self.weight.sum()
+
+            def validation_step(self, batch, batch_idx):
+                pass
+
+            def configure_optimizers(self):
+                if estimate:  # builds the training loader before the checkpoint is restored
+                    assert self.trainer.estimated_stepping_batches > 0
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return _Recorder()
+
+
+@pytest.mark.parametrize("case", ["plain", "accumulate", "val_check", "limit", "workers", "estimated",
+                                  "estimated_workers"])
+def test_a_run_resumed_mid_epoch_trains_the_batches_the_uninterrupted_run_does(case, chat_tok, tmp_path):
+    """The training loader is resumable: a run resumed from a checkpoint in the middle of an
+    epoch (or at its end) trains exactly the remaining batches of the uninterrupted run, in its
+    order, and Lightning does not warn that the loader is not resumable. (A plain loader restarted
+    the epoch: it trained the epoch's first batches again and never the last ones; with workers,
+    a run resumed at an epoch's end replayed epoch 0's order.) Checkpoints from steps, from
+    mid-epoch validation, with gradient accumulation, limit_train_batches and a worker process,
+    and with a ``configure_optimizers`` that reads ``trainer.estimated_stepping_batches`` (the
+    loader is then built before the checkpoint is restored, and Lightning does not hand it its
+    state: the data module's own state carries it)."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer_kw = {"accumulate": dict(accumulate_grad_batches=2), "val_check": dict(val_check_interval=2),
+                  "limit": dict(limit_train_batches=3)}.get(case, {})
+    every = {"val_check": {}, "workers": dict(every_n_train_steps=4),
+             "estimated_workers": dict(every_n_train_steps=4),
+             "limit": dict(every_n_train_steps=2)}.get(case, dict(every_n_train_steps=3))
+    workers, val = (1 if case.endswith("workers") else 0), case == "val_check"
+
+    def fit(ckpt_path=None, callbacks=()):
+        module = _SeenRecorder.module(estimate=case.startswith("estimated"))
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                            callbacks=list(callbacks), default_root_dir=tmp_path, num_sanity_val_steps=0,
+                            **trainer_kw)
+        dm = InstructionDataModule(chat_tok, RECORDS, batch_size=1, seed=4, num_workers=workers,
+                                   val_fraction=0.25 if val else 0.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        assert not [w for w in caught if "not resumable" in str(w.message)]
+        return module.seen, trainer.global_step
+
+    whole, total = fit(callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **every)])
+    per_epoch = len(whole) // 2
+    assert len(set(map(tuple, whole[:per_epoch]))) == per_epoch  # each batch is recognisable
+    assert whole[:per_epoch] != whole[per_epoch:]
+    paths = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    steps = {int(p.stem.split("step=")[1]) for p in paths}
+    per_step = 2 if case == "accumulate" else 1
+    assert any(s * per_step % per_epoch for s in steps) and len(steps) >= 2  # mid-epoch ones
+    for path in paths:
+        step = int(path.stem.split("step=")[1])
+        resumed, end = fit(ckpt_path=path)
+        assert end == total
+        assert resumed == whole[len(whole) - len(resumed):], path.name
+        assert len(resumed) == len(whole) - min(step * per_step, len(whole)), path.name
+
+
+def test_a_run_stopped_by_an_exception_resumes_where_it_stopped(chat_tok, tmp_path):
+    """``OnExceptionCheckpoint`` writes a checkpoint when a step raises (batch 11 of 16 here, in
+    the second epoch): the resumed run trains the failed batch and the rest, and the two parts
+    together are the uninterrupted run's batches."""
+    import lightning as L
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    def fit(ckpt_path=None, fail_at=None):
+        module = _SeenRecorder.module(estimate=True)
+        step = module.training_step
+
+        def failing(batch, batch_idx):
+            if len(module.seen) == fail_at:
+                raise RuntimeError("stopped")
+            return step(batch, batch_idx)
+
+        module.training_step = failing
+        callbacks = [OnExceptionCheckpoint(tmp_path)] if fail_at is not None else []
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                            callbacks=callbacks, default_root_dir=tmp_path)
+        dm = InstructionDataModule(chat_tok, RECORDS, batch_size=1, seed=4)
+        if fail_at is None:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        else:
+            with pytest.raises(RuntimeError, match="stopped"):
+                trainer.fit(module, datamodule=dm)
+        return module.seen
+
+    whole = fit()
+    first = fit(fail_at=11)
+    rest = fit(ckpt_path=tmp_path / "on_exception.ckpt")
+    assert len(first) == 11 and first + rest == whole
+
+
+def test_resumable_loader_state_is_checked(chat_tok):
+    from lightning_peft.data import ResumableLoader
+
+    loader = InstructionDataModule(chat_tok, RECORDS, batch_size=3).train_dataloader()
+    assert isinstance(loader, ResumableLoader) and loader.state_dict() == {}  # outside a fit
+    loader.load_state_dict({})
+    assert len(list(loader)) == 3
+    for bad in ({"epoch": 0, "batches": 1}, {"epoch": -1, "batches": 1, "finished": False},
+                {"epoch": 0, "batches": 1.5, "finished": False}, {"epoch": 0, "batches": 1, "finished": 1}):
+        with pytest.raises(ValueError, match="training loader's checkpoint state must be"):
+            loader.load_state_dict(bad)
+    loader.load_state_dict({"epoch": 0, "batches": 2, "finished": False})
+    first = [b["input_ids"].shape[0] for b in loader]
+    assert first == [2]  # the last batch of 8 records in threes: two batches skipped
+    assert [b["input_ids"].shape[0] for b in loader] == [3, 3, 2]  # then whole epochs
+
+
 def test_fit_with_lightning_trainer(chat_tok):
     import lightning as L
     from transformers import LlamaConfig, LlamaForCausalLM
