@@ -759,15 +759,20 @@ class DyLoRACallback(PEFTCallback):
         self._full_rank(pl_module)
 
     def _undo(self, pl_module: pl.LightningModule) -> None:
-        self._full_rank(pl_module)  # also after an exception in the middle of a step's rank
-        super()._undo(pl_module)
+        try:
+            self._full_rank(pl_module)  # also after an exception in the middle of a step's rank
+        finally:
+            super()._undo(pl_module)
 
     @staticmethod
     def _full_rank(pl_module: pl.LightningModule) -> None:
-        from lightning_peft.methods.dylora import dylora_layers, dylora_set_rank
+        """Every unmerged DyLoRA layer back at its full rank (merged ones keep the rank they were
+        merged at: ``merge_on_fit_end`` merges after ``on_train_end`` set the full rank)."""
+        from lightning_peft.methods.dylora import dylora_layers
 
-        if dylora_layers(pl_module):
-            dylora_set_rank(pl_module, None)
+        for _, layer in dylora_layers(pl_module):
+            if not layer.merged:
+                layer.set_rank_in_use(None)
 
     @override
     def state_dict(self) -> dict[str, Any]:

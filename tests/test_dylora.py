@@ -331,6 +331,30 @@ def test_callback_draws_one_seeded_rank_per_batch_and_training_lowers_the_loss(t
         [draw_rank(1, 4, "uniform", expected) for _ in range(8)]
 
 
+def test_callback_merges_on_fit_end_at_the_full_rank_and_fits_again(tmp_path):
+    """``merge_on_fit_end=True`` merges at the full rank when fit ends and the callback tears down
+    cleanly (teardown used to set the rank on the merged layers, so every such fit raised at its
+    end and left its hooks on the module); a second fit unmerges, trains and merges again."""
+    module = _lit.TinyLM(lr=2e-2)
+    ids = torch.randint(0, _lit.VOCAB, (2, 6))
+    for _ in range(2):
+        trainer = _lit.trainer(tmp_path, max_steps=3,
+                               callbacks=[DyLoRACallback(r=4, seed=1, merge_on_fit_end=True)])
+        trainer.fit(module, _lit.loader(n=8))
+        assert trainer.state.status == "finished"
+        layers = dylora_layers(module.model)
+        assert layers and all(m.merged for _, m in layers)
+        assert "on_save_checkpoint" not in module.__dict__  # the callback's hooks are gone
+        module.eval()
+        with torch.no_grad():
+            merged = module.model(ids).logits
+            unmerge_adapters(module.model)
+            assert all(m.rank_in_use is None for _, m in layers)
+            torch.testing.assert_close(module.model(ids).logits, merged, rtol=1e-5, atol=1e-5)
+            merge_adapters(module.model)
+        module.train()
+
+
 # ------------------------------------------------------------------------------ files
 
 
