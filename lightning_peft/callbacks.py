@@ -1089,6 +1089,28 @@ class AdaLoRACallback(PEFTCallback):
             layer._importance = (ts[:3], ts[3:])
 
     @override
+    def _check_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """As every method checks, after giving layers pruned when an earlier ``fit`` ended their
+        ``init_r`` triplets back where the checkpoint has them (this run's checkpoints are written
+        before the pruning: ``test(ckpt_path="best")`` after ``fit``, or a second ``fit`` resuming
+        from one); put back as they were when the checkpoint is refused."""
+        from lightning_peft.methods.adalora import _undo_unprune, _unprune, adalora_layers
+
+        state = checkpoint.get("state_dict")
+        changed = []
+        try:
+            for name, layer in adalora_layers(pl_module):
+                saved = state.get(f"{clean_name(name)}.lora_E") if isinstance(state, dict) else None
+                if layer.pattern is not None and isinstance(saved, Tensor) and \
+                        tuple(saved.shape) == (len(layer.pattern), 1) != tuple(layer.lora_E.shape):
+                    changed.append((layer, _unprune(layer)))
+            super()._check_checkpoint(pl_module, checkpoint)
+        except BaseException:
+            for layer, before in reversed(changed):
+                _undo_unprune(layer, before)
+            raise
+
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
         from lightning_peft.methods.adalora import adalora_orthogonal_penalty

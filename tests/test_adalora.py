@@ -2,6 +2,7 @@
 naive float64 references; step-for-step parity with HF PEFT 0.21.2's AdaLoRA; PEFT's files both
 ways (with a rank_pattern); the Lightning callback; argument checks."""
 
+import copy
 import json
 import math
 
@@ -388,4 +389,49 @@ def test_a_run_resumed_in_the_budget_phase_ranks_as_the_uninterrupted_run(tmp_pa
     assert adalora_ranks(resumed.model) == adalora_ranks(full.model)
     for (_, a), (_, b) in zip(adalora_layers(resumed.model), adalora_layers(full.model), strict=True):
         for name in ("lora_A", "lora_E", "lora_B"):  # pruned to the kept triplets at the end
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_the_pruned_module_takes_its_own_runs_checkpoints(tmp_path):
+    """``fit`` prunes the layers when it ends, but its checkpoints hold ``init_r`` triplets: the
+    same module takes them for ``validate``/``test`` (``ckpt_path="best"`` after ``fit``) with the
+    outputs of a fresh module loaded from them, and resumes from one in a second ``fit`` ending bit
+    for bit where the uninterrupted run ends (both used to be refused as mis-shaped); a refused
+    checkpoint leaves the pruned layers as they were."""
+    full = _adalora_run(tmp_path, 8, 4, (2, 1, 8), batch_size=2)
+    assert any(m.pattern is not None and m.r < 4 for _, m in adalora_layers(full.model))
+    ids = torch.randint(0, _lit.VOCAB, (2, 6))
+
+    def logits(module):
+        module.eval()
+        with torch.no_grad():
+            return module.model(ids).logits
+
+    mid = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"  # budget phase: another mask than the end's
+    fresh = _lit.TinyLM()
+    callback = lambda: AdaLoRACallback(init_r=4, target_r=2, target_modules=TARGETS, tinit=2, tfinal=1,  # noqa: E731
+                                       total_step=8)
+    _lit.trainer(tmp_path, callbacks=[callback()]).validate(fresh, _lit.loader(n=4), ckpt_path=mid)
+    pruned = copy.deepcopy(full)
+    _lit.trainer(tmp_path, callbacks=[callback()]).validate(pruned, _lit.loader(n=4), ckpt_path=mid)
+    torch.testing.assert_close(logits(pruned), logits(fresh), rtol=0, atol=0)
+
+    before = {n: t.clone() for n, t in full.state_dict().items()}
+    ranks = adalora_ranks(full.model)
+    other = AdaLoRACallback(init_r=4, target_r=2, target_modules=TARGETS, tinit=2, tfinal=1, total_step=8,
+                            alpha=3.0)
+    with pytest.raises(ValueError, match="alpha"):
+        _lit.trainer(tmp_path, callbacks=[other]).validate(full, _lit.loader(n=4), ckpt_path=mid)
+    assert adalora_ranks(full.model) == ranks
+    assert full.state_dict().keys() == before.keys()
+    assert all(torch.equal(t, before[n]) for n, t in full.state_dict().items())
+
+    # a second fit of the pruned module from the mid-run checkpoint ends as the uninterrupted run
+    resumed = copy.deepcopy(full)
+    resumed.train()
+    trainer = _lit.trainer(tmp_path, max_steps=8, callbacks=[callback()])
+    trainer.fit(resumed, _lit.loader(n=8, batch_size=2), ckpt_path=mid)
+    assert adalora_ranks(resumed.model) == adalora_ranks(full.model)
+    for (_, a), (_, b) in zip(adalora_layers(resumed.model), adalora_layers(full.model), strict=True):
+        for name in ("lora_A", "lora_E", "lora_B"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -580,6 +580,34 @@ def adalora_prune(model: nn.Module) -> dict[str, int]:
     return adalora_ranks(model)
 
 
+def _unprune(layer: AdaLoRALinear) -> tuple:
+    """Give a pruned ``layer`` its original ``len(pattern)`` triplets back (new Parameters, the
+    kept triplets in their places, the dropped ones zero: the outputs do not change), so a
+    checkpoint written before :func:`adalora_prune` loads into it. Returns what
+    :func:`_undo_unprune` needs to put the layer back as it was."""
+    before = (layer.lora_A, layer.lora_E, layer.lora_B, layer.r, layer.pattern, layer.rank_mask,
+              layer._importance)
+    n, grad = len(layer.pattern), layer.lora_A.requires_grad
+    rows = torch.tensor([i for i, kept in enumerate(layer.pattern) if kept], dtype=torch.long,
+                        device=layer.lora_A.device)
+
+    def spread(t: Tensor, dim: int) -> nn.Parameter:
+        shape = list(t.shape)
+        shape[dim] = n
+        return nn.Parameter(t.data.new_zeros(shape).index_copy_(dim, rows, t.data), requires_grad=grad)
+
+    layer.lora_A, layer.lora_E, layer.lora_B = spread(layer.lora_A, 0), spread(layer.lora_E, 0), \
+        spread(layer.lora_B, 1)
+    layer.r, layer.pattern, layer.rank_mask, layer._importance = n, None, None, None
+    return before
+
+
+def _undo_unprune(layer: AdaLoRALinear, before: tuple) -> None:
+    """Put back the layer :func:`_unprune` changed, exactly as it was."""
+    (layer.lora_A, layer.lora_E, layer.lora_B, layer.r, layer.pattern, layer.rank_mask,
+     layer._importance) = before
+
+
 def _resize(layer: AdaLoRALinear, rows: Tensor) -> None:
     """Keep the triplets ``rows`` of ``layer`` (new Parameters)."""
     grad = layer.lora_A.requires_grad
