@@ -41,6 +41,7 @@ from lightning_peft._base import (
     ModelState,
     adapter_named_buffers,
     adapter_named_parameters,
+    first_names,
     merge_adapters,
     restore_adapter_dtypes,
     trainable_parameters,
@@ -301,6 +302,26 @@ class PEFTCallback(Callback):
         if config:
             raise ValueError(f"the checkpoint was written {config}. Nothing was loaded; the model is "
                              "unchanged. Use the checkpoint's config, or a checkpoint written with this one.")
+        base = sorted(k for k in state if k in known and k not in expected
+                      and k not in self._checkpoint_base(pl_module))
+        if base:  # Lightning would load them (non-strictly) over the model's frozen base
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in set(base)}
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint also holds {len(base)} frozen base "
+                           f"tensor(s) ({first_names(base)}); they were not loaded: the frozen base "
+                           "comes from the model (after merge_on_fit_end they would hold the merged "
+                           "update and apply it twice)")
+
+    def _checkpoint_base(self, pl_module: nn.Module) -> set[str]:
+        """Names of frozen base tensors this method's checkpoints carry and load (none here)."""
+        return set()
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # the module's own hook filters while the callback is set up; trainer.save_checkpoint after
+        # fit (the module unwrapped at teardown) reaches only this one
+        if adapter_named_parameters(pl_module):
+            self._filter_checkpoint(pl_module, checkpoint)
 
     def _check_strategy_loaded_checkpoint(self, pl_module: nn.Module) -> bool:
         """FSDP, ModelParallelStrategy and DeepSpeed load the weights themselves, before this hook
@@ -954,6 +975,10 @@ class ReLoRACallback(PEFTCallback):
         for name in ReLoRACallback._base_weights(pl_module):
             if name in state:
                 checkpoint["state_dict"][name] = state[name]
+
+    @override
+    def _checkpoint_base(self, pl_module: nn.Module) -> set[str]:
+        return set(self._base_weights(pl_module))
 
     @override
     def _check_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -212,6 +213,43 @@ def test_resume_with_wrong_checkpoint_names_the_tensors(tmp_path):
     for name, tensor in other.state_dict().items():  # nothing was loaded
         if "lora_" not in name:
             assert torch.equal(tensor, before[name.replace(".base_layer", "")])
+
+
+def test_save_checkpoint_after_fit_is_adapter_only_and_full_files_keep_the_base(tmp_path):
+    """``trainer.save_checkpoint`` after a fit with ``merge_on_fit_end`` (the module's hooks are
+    gone after teardown) writes the adapter only, as during fit (it wrote the whole model, merged
+    base included); a checkpoint that holds frozen base tensors (such a file, or one written
+    without the callback) loads its adapter and leaves the model's base as it is, with a warning
+    (the merged base was loaded and the update applied twice)."""
+    module = _lit.TinyLM()
+    base = _frozen(module)
+    trainer = _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4, merge_on_fit_end=True)], max_steps=2)
+    trainer.fit(module, _lit.loader())
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    state = torch.load(tmp_path / "after.ckpt", weights_only=True)["state_dict"]
+    assert set(state) == set(_adapters(module))
+    ids = torch.randint(0, _lit.VOCAB, (2, 6))
+    module.eval()
+    with torch.no_grad():
+        trained = module(ids)
+
+    full = torch.load(tmp_path / "after.ckpt", weights_only=True)
+    full["state_dict"] = {k: v.clone() for k, v in module.state_dict().items()}  # merged base too
+    assert any("base_layer" in k for k in full["state_dict"])
+    torch.save(full, tmp_path / "full.ckpt")
+    for name in ("after.ckpt", "full.ckpt"):
+        fresh = _lit.TinyLM()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _lit.trainer(tmp_path, callbacks=[LoRACallback(r=4)]).validate(
+                fresh, _lit.loader(n=4), ckpt_path=tmp_path / name, verbose=False)
+        ignored = [w for w in caught if "frozen base tensor(s)" in str(w.message)]
+        assert bool(ignored) == (name == "full.ckpt"), name
+        assert all(torch.equal(t, base[k.replace(".base_layer", "")])
+                   for k, t in _frozen(fresh).items()), name
+        fresh.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(ids), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_on_fit_end(tmp_path):
