@@ -505,3 +505,49 @@ def test_add_tokens_into_a_padded_embedding_uses_its_spare_rows():
     assert torch.equal(emb[ids], mean.expand(2, -1))
     others = [i for i in range(old.shape[0]) if i not in ids]
     assert torch.equal(emb[others], old[others])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_t5_embeddings_sharing_one_weight_all_take_the_rows_and_peft_both_ways(tmp_path, lora):
+    """T5's ``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens`` are three modules
+    over one weight (and the head is tied): all of them take the trained rows, as HF PEFT wraps
+    them, so merging is exact and files load both ways with the same outputs (only ``shared``
+    was wrapped: the encoder and decoder read the untrained rows, and merging changed the
+    outputs by about 3.6)."""
+    def t5():
+        torch.manual_seed(0)
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, vocab_size=64,
+            decoder_start_token_id=0)).eval()
+
+    ids, dec = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 9]]), torch.tensor([[0, 5, 6], [0, 9, 10]])
+
+    def out(model):
+        with torch.no_grad():
+            return model(input_ids=ids, decoder_input_ids=dec).logits
+
+    def apply(model):
+        if lora:
+            return apply_lora(model, r=2, target_modules=["q"], trainable_token_indices=[5, 9])
+        return apply_trainable_tokens(model, token_indices=[5, 9])
+
+    model = apply(t5())
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, TrainableTokensLayer))
+    assert wrapped == ["decoder.embed_tokens", "encoder.embed_tokens", "lm_head", "shared"]
+    perturb(model)
+    trained = out(model)
+    merge_adapters(model)
+    torch.testing.assert_close(out(model), trained, rtol=1e-5, atol=1e-5)
+    unmerge_adapters(model)
+    save_adapter(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(t5(), str(tmp_path / "ours"))
+    torch.testing.assert_close(out(theirs), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out(load_adapter(t5(), tmp_path / "ours")), trained, rtol=0, atol=0)
+
+    config = (peft.LoraConfig(r=2, target_modules=["q"], trainable_token_indices=[5, 9]) if lora
+              else peft.TrainableTokensConfig(token_indices=[5, 9]))
+    peft_model = peft.get_peft_model(t5(), config)
+    perturb(peft_model, seed=8)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    torch.testing.assert_close(out(load_adapter(t5(), tmp_path / "peft")), out(peft_model),
+                               rtol=1e-5, atol=1e-5)

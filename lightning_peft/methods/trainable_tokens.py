@@ -328,8 +328,8 @@ def plan_tokens(model: nn.Module, spec: list[int] | dict[str, list[int]],
         module = model.get_submodule(name)
         if isinstance(module, TrainableTokensLayer):
             weight = module.base_layer.weight
-        elif isinstance(module, nn.Linear):
-            weight = module.weight
+        elif isinstance(module, (nn.Linear, nn.Embedding)):  # a head, or another lookup (T5's
+            weight = module.weight                           # encoder/decoder embed_tokens)
         else:
             continue
         lead = leaders.get(id(weight))
