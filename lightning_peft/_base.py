@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -113,9 +113,28 @@ class LinearAdapterLayer(AdapterLayer):
         return result
 
 
-class ModulesToSave(AdapterLayer):
+class WrapperLayer(AdapterLayer):
+    """An adapter layer around one module (the submodule named :attr:`wrapped`) whose attributes
+    it shows as its own where it has none of that name: model code reads them through the wrapper
+    (``.weight``, ``layer_idx``, ``config``; T5's feed-forward casts to ``wo.weight.dtype``)."""
+
+    wrapped: ClassVar[str] = "base_layer"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get(self.wrapped)
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+
+class ModulesToSave(WrapperLayer):
     """A module trained in full: a trainable copy (``modules_to_save``) runs, the frozen
     ``original_module`` is kept so the base model can be restored."""
+
+    wrapped = "modules_to_save"
 
     runs_base_when_disabled = True
 
@@ -139,12 +158,6 @@ class ModulesToSave(AdapterLayer):
         if self.__dict__.get("_disabled", False):  # lightning_peft.disable_adapters: the base module
             return self.original_module(*args, **kwargs)
         return self.modules_to_save(*args, **kwargs)
-
-    def __getattr__(self, name: str):  # expose e.g. .weight as the wrapped module does
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.modules_to_save, name)
 
 
 def inside_any(name: str, prefixes: Iterable[str]) -> bool:

@@ -27,6 +27,16 @@ def bert(seed: int = 0):
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
+def t5(seed: int = 0):
+    """A tiny T5 (its feed-forward reads ``wo.weight`` for the dtype; one weight under three
+    embedding modules and the tied head)."""
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                num_decoder_layers=2, num_heads=2, decoder_start_token_id=0,
+                                pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
 def randomize_lora(model, seed: int = 1) -> None:
     """Give every lora_B a nonzero value so the adapters change the output."""
     g = torch.Generator().manual_seed(seed)

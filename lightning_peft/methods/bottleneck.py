@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from lightning_peft._base import (
     AdapterLayer,
     ModulesToSave,
+    WrapperLayer,
     freeze_all_but_adapters,
     inside_any,
     wrap_modules_to_save,
@@ -197,7 +198,7 @@ def _input_of(args: tuple, kwargs: dict) -> Tensor:
     raise TypeError("the module an adapter reads was called without a tensor input")
 
 
-class SiteLayer(AdapterLayer):
+class SiteLayer(WrapperLayer):
     """An adapter site: wraps the module whose output gets the update (``base_layer``) and reads
     either that output (serial), that module's input (parallel, ``read`` is the same module) or
     the input of another module that runs earlier in the block (parallel on BERT: the
@@ -234,12 +235,6 @@ class SiteLayer(AdapterLayer):
         else:
             x = _input_of(args, kwargs)
         return _replace_first(out, h + self.update(x, h).to(h.dtype))
-
-    def __getattr__(self, name: str):  # attributes of the wrapped module (e.g. layer_idx)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base_layer, name)
 
 
 class BottleneckAdapter(SiteLayer):

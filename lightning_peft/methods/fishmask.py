@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from lightning_peft._base import (
     AdapterLayer,
     ModulesToSave,
+    WrapperLayer,
     freeze_all_but_adapters,
     inside_any,
     wrap_modules_to_save,
@@ -128,7 +129,7 @@ class FishMaskConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class SparseUpdate(AdapterLayer):
+class SparseUpdate(WrapperLayer):
     """Any module (``base_layer``, kept with its frozen parameters) of which a few entries of some
     direct parameters are replaced by learned values.
 

@@ -68,6 +68,7 @@ from kernels.hadamard import hadamard_transform
 from lightning_peft._base import (
     AdapterLayer,
     ModulesToSave,
+    WrapperLayer,
     freeze_all_but_adapters,
     inside_any,
     wrap_modules_to_save,
@@ -346,7 +347,7 @@ class IntrinsicProjection(AdapterLayer):
                 f"blocks={self.fastfood.blocks}x{self.fastfood.L}")
 
 
-class IntrinsicDimensionLayer(AdapterLayer):
+class IntrinsicDimensionLayer(WrapperLayer):
     """A module (``base_layer``, its parameters frozen as ``θ0``) whose direct parameters
     ``param_names`` run as ``θ0 + (λ·)P·θ`` through ``torch.func.functional_call``. It owns no
     tensor: ``θ_d``/``λ`` live in the model's :class:`IntrinsicProjection` (referenced, not a

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft._base import AdapterLayer, freeze_all_but_adapters
+from lightning_peft._base import AdapterLayer, WrapperLayer, freeze_all_but_adapters
 from lightning_peft.methods import Method, planned_injection, register
 from lightning_peft.targeting import get_parent, model_type
 
@@ -100,7 +100,7 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LlamaAdapterAttention(AdapterLayer):
+class LlamaAdapterAttention(WrapperLayer):
     """A Llama-style attention module (``base_layer``) plus an adaption prompt and its gate; the
     gated attention over the prompt is added to the attention's output (see the module
     docstring). Attributes the layer lacks are read from the wrapped attention."""
@@ -164,11 +164,6 @@ class LlamaAdapterAttention(AdapterLayer):
         output = output + self.prompt_attention(hidden_states, position_embeddings)
         return (output.to(dtype), *rest)
 
-    def __getattr__(self, name: str):  # attributes of the wrapped attention (layer_idx, config, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
         return f"adapter_len={self.adapter_len}"

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft._base import AdapterLayer, freeze_all_but_adapters, inside_any
+from lightning_peft._base import AdapterLayer, WrapperLayer, freeze_all_but_adapters, inside_any
 from lightning_peft.methods import Method, register
 from lightning_peft.targeting import embedding_names
 
@@ -120,7 +120,7 @@ class TrainableTokensConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class TrainableTokensLayer(AdapterLayer):
+class TrainableTokensLayer(WrapperLayer):
     """A frozen ``nn.Embedding`` or ``nn.Linear`` (``base_layer``, weight (rows, d)) whose rows
     ``token_indices`` are replaced by the trainable ``trainable_tokens_delta`` (n, d).
 
