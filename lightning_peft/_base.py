@@ -236,7 +236,8 @@ def merge_adapters(model: nn.Module, adapter_names: str | Iterable[str] | None =
     with others: ``merge_adapters(model, "a")``, ``unmerge_adapters(model)`` (``W0`` back bit for
     bit), ``merge_adapters(model, "b")`` switches tasks at the base model's speed."""
     if adapter_names is not None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = list(adapter_names) if isinstance(adapter_names, Iterable) and \
+            not isinstance(adapter_names, str) else [adapter_names]  # a non-name: unknown, below
         layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and hasattr(m, "active_adapters")]
         known = list(dict.fromkeys(["default", *(n for m in layers for n in m.named_adapters())]))
         unknown = [n for n in names if not isinstance(n, str) or n not in known]

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -190,7 +190,8 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Modul
     """Make ``adapter_name`` (a name or a list of names) the active adapters of every LoRA layer:
     the forward applies their updates summed, and only their tensors require grad. A merged model
     is unmerged first (with a warning). At most one DoRA adapter may be active."""
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    names = list(adapter_name) if isinstance(adapter_name, Iterable) and not isinstance(adapter_name, str) \
+        else [adapter_name]  # (a non-name is then reported as an unknown adapter)
     if not names:
         raise ValueError("adapter_name must name at least one adapter; use disable_adapters(model) for "
                          "the base model")

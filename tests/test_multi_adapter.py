@@ -563,3 +563,19 @@ def test_a_sharded_model_is_refused_by_load_and_combine(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match=r"works on an unsharded model.*fully_shard_peft"):
             call()
         _same(model, before)
+
+
+@pytest.mark.parametrize("bad", [None, 1, 2.5])
+def test_a_non_name_is_an_unknown_adapter_naming_the_argument(bad):
+    """``set_adapter``/``merge_adapters`` with something that is neither a name nor a list of
+    names: the ValueError their siblings give, naming the argument and the adapters (a bare
+    TypeError from ``list()`` before); the model is unchanged."""
+    model = apply_lora(_tiny.llama(), r=2)
+    add_adapter(model, "math", r=2)
+    with pytest.raises(ValueError, match=r"adapter_name: unknown adapter.*\['default', 'math'\]"):
+        set_adapter(model, bad)
+    if bad is not None:  # (merge_adapters(model, None) merges every layer)
+        with pytest.raises(ValueError, match=r"adapter_names=.*unknown adapters.*\['default', 'math'\]"):
+            merge_adapters(model, bad)
+    assert active_adapters(model) == ["default"]
+    assert not any(getattr(m, "merged", False) for m in model.modules())
