@@ -325,3 +325,30 @@ def test_prompt_methods_refuse_encoder_decoder_models(apply_name, kwargs):
                                          r"model type 't5' is an encoder-decoder model"):
         getattr(lightning_peft, apply_name)(model, num_virtual_tokens=4, **kwargs)
     assert [(n, type(m)) for n, m in model.named_modules()] == before
+
+
+@pytest.mark.parametrize("apply", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_a_seq_cls_file_without_the_head_warns_that_peft_cannot_load_it(apply, tmp_path):
+    """HF PEFT's PeftModelForSequenceClassification always trains and saves the head and loads a
+    SEQ_CLS file only with it: saving a prompt whose head is frozen warns (the file still loads
+    here); with ``modules_to_save=["classifier"]`` nothing warns and PEFT loads the file (not
+    a BERT prefix: PEFT's prefix tuning needs a model that takes past key values)."""
+    import peft
+
+    import lightning_peft
+
+    fn = getattr(lightning_peft, f"apply_{apply}")
+    with pytest.warns(UserWarning, match=r"SEQ_CLS.*modules_to_save=\['classifier'\]"):
+        save_adapter(fn(_tiny.bert(), num_virtual_tokens=N), tmp_path / "frozen")
+    assert load_adapter(_tiny.bert(), tmp_path / "frozen") is not None
+    model = fn(_tiny.bert(), num_virtual_tokens=N, modules_to_save=["classifier"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(model, tmp_path / "head")
+    if apply == "prefix_tuning":
+        return
+    batch = _bert_batch()
+    model.eval()
+    theirs = peft.PeftModel.from_pretrained(_tiny.bert(), str(tmp_path / "head")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ prompt-learning keys ``base_model.<path>.<param>``.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,11 +90,21 @@ def is_causal_lm(root: nn.Module) -> bool:
 
 
 def task_type(root: nn.Module) -> str | None:
-    """HF PEFT's ``task_type`` for the model (which PeftModel class loads the file)."""
+    """HF PEFT's ``task_type`` for the model (which PeftModel class loads the file). For
+    ``SEQ_CLS`` PEFT's class always trains and saves the head (``classifier``/``score``) and
+    loads a file only with it: a warning says so when the model's head is not saved."""
     name = type(root).__name__
     if is_causal_lm(root):
         return "CAUSAL_LM"
     if name.endswith("ForSequenceClassification"):
+        heads = [p for p in saved_module_names(root) or [] if p.rpartition(".")[2] in ("classifier", "score")]
+        if not heads:
+            warnings.warn(f"{name}: HF PEFT loads a SEQ_CLS prompt-learning file only with the "
+                          "classification head in it (its PeftModelForSequenceClassification trains and "
+                          "saves 'classifier'/'score'); this head is frozen, not in modules_to_save, so "
+                          "the file loads here but not with peft's PeftModel.from_pretrained. Apply with "
+                          "modules_to_save=['classifier'] (or 'score') to train and save it as HF PEFT "
+                          "does", stacklevel=3)
         return "SEQ_CLS"
     if name.endswith("ForTokenClassification"):
         return "TOKEN_CLS"

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from lightning_peft._base import AdapterLayer, ModulesToSave, freeze_all_but_adapters, inside_any
 from lightning_peft.methods import Method, planned_injection, register
-from lightning_peft.methods._virtual_tokens import PrefixModulesToSave
+from lightning_peft.methods._virtual_tokens import PrefixModulesToSave, saved_module_names, task_type
 from lightning_peft.targeting import check_module_names, find_modules, get_parent, peft_modules_to_save
 
 ENCODER_NAME = "prefix_encoder"
@@ -465,26 +465,14 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20, prefix_p
 # --------------------------------------------------------------------------------------------
 
 
-def _task_type(root: nn.Module) -> str | None:
-    name = type(root).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "CAUSAL_LM"
-    if name.endswith("ForTokenClassification"):
-        return "TOKEN_CLS"
-    return None
-
-
 def _to_json(root: nn.Module) -> dict[str, Any]:
     """HF PEFT's ``PrefixTuningConfig`` fields describing the prefix of ``root``."""
     encoder = prefix_encoder(root)
     if encoder is None:
         raise ValueError(f"{type(root).__name__} has no prefix to save; apply_prefix_tuning(model, ...) "
                          f"first")
-    saved = sorted(m.path for m in root.modules() if isinstance(m, PrefixModulesToSave))
     return {  # io adds peft_type, base_model_name_or_path, revision, inference_mode
-        "task_type": _task_type(root),
+        "task_type": task_type(root),
         "num_virtual_tokens": encoder.num_virtual_tokens,
         "token_dim": encoder.token_dim,
         "num_transformer_submodules": 1,
@@ -493,7 +481,7 @@ def _to_json(root: nn.Module) -> dict[str, Any]:
         "encoder_hidden_size": encoder.encoder_hidden_size,
         "prefix_projection": encoder.prefix_projection,
         "init_weights": None,
-        "modules_to_save": saved or None,
+        "modules_to_save": saved_module_names(root),
     }
 
 
