@@ -311,7 +311,7 @@ def merge_to_directory(base: str | None, adapter: str, out: str | Path, dtype: t
     ``AutoModelForCausalLM`` and its logits compared with the merged model's; returns ``out``.
     An existing ``out`` is replaced only when it is a model directory (an earlier merge) that
     holds neither ``adapter`` nor ``base``; otherwise a ``ValueError`` before anything is read."""
-    from lightning_peft.io import load_adapter
+    from lightning_peft.io import load_adapter, staging_sibling
 
     problem = _out_problem(Path(out).resolve(), {"adapter": adapter, "base": base})
     if problem:
@@ -340,20 +340,23 @@ def merge_to_directory(base: str | None, adapter: str, out: str | Path, dtype: t
                          f"missing: {missing[:3]}, reshaped: {shaped[:3]}): a transformers directory of this "
                          f"architecture cannot hold them")
     out = Path(out).resolve()
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    _forget_gguf(model)
-    model.config.dtype = dtype
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if verify:
-        problem = _check_written(model, staging, dtype)
-        if problem:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ValueError(f"{problem}; nothing was written")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_sibling(out)  # a new hidden sibling: nothing of the user's is touched
+    try:
+        _forget_gguf(model)
+        model.config.dtype = dtype
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if verify:
+            problem = _check_written(model, staging, dtype)
+            if problem:
+                raise ValueError(f"{problem}; nothing was written")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 

@@ -238,18 +238,15 @@ def _write_directory(path: Path, config_text: str, tensors: dict[str, Tensor],
     existed = target.is_dir()
     if not existed:
         target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target.parent, f".{target.name}{_STAGING}")
     if existed:
         _remove_stale_staging(target, _STAGING)
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    staging = target.parent / f".{target.name}{_STAGING}{token}"
     try:
-        os.mkdir(staging)  # the umask's mode
+        staging = staging_sibling(target)
     except PermissionError:
         if not existed:
             raise
-        staging = target / f"{_STAGING}{token}"  # the parent is read-only: stage inside
-        os.mkdir(staging)
+        staging = target / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"  # a read-only parent:
+        os.mkdir(staging)                                                       # stage inside
     try:
         cwd = os.path.realpath(os.getcwd())  # an exchange would leave it in the removed directory
         exchange = existed and staging.parent == target.parent and cwd != str(target) \
@@ -320,6 +317,16 @@ def _exchange_directories(first: Path, second: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
         return False
     raise OSError(err, os.strerror(err), str(second))
+
+
+def staging_sibling(target: Path) -> Path:
+    """A new hidden directory beside ``target`` (``.<name>.lightning-peft-staging-<pid>-<hex>``,
+    the umask's mode), to write into before it is renamed into place: never an existing path.
+    Siblings that killed writes left (their process gone) are removed first."""
+    _remove_stale_staging(target.parent, f".{target.name}{_STAGING}")
+    staging = target.parent / f".{target.name}{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(staging)
+    return staging
 
 
 def _remove_stale_staging(folder: Path, prefix: str) -> None:

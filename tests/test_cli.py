@@ -366,6 +366,33 @@ def test_merge_never_replaces_its_inputs_or_a_run_directory(llama_dir, tmp_path,
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"checkpoint"
 
 
+def test_merge_stages_in_a_new_hidden_directory_and_leaves_its_siblings(llama_dir, tmp_path, monkeypatch):
+    """The merge is written into a new hidden sibling of ``--out`` and renamed into place: a
+    directory named ``<out>.partial`` (here the adapter itself, and a folder of the user's) is
+    never touched (it used to be deleted as the staging directory), and a failed or verified
+    write leaves no staging directory behind."""
+    adapted = _adapted(llama_dir, "lora", r=4, target_modules=["q_proj"])
+    adapter = save_adapter(adapted, tmp_path / "run.partial")
+    notes = tmp_path / "merged.partial"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me\n")
+    adapter_files = {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()}
+    main(["merge", "--base", str(llama_dir), "--adapter", str(adapter), "--out", str(tmp_path / "run")])
+    main(["merge", "--base", str(llama_dir), "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    assert {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()} == adapter_files
+    assert (notes / "todo.txt").read_text() == "keep me\n"
+    assert all((tmp_path / out / "model.safetensors").is_file() for out in ("run", "merged"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+    from lightning_peft import cli
+
+    monkeypatch.setattr(cli, "_check_written", lambda *args: "the written model differs")
+    with pytest.raises(ValueError, match="differs; nothing was written"):
+        merge_to_directory(str(llama_dir), str(adapter), tmp_path / "third")
+    assert not (tmp_path / "third").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 # ------------------------------------------------------------------------------------------- generate
 
 
