@@ -106,6 +106,40 @@ class PEFTLightningCLI(LightningCLI):
                 cls(**init_args)
             except (ValueError, TypeError) as err:
                 self.parser.error(f"trainer.callbacks[{i}] ({cls.__name__}): {err}")
+            if init_args.get("adapter_dir") is not None:  # written when fit ends: checked now
+                self._check_directory(f"trainer.callbacks[{i}] ({cls.__name__}): adapter_dir",
+                                      init_args["adapter_dir"])
+        if config.get("trainer.default_root_dir") is not None:
+            self._check_directory("trainer.default_root_dir", config.get("trainer.default_root_dir"))
+        ckpt_path = config.get("ckpt_path")
+        if isinstance(ckpt_path, str) and ckpt_path not in ("last", "best", "hpc", "registry") \
+                and not ckpt_path.startswith("registry:") and not Path(ckpt_path).exists():
+            self.parser.error(f"ckpt_path: {ckpt_path!r} does not exist")
+
+    def _check_directory(self, key: str, value: Any) -> None:
+        from lightning_peft.tasks import output_dir
+
+        try:
+            output_dir(str(value))
+        except argparse.ArgumentTypeError as err:
+            self.parser.error(f"{key}: {err}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """LightningCLI's, with an error raised before the first batch (a method that matches
+        nothing in the model, a checkpoint of another adapter or one that cannot be read, a
+        module without the subcommand's step) reported as a usage error naming the subcommand;
+        later errors keep their traceback."""
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, OSError, MisconfigurationException) as err:
+            trainer = self.trainer
+            loops = (trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop,
+                     trainer.validate_loop, trainer.test_loop, trainer.predict_loop)
+            if any(loop.batch_progress.total.started for loop in loops):
+                raise
+            self.parser.error(f"{subcommand}: {err}")
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, with a ``ValueError`` (or ``OSError``) of the task or data module's (or

@@ -209,6 +209,54 @@ def test_model_path_that_is_not_a_model_is_a_config_error(tmp_path, capsys):
     assert "is neither a .gguf file nor a Hugging Face model directory" in capsys.readouterr().err
 
 
+def test_output_paths_and_ckpt_path_are_checked_before_the_model_loads(llama_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """``adapter_dir`` (written when fit ends) or ``default_root_dir`` that is a file, and a
+    ``ckpt_path`` that does not exist, are usage errors naming the key before anything loads (the
+    adapter_dir one used to fail after the whole training, and the others with tracebacks)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("lightning_peft.tasks.load_causal_lm", refuse)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = ["fit", "--config", str(CONFIGS / "lora.yaml"), f"--model.model={llama_dir}",
+            "--trainer.accelerator=cpu", "--trainer.logger=false"]
+    for override, named in [(f"--trainer.callbacks.init_args.adapter_dir={a_file}",
+                             "trainer.callbacks[1] (LoRACallback): adapter_dir: "),
+                            (f"--trainer.default_root_dir={a_file}", "trainer.default_root_dir: "),
+                            (f"--ckpt_path={tmp_path / 'missing.ckpt'}", "ckpt_path: ")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*base, override])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert named in err and ("is a file, not a directory" in err or "does not exist" in err), err
+    assert a_file.read_text() == "x"
+
+
+def test_errors_before_the_first_batch_are_usage_errors(llama_dir, tmp_path, capsys):
+    """A target that matches nothing, a checkpoint of another adapter and a subcommand the module
+    does not implement come out as usage errors naming the subcommand (they were tracebacks);
+    they are raised before the first batch, unlike errors of the training itself."""
+    base = ["--config", str(CONFIGS / "lora.yaml"), f"--model.model={llama_dir}", "--trainer.accelerator=cpu",
+            "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *base, "--trainer.callbacks.init_args.target_modules=[q_proj,v_prj]"])
+    assert exit_.value.code == 2
+    assert "fit: target_modules entry 'v_prj'" in capsys.readouterr().err
+    main(["fit", *base, "--trainer.enable_checkpointing=true", "--trainer.val_check_interval=1",
+          "--trainer.limit_val_batches=1"])
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *base, "--trainer.callbacks.init_args.r=4", f"--ckpt_path={ckpt}"])
+    assert exit_.value.code == 2
+    assert "fit: checkpoint does not match the model's adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", *base])
+    assert exit_.value.code == 2
+    assert "test: No `test_step()` method defined" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- merge
 
 
