@@ -51,8 +51,11 @@ from lightning_peft.tasks import (
     StepProgressBar,
     add_run_arguments,
     check_run_arguments,
+    check_targets,
     load_average,
     load_causal_lm,
+    module_names,
+    non_negative_float,
     non_negative_int,
     output_dir,
     positive_float,
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p, DATA)
     p.add_argument("--r", type=positive_int, default=8, help="LoRA rank of each sibling adapter")
     p.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha of each adapter")
-    p.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated module names")
+    p.add_argument("--targets", type=module_names, default="all-linear",
+                   help="'all-linear' or comma-separated module names")
     p.add_argument("--steps", type=positive_int, default=30, help="optimizer steps per sibling adapter")
     p.add_argument("--batch-size", type=positive_int, default=4, help="training batch size")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
@@ -101,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=positive_int, default=10,
                    help="examples of the held-out task LoRAHub sees")
     p.add_argument("--budget", type=positive_int, default=40, help="LoRAHub's evaluations (nevergrad budget)")
-    p.add_argument("--l1", type=float, default=0.05, help="LoRAHub's L1 regulariser on the weights")
+    p.add_argument("--l1", type=non_negative_float, default=0.05,
+                   help="LoRAHub's L1 regulariser on the weights")
     p.add_argument("--out", type=output_dir, default="out/lorahub", help="output directory")
     return p
 
@@ -110,8 +115,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     check_run_arguments(p, args)
-    if args.targets != "all-linear":
-        args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     return args
 
 
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = load_average()
 
     base, tokenizer = load_causal_lm(args.model)
+    check_targets(build_parser(), base, args.targets)  # before the minutes of training three adapters
     base.eval()
     train = split_tasks(load_records(args.train))
     held = split_tasks(load_records(args.eval))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def alpha_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {bad[0]} in {text!r}")
     return values
 
 
@@ -162,7 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.small_layers is None:  # the same model: the large one serves as the untuned small one
         untuned, tuned = large, copy.deepcopy(large).train()
     else:
-        untuned = truncated(large, args.small_layers).eval()
+        try:
+            untuned = truncated(large, args.small_layers).eval()
+        except ValueError as err:  # more layers than the model has: known once it is loaded
+            p.error(str(err))
         tuned = truncated(large, args.small_layers).train()
     held_out = load_records(args.eval)[: args.eval_limit]
     refs = [r["output"] for r in held_out]

@@ -20,7 +20,8 @@ directory, a GGUF file, or by default SmolLM2-135M-Instruct from the ``llm-smoll
 The fine-tuning scripts (``examples/``, ``benchmarks/methods.py``) share their command line from
 here: :func:`add_run_arguments` and :func:`check_run_arguments` (every value is checked before a
 model loads), the ``argparse`` types :func:`positive_int`, :func:`non_negative_int`,
-:func:`positive_float`, :func:`probability`, :func:`module_names` and :func:`output_dir`,
+:func:`positive_float`, :func:`non_negative_float`, :func:`probability`, :func:`module_names` and
+:func:`output_dir`,
 :class:`DefaultsHelpFormatter`, :func:`check_targets` (right after the model loads) and
 :class:`StepProgressBar` (progress in optimizer steps for ``Trainer(max_steps=...)``).
 """
@@ -48,8 +49,8 @@ from lightning_peft.data import load_records
 
 __all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "DefaultsHelpFormatter", "StepProgressBar",
            "add_run_arguments", "check_run_arguments", "check_targets", "idle_cpu_threads", "load_causal_lm",
-           "load_sequence_classifier", "lr_lambda", "module_names", "non_negative_int", "output_dir",
-           "positive_float", "positive_int", "probability",
+           "load_sequence_classifier", "lr_lambda", "module_names", "non_negative_float", "non_negative_int",
+           "output_dir", "positive_float", "positive_int", "probability",
            "SequenceClassificationModule"]
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -440,6 +441,9 @@ random_seed = _number_type("random_seed", int, "an integer in [0, 2**32)", lambd
 positive_float = _number_type("positive_float", float, "a finite number > 0",
                               lambda v: math.isfinite(v) and v > 0)
 """``argparse`` type: a finite number > 0 (learning rate, LoRA alpha); rejects nan and inf."""
+non_negative_float = _number_type("non_negative_float", float, "a finite number >= 0",
+                                  lambda v: math.isfinite(v) and v >= 0)
+"""``argparse`` type: a finite number >= 0 (regularisation weights); rejects nan and inf."""
 probability = _number_type("probability", float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 """``argparse`` type: a number in ``[0, 1)`` (dropout); rejects nan."""
 

@@ -56,3 +56,30 @@ def test_sibling_tasks_partition_the_shipped_data():
     for record in tasks["mixed"]:
         rels = example.relations(record)
         assert rels & example.FAMILIES["personal"] and rels & example.FAMILIES["work"]
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["--l1", "nan"], "--l1"), (["--l1=-1"], "--l1"), (["--l1", "inf"], "--l1"),
+    (["--targets", "q_proj,,v"], "--targets")])
+def test_bad_arguments_fail_before_the_model_loads(argv, option, monkeypatch, capsys):
+    """``--l1`` must be a finite number >= 0 (nan failed after training all three adapters)."""
+    from tests.test_example import _fails_fast
+
+    _fails_fast(_load("lorahub"), argv, option, monkeypatch, capsys)
+
+
+def test_unknown_targets_fail_after_loading_before_training(tmp_path, monkeypatch, capsys):
+    """A ``--targets`` entry that matches nothing is a usage error right after the model loads
+    (it was a traceback, reached before the first adapter's training only by luck of the order)."""
+    example = _load("lorahub")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained although --targets names a module that does not exist")
+
+    monkeypatch.setattr(example, "train_adapter", refuse)
+    with pytest.raises(SystemExit) as info:
+        example.main(["--model", str(save_tiny_model(tmp_path / "tiny")), "--targets", "q_proj,v_prj",
+                      "--threads", "1", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--targets" in err and "v_prj" in err and "k_proj" in err

@@ -197,3 +197,23 @@ def test_truncated_small_model_and_the_example_end_to_end(tmp_path):
     assert rows["tuned small alone"]["samples"] != rows["large alone"]["samples"]  # the tuning changed it
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2
+
+
+@pytest.mark.parametrize(("argv", "option"), [(["--alphas", "0.5,nan"], "--alphas"),
+                                              (["--alphas", "inf"], "--alphas")])
+def test_example_refuses_non_finite_alphas_before_loading(argv, option, monkeypatch, capsys):
+    """A non-finite alpha failed only after the training and the other alphas' generations."""
+    from tests.test_example import _fails_fast, _load
+
+    _fails_fast(_load("proxy_tuning"), argv, option, monkeypatch, capsys)
+
+
+def test_example_small_layers_beyond_the_model_is_a_usage_error(tmp_path, capsys):
+    from tests.test_example import _load, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    with pytest.raises(SystemExit) as info:
+        _load("proxy_tuning").main(["--model", str(model), "--small-layers", "99", "--threads", "1",
+                                    "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "--small-layers 99 is more than the model's" in capsys.readouterr().err
