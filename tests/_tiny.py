@@ -73,3 +73,25 @@ def tokenizer(corpus: list[str], vocab_size: int = 400, chat_template: bool = Tr
                                   pad_token="<|im_end|>" if pad_is_eos else "<pad>")
     tok.chat_template = CHAT_TEMPLATE if chat_template else None
     return tok
+
+
+def assert_runs_on_t5(apply) -> None:
+    """``apply(model)`` (a method on a fresh tiny T5) wraps ``wo``, whose ``.weight`` T5's
+    feed-forward reads through the wrapper: the fresh adapter computes the base model, and its
+    trainable tensors get gradients."""
+    from lightning_peft._base import adapter_named_parameters
+
+    ids, dec = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[0, 5, 6]])
+    base = t5()
+    with torch.no_grad():
+        want = base(input_ids=ids, decoder_input_ids=dec).logits
+    model = apply(t5())
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wo is not base.encoder.block[0].layer[1].DenseReluDense.wo and wo.weight is wo.base_layer.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=dec).logits, want,
+                                   rtol=1e-5, atol=1e-6)
+    model.train()
+    model(input_ids=ids, decoder_input_ids=dec, labels=dec).loss.backward()
+    grads = [p.grad for _, p in adapter_named_parameters(model)]
+    assert grads and all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)

@@ -224,6 +224,32 @@ def test_train_shuffle_is_seeded(chat_tok):
     assert torch.equal(first_epoch(3), first_epoch(3))
 
 
+def _recorder(estimate: bool = False):
+    """A LightningModule recording ``(epoch, input_ids)`` of each training batch; with
+    ``estimate`` its ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``."""
+    import lightning as L
+
+    class _Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["input_ids"].tolist()))
+            return self.weight.square().sum() + self.weight.sum()
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            if estimate:  # builds the training loader before the checkpoint is restored
+                assert self.trainer.estimated_stepping_batches > 0
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return _Recorder()
+
+
 def test_shuffle_order_per_epoch_resumes_at_an_epoch_boundary(chat_tok, tmp_path):
     """Each epoch's order comes from the seed and the epoch (Lightning sets the sampler's epoch):
     the same orders as a seeded shuffling loader over its epochs, and a run resumed from the
@@ -242,23 +268,10 @@ def test_shuffle_order_per_epoch_resumes_at_an_epoch_boundary(chat_tok, tmp_path
         sampler.set_epoch(epoch)
         assert list(sampler) == next(iter(plain)).tolist()
 
-    class _Recorder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append((self.current_epoch, batch["input_ids"].tolist()))
-            return self.weight.sum() * 0.0 + self.weight.square().sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     steps = -(-len(dm.train_dataset) // 2)  # batches per epoch
 
     def fit(ckpt_path=None, callbacks=()):
-        module = _Recorder()
+        module = _recorder()
         trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=bool(callbacks),
                             callbacks=list(callbacks), default_root_dir=tmp_path)
@@ -271,34 +284,6 @@ def test_shuffle_order_per_epoch_resumes_at_an_epoch_boundary(chat_tok, tmp_path
     resumed = fit(ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={steps}.ckpt")
     assert [s for s in whole if s[0] == 1] == resumed and resumed
     assert [b for e, b in whole if e == 0] != [b for e, b in whole if e == 1]
-
-
-class _SeenRecorder:
-    """A LightningModule factory recording each training batch's ids (one record per batch)."""
-
-    @staticmethod
-    def module(estimate: bool = False):
-        import lightning as L
-
-        class _Recorder(L.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.weight = torch.nn.Parameter(torch.zeros(1))
-                self.seen = []
-
-            def training_step(self, batch, batch_idx):
-                self.seen.append(batch["input_ids"][0].tolist())
-                return self.weight.square().sum() + self.weight.sum()
-
-            def validation_step(self, batch, batch_idx):
-                pass
-
-            def configure_optimizers(self):
-                if estimate:  # builds the training loader before the checkpoint is restored
-                    assert self.trainer.estimated_stepping_batches > 0
-                return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        return _Recorder()
 
 
 @pytest.mark.parametrize("case", ["plain", "accumulate", "val_check", "limit", "workers", "estimated",
@@ -326,7 +311,7 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_the_uninterrupted_run_does(c
     workers, val = (1 if case.endswith("workers") else 0), case == "val_check"
 
     def fit(ckpt_path=None, callbacks=()):
-        module = _SeenRecorder.module(estimate=case.startswith("estimated"))
+        module = _recorder(estimate=case.startswith("estimated"))
         trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=bool(callbacks),
                             callbacks=list(callbacks), default_root_dir=tmp_path, num_sanity_val_steps=0,
@@ -337,11 +322,11 @@ def test_a_run_resumed_mid_epoch_trains_the_batches_the_uninterrupted_run_does(c
             warnings.simplefilter("always")
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         assert not [w for w in caught if "not resumable" in str(w.message)]
-        return module.seen, trainer.global_step
+        return [tuple(map(tuple, ids)) for _, ids in module.seen], trainer.global_step
 
     whole, total = fit(callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **every)])
     per_epoch = len(whole) // 2
-    assert len(set(map(tuple, whole[:per_epoch]))) == per_epoch  # each batch is recognisable
+    assert len(set(whole[:per_epoch])) == per_epoch  # each batch is recognisable
     assert whole[:per_epoch] != whole[per_epoch:]
     paths = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     steps = {int(p.stem.split("step=")[1]) for p in paths}
@@ -363,7 +348,7 @@ def test_a_run_stopped_by_an_exception_resumes_where_it_stopped(chat_tok, tmp_pa
     from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
     def fit(ckpt_path=None, fail_at=None):
-        module = _SeenRecorder.module(estimate=True)
+        module = _recorder(estimate=True)
         step = module.training_step
 
         def failing(batch, batch_idx):
