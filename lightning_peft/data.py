@@ -254,9 +254,10 @@ def _pad_token_id(tokenizer: Any) -> int:
 class EpochShuffle(torch.utils.data.RandomSampler):
     """The training order of epoch ``e``, found from the epoch alone: the order a ``DataLoader``
     with ``shuffle=True`` and a generator seeded with ``seed`` gives in its epoch ``e`` (its
-    ``e+1``-th iteration). Lightning calls :meth:`set_epoch` when each epoch starts, so a run
-    resumed from a checkpoint at an epoch's end shuffles the next epoch as the uninterrupted run
-    does (a fresh seeded loader used to start over at epoch 0's order). A ``RandomSampler``, so
+    ``e+1``-th iteration, each earlier one read to its end, as training reads them). Lightning
+    calls :meth:`set_epoch` when each epoch starts, so a run resumed from a checkpoint at an
+    epoch's end shuffles the next epoch as the uninterrupted run does (a fresh seeded loader used
+    to start over at epoch 0's order). A ``RandomSampler``, so
     that under DDP Lightning puts its ``DistributedSampler`` (shuffling by epoch) in its place, as
     for any shuffling loader."""
 
@@ -269,8 +270,11 @@ class EpochShuffle(torch.utils.data.RandomSampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.epoch + 1):
-            # as the loader did each epoch: its workers' base seed, then the sampler's permutation
+        for epoch in range(self.epoch + 1):
+            # as the loader does each epoch: its workers' base seed, the sampler's permutation, and
+            # (drawn when a whole epoch has been read) the permutation of its empty remainder
+            if epoch:
+                torch.randperm(self.n, generator=generator)
             torch.empty((), dtype=torch.int64).random_(generator=generator)
             order = torch.randperm(self.n, generator=generator)
         return iter(order.tolist())
