@@ -551,3 +551,22 @@ def test_t5_embeddings_sharing_one_weight_all_take_the_rows_and_peft_both_ways(t
     peft_model.save_pretrained(str(tmp_path / "peft"))
     torch.testing.assert_close(out(load_adapter(t5(), tmp_path / "peft")), out(peft_model),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_two_stages_need_the_first_unloaded_and_say_so():
+    """Stage 2 (LoRA with ``trainable_token_indices``) on a model that still carries stage 1's
+    layer is refused naming ``unload_trainable_tokens`` (it said the same ids conflicted with
+    themselves); after unloading, stage 2 starts from the trained rows."""
+    from lightning_peft import unload_trainable_tokens
+
+    model = apply_trainable_tokens(llama(False), token_indices=IDS)
+    perturb(model)
+    ids = batch()
+    trained = logits(model, ids)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"trainable-tokens adapter of its own; unload_trainable_tokens"):
+        apply_lora(model, r=2, target_modules=["q_proj"], trainable_token_indices=IDS)
+    assert all(torch.equal(t, before[n]) for n, t in state(model).items())
+    model = unload_trainable_tokens(model)
+    apply_lora(model, r=2, target_modules=["q_proj"], trainable_token_indices=IDS)
+    assert torch.allclose(logits(model, ids), trained, atol=1e-6, rtol=0)

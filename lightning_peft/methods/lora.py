@@ -56,6 +56,7 @@ from lightning_peft.methods import Method, _grouping, register
 from lightning_peft.methods.trainable_tokens import (
     LORA_PART_ATTR,
     TrainableTokensLayer,
+    check_token_layers,
     check_token_spec,
     inject_tokens,
     input_embedding_name,
@@ -810,6 +811,7 @@ def _plan_lora_tokens(model: nn.Module, spec: list[int] | dict[str, list[int]], 
         raise ValueError(f"trainable_token_indices trains rows of {clash}, which target_modules or "
                          f"modules_to_save select as well; a module either trains some rows, gets LoRA or "
                          f"trains in full")
+    check_token_layers(model, wanted, True, "trainable_token_indices")  # before LoRA goes in
     return wanted, tied
 
 

@@ -357,17 +357,28 @@ def _embeddings(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and isinstance(m, (nn.Embedding, TrainableTokensLayer))]
 
 
+def check_token_layers(model: nn.Module, wanted: dict[str, list[int]], in_lora: bool, arg: str) -> None:
+    """A module of ``wanted`` that already is a token layer must carry the same ids for the same
+    owner (LoRA's or its own); a ``ValueError`` naming ``arg`` otherwise. Read only."""
+    for name, ids in wanted.items():
+        module = model.get_submodule(name)
+        if isinstance(module, TrainableTokensLayer) and module.token_indices == ids \
+                and module.in_lora != in_lora:
+            owner = "a LoRA adapter" if module.in_lora else "a trainable-tokens adapter of its own"
+            raise ValueError(f"{arg}: {name!r} already trains token ids {module.token_indices[:8]} for "
+                             f"{owner}; unload_trainable_tokens(model) first writes those rows into the "
+                             f"weight (between Chinese-LLaMA's two stages), or apply into a fresh model")
+        if isinstance(module, TrainableTokensLayer) and module.token_indices != ids:
+            raise ValueError(f"{arg}: {name!r} already trains token ids {module.token_indices[:8]}"
+                             + (" for a LoRA adapter" if module.in_lora else "")
+                             + f"; load or apply into a fresh model to train {ids[:8]}")
+
+
 def inject_tokens(model: nn.Module, wanted: dict[str, list[int]], tied: dict[str, str],
                   in_lora: bool, arg: str) -> None:
     """Replace the planned modules by token layers (a module that already is one must carry the
     same ids). Checks first, then changes."""
-    for name, ids in wanted.items():
-        module = model.get_submodule(name)
-        if isinstance(module, TrainableTokensLayer) and (module.token_indices != ids
-                                                         or module.in_lora != in_lora):
-            raise ValueError(f"{arg}: {name!r} already trains token ids {module.token_indices[:8]}"
-                             + (" for a LoRA adapter" if module.in_lora else "")
-                             + f"; load or apply into a fresh model to train {ids[:8]}")
+    check_token_layers(model, wanted, in_lora, arg)
     for name, ids in wanted.items():
         module = model.get_submodule(name)
         if isinstance(module, TrainableTokensLayer):
