@@ -205,6 +205,10 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     Leading and trailing whitespace is dropped and every run of whitespace inside becomes one
     space; case and punctuation count.
     """
+    for name, texts in (("predictions", predictions), ("references", references)):
+        if isinstance(texts, (str, bytes)):  # a str is a sequence of characters: not one answer
+            raise ValueError(f"{name} must be a list of strings (one per example), got a single "
+                             f"{type(texts).__name__}; wrap one answer as [{name[:-1]}]")
     if len(predictions) != len(references):
         raise ValueError(
             f"predictions and references must have the same length, "

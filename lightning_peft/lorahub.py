@@ -213,6 +213,16 @@ def _batches(examples: Sequence[Any], tokenizer: Any, batch_size: int,
             if "labels" not in batch:
                 raise ValueError(f"examples[{i}] has no 'labels'; the few-shot loss needs them "
                                  f"(-100 on the tokens not to score)")
+            shape = getattr(batch["input_ids"], "shape", None)
+            for key in ("input_ids", "labels", "attention_mask"):
+                value = batch.get(key)
+                if key in batch and not (isinstance(value, Tensor) and value.dim() == 2
+                                         and tuple(value.shape) == tuple(shape or ())):
+                    got = (f"shape {tuple(value.shape)}" if isinstance(value, Tensor)
+                           else type(value).__name__)
+                    raise ValueError(f"examples[{i}]['{key}'] must be a 2-D tensor (batch, tokens) shaped "
+                                     f"as its input_ids, got {got}; collate encoded examples "
+                                     f"(lightning_peft.data.collate), or pass records with tokenizer=")
             batches.append(dict(batch))
         return batches
     if not all(isinstance(e, Mapping) and "instruction" in e for e in examples):

@@ -131,6 +131,11 @@ def test_exact_match_rejects_bad_input():
         exact_match([], [])
     with pytest.raises(ValueError, match=r"references\[1\] must be a string"):
         exact_match(["a", "b"], ["a", None])
+    # one answer as a bare string was scored character by character ("Paris" vs "paris": 0.8)
+    with pytest.raises(ValueError, match=r"predictions must be a list of strings .* \[prediction\]"):
+        exact_match("Paris", "paris")
+    with pytest.raises(ValueError, match=r"references must be a list of strings"):
+        exact_match(["Paris"], "Paris")
 
 
 def test_evaluation_does_not_import_lightning():

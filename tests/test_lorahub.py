@@ -194,6 +194,13 @@ def test_bad_input_is_refused_with_the_model_unchanged(tmp_path):
         ([], [batch], ValueError, "adapter_dirs is empty"),
         ([good], [{"instruction": "x", "output": "y"}], ValueError, "pass tokenizer="),
         ([good], [{"input_ids": batch["input_ids"]}], ValueError, "no 'labels'"),
+        # encoded but not collated (lists), and one example's 1-D tensors: named, not a model error
+        ([good], [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], ValueError,
+         r"examples\[0\]\['input_ids'\] must be a 2-D tensor .* got list"),
+        ([good], [{k: v[0] for k, v in batch.items()}], ValueError,
+         r"examples\[0\]\['input_ids'\] must be a 2-D tensor .* got shape \(6,\)"),
+        ([good], [{**batch, "labels": batch["labels"][:, :-1]}], ValueError,
+         r"examples\[0\]\['labels'\] must be a 2-D tensor"),
     ]
     for dirs, examples, error, match in cases:
         with pytest.raises(error, match=match):
