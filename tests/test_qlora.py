@@ -714,12 +714,17 @@ def test_merge_into_bitsandbytes_base():
     torch.testing.assert_close(layer(x).detach(), before, rtol=0, atol=0)
 
 
-def test_merge_and_dequantize_exports_plain_linears():
-    model, _ = _llama_pair(modules_to_save=["lm_head"], targets=["q_proj", "k_proj"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_and_dequantize_exports_plain_linears(use_dora):
+    """The export computes what the adapted model computes; with DoRA its rows carry the
+    magnitude scale ``m/||W0 + s·B·A||`` (dropped before: 0.13 off on a tiny layer)."""
+    model, _ = _llama_pair(modules_to_save=["lm_head"], targets=["q_proj", "k_proj"], use_dora=use_dora)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_(0, 0.1)
+                if use_dora:
+                    m.lora_magnitude_vector.mul_(1.5)
     ids = torch.randint(0, 96, (2, 9))
     want = model(ids).logits.detach()
     with pytest.warns(UserWarning, match="re-quantizes"):  # a merged layer is unmerged first

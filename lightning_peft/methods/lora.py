@@ -575,10 +575,7 @@ class LoRALinear(LinearAdapterLayer):
             return
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         held = [n for n in names if self.holds(n)]
-        dora = [n for n in held if self.slot(n).use_dora]
-        if dora and len(held) > 1:
-            raise ValueError(f"the DoRA adapter {dora[0]!r} merges alone, not with {held}: its magnitude "
-                             f"rescales the whole weight")
+        dora = self._check_dora_alone(held)
         self.active_adapters = names or [DEFAULT_ADAPTER]
         if not held:  # none of the adapters lives here: the base weight is already the result
             return
@@ -589,9 +586,7 @@ class LoRALinear(LinearAdapterLayer):
                           "rounding error to the update; unmerge() restores the original 4-bit weight "
                           "exactly. For a full-precision merged model use "
                           "lightning_peft.merge_and_dequantize(model, dtype)", stacklevel=2)
-            merged = q.dequantize(torch.float32).add_(self._delta(held))  # (out, in) fp32
-            if dora:  # W' = m/||W0 + s·B·A|| ⊙ (W0 + s·B·A), rows
-                merged.mul_(self._dora_merge_scale(q, slot).to(torch.float32)[:, None])
+            merged = self.merged_from_4bit(q, held)
             _set_quantized_base_weight(self.base_layer, kernels.quantize_nf4(
                 merged.to(q.dtype), blocksize=q.blocksize, double_quant=q.double_quant))
             self._restore, self.merged, self._merged_names = q, True, held
@@ -609,6 +604,28 @@ class LoRALinear(LinearAdapterLayer):
             self._restore = (drift, weight.reshape(-1)[drift].clone())
         weight.copy_(merged)
         self.merged, self._merged_names = True, held
+
+    def _check_dora_alone(self, held: list[str]) -> bool:
+        """Whether a DoRA adapter is among ``held`` (the adapters merged together); a
+        ``ValueError`` when it is not alone."""
+        dora = [n for n in held if self.slot(n).use_dora]
+        if dora and len(held) > 1:
+            raise ValueError(f"the DoRA adapter {dora[0]!r} merges alone, not with {held}: its magnitude "
+                             f"rescales the whole weight")
+        return bool(dora)
+
+    def merged_from_4bit(self, q: kernels.NF4Tensor, held: list[str]) -> Tensor:
+        """The merged weight of the adapters ``held`` over this layer's 4-bit base ``q``, (out, in)
+        fp32: ``dequant(W0) + Σ s·B·A``, its rows scaled by DoRA's ``m/||W0 + s·B·A||`` for a
+        DoRA adapter (what merging into the 4-bit base re-quantizes, and what
+        :func:`~lightning_peft.merge_and_dequantize` exports)."""
+        merged = q.dequantize(torch.float32)
+        if not held:
+            return merged
+        merged.add_(self._delta(held))
+        if self._check_dora_alone(held):  # W' = m/||W0 + s·B·A|| ⊙ (W0 + s·B·A), rows
+            merged.mul_(self._dora_merge_scale(q, self.slot(held[0])).to(torch.float32)[:, None])
+        return merged
 
     def _dora_merge_scale(self, q: kernels.NF4Tensor | None = None,
                           slot: LoRALinear | NamedLoRA | None = None) -> Tensor:

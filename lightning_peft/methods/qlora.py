@@ -382,8 +382,9 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
     """Export a plain full-precision model, in place: returns ``model`` with
 
     - every LoRA layer on a 4-bit base replaced by an ``nn.Linear`` holding
-      ``dequant(W0) + s·B·A`` in ``dtype`` (summed in fp32, never re-quantized; a merged layer is
-      unmerged first, which restores its original 4-bit weight);
+      ``dequant(W0) + s·B·A`` (DoRA: its rows times ``m/||W0 + s·B·A||``) in ``dtype`` (summed in
+      fp32, never re-quantized; a merged layer is unmerged first, which restores its original
+      4-bit weight);
     - every LoRA layer on a dense base merged in place and replaced by its base layer;
     - every other 4-bit layer (NF4Linear, quantized bitsandbytes Linear4bit) replaced by its
       dequantized ``nn.Linear`` in ``dtype``;
@@ -409,9 +410,7 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
                 new = module.base_layer
             else:
                 active = [n for n in module.active_adapters if module.holds(n)]  # named adapters
-                w = q.dequantize(torch.float32)  # (out, in) fp32
-                if active:
-                    w.add_(module._delta(active))
+                w = module.merged_from_4bit(q, active)  # (out, in) fp32, DoRA's scale included
                 new = _dense_linear(w, module.base_layer.bias, dtype, module.base_layer)
         elif isinstance(module, ModulesToSave):
             new = module.modules_to_save
