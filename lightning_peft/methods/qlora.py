@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.nf4 import BLOCKSIZES
-from lightning_peft._base import AdapterLayer, ModelState, freeze_all_but_adapters
+from lightning_peft._base import TRAIN_BIAS_ATTR, AdapterLayer, ModelState, freeze_all_but_adapters
 from lightning_peft.methods import Method, _grouping, register
 from lightning_peft.methods.lora import METHOD as LORA_METHOD
 from lightning_peft.methods.lora import (
@@ -201,6 +201,8 @@ class NF4Linear(nn.Module):
         layer.weight = q
         if getattr(linear, "bias", None) is not None:
             layer.bias = linear.bias
+            if getattr(linear, TRAIN_BIAS_ATTR, False):  # LoRA's bias="lora_only"/"all" keeps it trained
+                setattr(layer, TRAIN_BIAS_ATTR, True)
         # the weight is (out, in) either way; a Conv1D's model expects its (in, out) back on export
         layer.from_conv1d = _is_conv1d(linear)
         return layer
