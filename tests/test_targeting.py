@@ -144,3 +144,16 @@ def test_a_file_may_list_entries_of_other_architectures(tmp_path):
         theirs.save_pretrained(tmp_path)
     model = load_adapter(_tiny.llama(), tmp_path)
     assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)}) == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("apply", ["apply_lora", "apply_qlora", "apply_adalora", "apply_relora"])
+def test_modules_to_save_may_be_one_name(apply):
+    """``modules_to_save="lm_head"`` is one module, as the configs read it (QLoRA, AdaLoRA and
+    ReLoRA split it into characters: "entry 'l' matches no module")."""
+    import lightning_peft
+    from lightning_peft._base import ModulesToSave
+    from tests import _tiny
+
+    apply_fn = getattr(lightning_peft, apply)
+    model = apply_fn(_tiny.llama(), target_modules=["q_proj"], modules_to_save="lm_head")
+    assert isinstance(model.lm_head, ModulesToSave)

@@ -385,7 +385,7 @@ def apply_adalora(model: nn.Module, init_r: int = 12, target_r: int = 8, alpha: 
     if config is None:
         config = AdaLoRAConfig(init_r=init_r, target_r=target_r, alpha=alpha, dropout=dropout,
                                target_modules=target_modules, exclude_modules=exclude_modules,
-                               modules_to_save=list(modules_to_save) if modules_to_save else None,
+                               modules_to_save=modules_to_save,
                                tinit=tinit, tfinal=tfinal, deltaT=deltaT, beta1=beta1, beta2=beta2,
                                orth_reg_weight=orth_reg_weight, total_step=total_step,
                                autocast_adapter_dtype=autocast_adapter_dtype)

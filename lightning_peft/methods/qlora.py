@@ -333,7 +333,7 @@ def apply_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
     if config is None:
         config = QLoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                              exclude_modules=exclude_modules,
-                             modules_to_save=list(modules_to_save) if modules_to_save else None,
+                             modules_to_save=modules_to_save,
                              use_rslora=use_rslora, init=init, bias=bias, double_quant=double_quant,
                              compute_dtype=compute_dtype, blocksize=blocksize, use_dora=use_dora)
     elif not isinstance(config, QLoRAConfig):

@@ -146,7 +146,7 @@ def apply_relora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: flo
     if config is None:
         config = ReLoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                               exclude_modules=exclude_modules,
-                              modules_to_save=list(modules_to_save) if modules_to_save else None,
+                              modules_to_save=modules_to_save,
                               use_rslora=use_rslora, init=init, bias=bias,
                               autocast_adapter_dtype=autocast_adapter_dtype, reset_every=reset_every,
                               optimizer_keep=optimizer_keep, restart_warmup=restart_warmup)
