@@ -235,6 +235,9 @@ def merge_adapters(model: nn.Module, adapter_names: str | Iterable[str] | None =
     adapters (a name or a list; they become the active ones), unmerging first a layer merged
     with others: ``merge_adapters(model, "a")``, ``unmerge_adapters(model)`` (``W0`` back bit for
     bit), ``merge_adapters(model, "b")`` switches tasks at the base model's speed."""
+    from lightning_peft.fsdp import refuse_sharded
+
+    refuse_sharded(model, "merge_adapters")  # it writes whole base weights
     if adapter_names is not None:
         names = list(adapter_names) if isinstance(adapter_names, Iterable) and \
             not isinstance(adapter_names, str) else [adapter_names]  # a non-name: unknown, below
@@ -268,6 +271,9 @@ def merge_adapters(model: nn.Module, adapter_names: str | Iterable[str] | None =
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_adapters`, restoring every base weight exactly. Returns ``model``."""
+    from lightning_peft.fsdp import refuse_sharded
+
+    refuse_sharded(model, "unmerge_adapters")
     for module in model.modules():
         if isinstance(module, AdapterLayer) and getattr(module, "merged", False):
             module.unmerge()

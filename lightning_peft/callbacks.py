@@ -161,6 +161,10 @@ class PEFTCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.merge_on_fit_end:  # refused now, not after the training
+            from lightning_peft.fsdp import refuse_sharded
+
+            refuse_sharded(pl_module, f"{type(self).__name__}(merge_on_fit_end=True)")
         restore_adapter_dtypes(pl_module)
         counts = trainable_parameters(pl_module)
         rank_zero_info(f"{type(self).__name__}: {counts}")

@@ -551,18 +551,24 @@ def test_combine_adapters_that_fails_leaves_the_model_as_it_was(monkeypatch):
 
 
 def test_a_sharded_model_is_refused_by_load_and_combine(monkeypatch, tmp_path):
-    """Both write whole adapter tensors, which a sharded (FSDP2 DTensor) parameter refuses in the
-    middle of the copy; they now refuse up front, the model unchanged."""
+    """Load, combine, merge and unmerge write whole tensors, which a sharded (FSDP2 DTensor)
+    parameter refuses in the middle of the copy; they refuse up front, the model unchanged, and
+    a callback with ``merge_on_fit_end`` refuses a sharded module when fit starts, not after."""
     model = _model()
     save_adapter(model, tmp_path)
     before = _structure(model)
     monkeypatch.setattr("lightning_peft.fsdp.is_sharded", lambda m: True)
     calls = (lambda: load_adapter(model, tmp_path), lambda: load_adapter(model, tmp_path, adapter_name="b"),
-             lambda: combine_adapters(model, ["default", "b"], [1.0, 1.0], name="k"))
+             lambda: combine_adapters(model, ["default", "b"], [1.0, 1.0], name="k"),
+             lambda: merge_adapters(model), lambda: unmerge_adapters(model))  # (merge: a DTensor error)
     for call in calls:
         with pytest.raises(ValueError, match=r"works on an unsharded model.*fully_shard_peft"):
             call()
         _same(model, before)
+    from lightning_peft import LoRACallback
+
+    with pytest.raises(ValueError, match=r"LoRACallback\(merge_on_fit_end=True\) works on an unsharded"):
+        LoRACallback(r=2, merge_on_fit_end=True).on_fit_start(None, model)
 
 
 @pytest.mark.parametrize("bad", [None, 1, 2.5])
