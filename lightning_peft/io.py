@@ -86,10 +86,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter parameters and persistent adapter buffers of ``model`` by their state-dict name."""
+    """Adapter parameters and persistent adapter buffers of ``model`` by their name in
+    ``model.state_dict()`` (a Fabric-wrapped module's state dict is its inner module's, without
+    the wrapper's ``_forward_module.`` prefix that its parameter names carry)."""
+    model = _state_dict_owner(model)
     tensors: dict[str, Tensor] = dict(adapter_named_parameters(model))
     tensors.update((n, b) for n, b in adapter_named_buffers(model) if _persistent(model, n))
     return tensors
+
+
+def _state_dict_owner(model: nn.Module) -> nn.Module:
+    """The module whose ``state_dict()`` ``model.state_dict()`` returns: Fabric's wrapper delegates
+    to the module it wraps."""
+    for package in ("lightning.fabric", "lightning_fabric"):  # a wrapper exists only once imported
+        wrappers = sys.modules.get(f"{package}.wrappers")
+        if wrappers is not None and isinstance(model, wrappers._FabricModule):
+            return model.module
+    return model
 
 
 def _persistent(model: nn.Module, name: str) -> bool:
@@ -111,6 +124,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    model = _state_dict_owner(model)
     expected = _adapter_tensors(model)
     hint = "" if expected else (" The model has no adapter parameters: inject the adapter first, "
                                 "e.g. with apply_lora(model, ...).")

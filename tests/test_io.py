@@ -894,3 +894,28 @@ def test_adapter_state_dict_holds_buffers_of_modules_trained_in_full() -> None:
     load_adapter_state_dict(fresh, state)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(_bn_input()), model(_bn_input()))
+
+
+def test_adapter_state_dict_of_a_fabric_module_is_keyed_as_its_state_dict(tmp_path: Path) -> None:
+    """Fabric's wrapper delegates ``state_dict()`` to the module it wraps (no ``_forward_module.``
+    prefix): the adapter state dict uses those names (it used the parameters' prefixed ones, so
+    loading it into the plain model was refused), and both directions work."""
+    from lightning.fabric import Fabric
+
+    from tests import _tiny
+
+    model = apply_lora(_tiny.llama(), r=2, target_modules=["q_proj", "v_proj"])
+    _tiny.randomize_lora(model)
+    wrapped = Fabric(accelerator="cpu", devices=1).setup_module(model)
+    state = adapter_state_dict(wrapped)
+    assert state and set(state) <= set(wrapped.state_dict())
+    assert not any("_forward_module" in k for k in state)
+    plain = apply_lora(_tiny.llama(), r=2, target_modules=["q_proj", "v_proj"])
+    load_adapter_state_dict(plain, state)
+    assert all(torch.equal(v, adapter_state_dict(plain)[k]) for k, v in state.items())
+    load_adapter_state_dict(wrapped, adapter_state_dict(plain))
+    save_adapter(wrapped, tmp_path / "a")
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(_tiny.llama(), tmp_path / "a")(ids).logits, model(ids).logits,
+                                   rtol=0, atol=0)
