@@ -306,8 +306,8 @@ class PEFTCallback(Callback):
         if config:
             raise ValueError(f"the checkpoint was written {config}. Nothing was loaded; the model is "
                              "unchanged. Use the checkpoint's config, or a checkpoint written with this one.")
-        base = sorted(k for k in state if k in known and k not in expected
-                      and k not in self._checkpoint_base(pl_module))
+        carried = self._checkpoint_base(pl_module)
+        base = sorted(k for k in state if k in known and k not in expected and k not in carried)
         if base:  # Lightning would load them (non-strictly) over the model's frozen base
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in set(base)}
             rank_zero_warn(f"{type(self).__name__}: the checkpoint also holds {len(base)} frozen base "
@@ -322,9 +322,10 @@ class PEFTCallback(Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        # the module's own hook filters while the callback is set up; trainer.save_checkpoint after
-        # fit (the module unwrapped at teardown) reaches only this one
-        if adapter_named_parameters(pl_module):
+        # the module's own hook filters while the callback is set up (weights-only saves reach
+        # only that one); trainer.save_checkpoint after fit (the module unwrapped at teardown)
+        # reaches only this one
+        if _WRAPPED not in pl_module.__dict__ and adapter_named_parameters(pl_module):
             self._filter_checkpoint(pl_module, checkpoint)
 
     def _check_strategy_loaded_checkpoint(self, pl_module: nn.Module) -> bool:
