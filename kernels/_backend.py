@@ -92,9 +92,11 @@ def interpreter_lock() -> contextlib.AbstractContextManager:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Decide whether an op on ``tensors`` runs its Triton kernel under the current backend."""
+    """Decide whether an op on ``tensors`` runs its Triton kernel under the current backend.
+    Float64 operands always run the PyTorch reference: the kernels accumulate in fp32 (on fp64
+    operands ``tl.dot`` into an fp32 accumulator gave garbage)."""
     backend = get_backend()
-    if backend == "torch":
+    if backend == "torch" or any(t.dtype == torch.float64 for t in tensors):
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":

@@ -103,6 +103,10 @@ def _check_args(x: Tensor, weight: Any, lora_a: Tensor, lora_b: Tensor, bias: Te
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight is "
                          f"{tuple(weight.shape)} (out, in); expected x[..., {in_features}]")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
     if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
         raise ValueError(f"lora_a must be (r, {in_features}), got {tuple(lora_a.shape)}")
     r = lora_a.shape[0]
@@ -483,8 +487,13 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
     ``A`` matrices: ``y_i = x·W_iᵀ + s_i·(dropout(x)·A_iᵀ)·B_iᵀ + b_i``. The members share one
     dropout mask. Returns one fresh output per member (editable in place); autograd to every input.
     Dtypes as in :func:`lora_linear`: adapters wider than ``x`` keep the branch in their dtype."""
-    if isinstance(x, Tensor) and all(isinstance(w, Tensor) for w in weights) and \
-            _backend.use_triton(x, *weights, *lora_as, *lora_bs):
+    if len(lora_as) != len(weights) or len(lora_bs) != len(weights) or len(scalings) != len(weights) \
+            or (biases is not None and len(biases) != len(weights)) or not weights:
+        raise ValueError("weights, lora_as, lora_bs, scalings (and biases) must be non-empty and have "
+                         "one entry per member")
+    for i, (w, a, b) in enumerate(zip(weights, lora_as, lora_bs)):  # on every backend
+        _check_args(x, w, a, b, None if biases is None else biases[i], dropout_p, scalings[i])
+    if all(isinstance(w, Tensor) for w in weights) and _backend.use_triton(x, *weights, *lora_as, *lora_bs):
         from kernels import _lora_triton
 
         return _lora_triton.lora_linear_grouped(x, weights, lora_as, lora_bs, scalings, biases,
@@ -497,12 +506,6 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], lora_as: list[Tensor],
                 x.to(dtype), [w.to(dtype) if isinstance(w, Tensor) else w for w in weights],
                 [a.to(dtype) for a in lora_as], [b.to(dtype) for b in lora_bs], scalings, biases,
                 dropout_p, generator)
-    if len(lora_as) != len(weights) or len(lora_bs) != len(weights) or len(scalings) != len(weights) \
-            or (biases is not None and len(biases) != len(weights)) or not weights:
-        raise ValueError("weights, lora_as, lora_bs, scalings (and biases) must be non-empty and have "
-                         "one entry per member")
-    for i, (w, a, b) in enumerate(zip(weights, lora_as, lora_bs)):
-        _check_args(x, w, a, b, None if biases is None else biases[i], dropout_p, scalings[i])
     return lora_linear_grouped_reference(x, weights, lora_as, lora_bs, scalings, biases, dropout_p,
                                          generator)
 

@@ -655,3 +655,37 @@ def test_gpu_determinism():
     runs = _twice_deterministic(run)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_float64_runs_the_reference_on_the_triton_backend():
+    """The kernels accumulate in fp32 and ``tl.dot`` on fp64 operands into it gave garbage (errors
+    as large as the outputs): float64 operands take the PyTorch reference on every backend, so
+    the ops equal it bit for bit (a gradcheck on CUDA reaches this)."""
+    from kernels.lora import dora_linear_reference, lora_linear_grouped_reference
+
+    t = _make((5, 33), 17, 3, torch.float64)
+    args = (t["x"], t["w"], t["a"], t["b"], 0.5, t["bias"])
+    assert torch.equal(kernels.lora_linear(*args), lora_linear_reference(*args))
+    ws, as_, bs = [t["w"], t["w"][:7]], [t["a"], t["a"][:2]], [t["b"], t["b"][:7, :2]]
+    got = kernels.lora_linear_grouped(t["x"], ws, as_, bs, [0.5, 2.0])
+    want = lora_linear_grouped_reference(t["x"], ws, as_, bs, [0.5, 2.0])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    m = torch.rand(17, dtype=torch.float64) + 0.5
+    dora = kernels.dora_linear(*args[:5], m, t["bias"])
+    assert torch.equal(dora, dora_linear_reference(*args[:5], m, t["bias"]))
+
+
+def test_grouped_arguments_are_checked_as_on_the_torch_backend():
+    """The Triton grouped op returned inf/NaN for a non-finite scaling and raised Triton's own
+    assertion for integer inputs; it now gives the torch backend's errors."""
+    t = _make((5, 33), 17, 3, torch.float32)
+    ws, as_, bs = [t["w"], t["w"]], [t["a"], t["a"]], [t["b"], t["b"]]
+    for scaling in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            kernels.lora_linear_grouped(t["x"], ws, as_, bs, [0.5, scaling])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        kernels.lora_linear_grouped(t["x"].long(), [w.long() for w in ws], as_, bs, [0.5, 0.5])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor .* shape \\(\\)"):
+        kernels.lora_linear_grouped(t["x"][0, 0], ws, as_, bs, [0.5, 0.5])
+    with pytest.raises(TypeError, match="lora_a must be a floating-point tensor, got NoneType"):
+        kernels.lora_linear_grouped(t["x"], ws, [t["a"], None], bs, [0.5, 0.5])
