@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 
@@ -50,6 +51,28 @@ def cpu_info() -> dict:
             "amx": "amx_tile" in flags, "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "forced": {k: os.environ[k] for k in FORCING if os.environ.get(k)},
             "slug": "cpu-" + "-".join(words or ["unknown"])}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """The three quartiles of ``values`` (a single value is all three: one round has no spread)."""
+    import statistics
+
+    return list(statistics.quantiles(values, n=4)) if len(values) > 1 else [values[0]] * 3
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where results are committed: ``RESULTS/<device slug>/<stem>.{json,md}``."""
+
+
+def result_stem(name: str, info: dict) -> str:
+    """The file stem of a CPU result named ``name``: ``name``, or ``<name>_forced_<target>`` when
+    :func:`cpu_info` saw forcing variables (``nf4_forced_avx2`` with ``ATEN_CPU_CAPABILITY=avx2``,
+    else the first variable's value), so a forced run never overwrites the machine's own results."""
+    forced = info.get("forced") or {}
+    if not forced:
+        return name
+    target = forced.get("ATEN_CPU_CAPABILITY") or next(iter(forced.values()))  # avx2, x86-64-v3, ...
+    return f"{name}_forced_{re.sub(r'[^a-z0-9.-]+', '-', str(target).lower())}"
 
 
 def write_result(out: Path, stem: str, result: dict, markdown) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import cpu_info, quartiles
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -102,12 +104,13 @@ def run(hidden: int = 256, layers: int = 4, seq: int = 128, batch: int = 4, voca
             times[name].append(got[name][0])
         ratios.append(got["ours"][0] / got["peft"][0])
         same = same and got["ours"][1] == got["peft"][1]
-    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    q1, q2, q3 = quartiles(ratios)
     ratio = statistics.median(ratios)
     return {
         "settings": {"hidden": hidden, "layers": layers, "seq": seq, "batch": batch, "vocab": vocab,
                      "init_r": init_r, "target_r": target_r, "targets": TARGETS, "repeats": repeats,
-                     "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
+                     "threads": torch.get_num_threads(), "cpu": cpu_info(), "device": "cpu",
+                     "dtype": "float32",
                      "schedule": "tinit=0, deltaT=1: scores and a mask every step"},
         "rows": [
             {"impl": "HF PEFT AdaLoRA", "median_ms": round(1e3 * statistics.median(times["peft"]), 3)},

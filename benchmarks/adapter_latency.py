@@ -55,10 +55,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import cpu_model, write_result
+from benchmarks import RESULTS, cpu_info, cpu_model, quartiles, result_stem, write_result
+from lightning_peft.tasks import check_model_argument
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu-intel-xeon"
 CASES = ("prefill", "decode")
 
 CONFIGS: dict[str, str] = {
@@ -196,7 +196,7 @@ def time_case(models: dict[str, nn.Module], case: str, ids: torch.Tensor, rounds
     out = {}
     for key in keys:
         ratios = [t / b for t, b in zip(per_round[key], per_round["base"])]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        q = quartiles(ratios)
         out[key] = {"median_ms": round(1e3 * statistics.median(per_round[key]), 3),
                     "ratio_to_base": round(statistics.median(ratios), 4),
                     "ratio_quartiles": [round(v, 4) for v in (q[0], statistics.median(ratios), q[2])]}
@@ -300,8 +300,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "at least 1)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per configuration before the rounds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help="directory for adapter_latency.{md,json}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for adapter_latency.{md,json} (default: benchmarks/results/<this CPU>)")
     args = p.parse_args(argv)
+    check_model_argument(p, args.model)
     try:
         args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
     except ValueError:
@@ -321,7 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    write_result(args.out, "adapter_latency", result, write_markdown)
+    info = cpu_info()
+    out = args.out or RESULTS / info["slug"]
+    write_result(out, result_stem("adapter_latency", info), result, write_markdown)
     return result
 
 

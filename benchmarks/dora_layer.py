@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.lora_layer import init_lora_b, paired_rows, parser, report
+from benchmarks.lora_layer import init_lora_b, paired_rows, parser, report, token_batch
 from lightning_peft import LoRALinear
 
 
@@ -40,7 +40,7 @@ def run(tokens: int = 1024, features: int = 4096, r: int = 16, repeats: int = 20
         dropouts: tuple[float, ...] = (0.0, 0.05), seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     base = nn.Linear(features, features, bias=False).requires_grad_(False)
-    x = torch.randn(max(1, tokens // 128), min(tokens, 128), features, requires_grad=True)
+    x = token_batch(tokens, features)
     grad = torch.randn(*x.shape[:-1], features)
     rows = []
     for p in dropouts:

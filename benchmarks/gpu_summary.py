@@ -2,8 +2,9 @@
 
 Reads ``OUTDIR/steps.tsv`` (each step's status), the benchmarks' JSON under ``OUTDIR`` (every
 ``"targets"`` list: ``{"target", "met", ...}``), the QLoRA memory line (target: a 7B-shape step
-under 10 GiB of GPU memory) and the pytest JUnit files, and writes ``OUTDIR/summary.md``: every
-step, every target met / not met / not run.
+under 10 GiB of GPU memory) and the pytest JUnit files, of the steps that ran in this run only (a
+step that did not leaves an earlier run's files in a reused OUTDIR), and writes
+``OUTDIR/summary.md``: every step, every target met / not met / not run.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ def _targets(out: Path, steps: dict[str, str]) -> list[tuple[str, str, str]]:
     """``(target, state, detail)`` rows."""
     rows = []
     for step, filename in TARGET_SOURCES.items():
-        files = sorted(out.rglob(filename))
         found = []
-        for f in files:
-            found += json.loads(f.read_text()).get("targets") or []
+        if steps.get(step) == "ok":  # a step that did not run leaves an earlier run's files, not its own
+            for f in sorted(out.rglob(filename)):
+                found += json.loads(f.read_text()).get("targets") or []
         if not found:
             rows.append((f"{step}: its targets", "not run", steps.get(step, "not in the plan")))
         for t in found:
@@ -37,7 +38,7 @@ def _targets(out: Path, steps: dict[str, str]) -> list[tuple[str, str, str]]:
             detail = ", ".join(f"{k}={t[k]}" for k in t if k not in ("target", "met"))
             rows.append((f"{step}: {t.get('target')}", state, detail))
     mem = out / "qlora_memory.jsonl"
-    if mem.is_file() and mem.read_text().strip():
+    if steps.get("qlora_memory") == "ok" and mem.is_file() and mem.read_text().strip():
         result = json.loads(mem.read_text().strip().splitlines()[-1])
         peak = result.get("step_peak_allocated_gib")  # CUDA only; a CPU run has RSS instead
         state = "not run" if peak is None else ("met" if peak < QLORA_TARGET_GIB else "not met")
@@ -47,7 +48,7 @@ def _targets(out: Path, steps: dict[str, str]) -> list[tuple[str, str, str]]:
                      steps.get("qlora_memory", "not in the plan")))
     for step in ("gpu_tests", "fsdp_deepspeed"):
         xml = out / f"{step}.xml"
-        if xml.is_file():
+        if xml.is_file() and steps.get(step, "").startswith(("ok", "failed")):  # failed tests: ran
             suite = ET.parse(xml).getroot()
             suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
             counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}

@@ -15,13 +15,12 @@ forward+backward is two GEMMs; IA3 adds only elementwise passes.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.lora_layer import paired_rows, report
+from benchmarks.lora_layer import paired_rows, report, token_batch, write_rows
 from lightning_peft.methods.ia3 import IA3Linear
 
 KINDS = ("output", "feedforward")
@@ -51,7 +50,7 @@ def _perturb(modules) -> None:
 def run(tokens: int = 1024, features: int = 4096, repeats: int = 30, seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     base = nn.Linear(features, features, bias=False).requires_grad_(False)
-    x = torch.randn(max(1, tokens // 128), min(tokens, 128), features, requires_grad=True)
+    x = token_batch(tokens, features)
     grad = torch.randn(*x.shape[:-1], features)
     rows = []
     for kind in KINDS:
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.tokens} tokens, {args.features}x{args.features}, {torch.get_num_threads()} "
                f"threads, forward+backward, median of {args.repeats} rounds", None)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_rows(rows, args.json)
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cpu_model, write_result
+from lightning_peft.tasks import non_negative_int, positive_int
 
 PAPER_D90 = {  # Aghajanyan et al. 2020, Table 1: d90 (SAID, DID) on MRPC and QQP
     "BERT-Base": {"said": {"MRPC": 1608, "QQP": 8030}, "did": {"MRPC": 1861, "QQP": 9295}},
@@ -279,15 +280,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning rate of the SAID runs at d=1000 (scaled by sqrt(1000/d))")
     p.add_argument("--lr-did", type=float, default=LR["did"],
                    help="learning rate of the DID runs at d=1000 (scaled by sqrt(1000/d))")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the methods table's (32)")
-    p.add_argument("--warmup", type=int, default=None, help="default: the methods table's (30)")
+    p.add_argument("--steps", type=positive_int, default=300, help="optimizer steps of every run")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the methods table's (32)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="default: the methods table's (30)")
     p.add_argument("--model", default=None, help="a local BERT-like model directory (default: MiniLM-L6)")
     p.add_argument("--train", default=None, help="training records (default: the roles task's)")
     p.add_argument("--eval", default=None, help="held-out records (default: the roles task's)")
-    p.add_argument("--eval-limit", type=int, default=None, help="held-out records to score (default: all)")
+    p.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="held-out records to score (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--skip-full", action="store_true",
                    help="do not run full fine-tuning; take its accuracy from --full-accuracy")
     p.add_argument("--full-accuracy", type=float, default=None, help="with --skip-full")
@@ -295,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-cost", action="store_true",
                    help="instead of the sweep: seconds per training step of full fine-tuning, the frozen "
                         "model and SAID at each --dims, interleaved (intrinsic_dimension_step.{md,json})")
-    p.add_argument("--rounds", type=int, default=5, help="with --step-cost: interleaved rounds")
+    p.add_argument("--rounds", type=positive_int, default=5, help="with --step-cost: interleaved rounds")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -307,8 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not args.kinds or any(k not in ("said", "did") for k in args.kinds):
         p.error(f"--kinds must be a comma-separated subset of said,did, got {args.kinds}")
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
+    for name in ("model", "train", "eval"):  # (the runs check them again; --step-cost reads them)
+        if getattr(args, name) is not None and not Path(getattr(args, name)).exists():
+            p.error(f"--{name}: no such file or directory: {getattr(args, name)!r}")
     if args.skip_full and args.full_accuracy is None:
         p.error("--skip-full needs --full-accuracy")
     args.lr = {"said": args.lr_said, "did": args.lr_did}

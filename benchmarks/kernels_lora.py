@@ -35,8 +35,27 @@ MODES = ("fwd", "fwd+bwd")
 TARGET = {"M": 8192, "K": 4096, "N": 4096, "r": 16}
 
 
+def _number_list(convert, ok, kind: str):
+    """An ``argparse`` type: comma-separated values each converted and checked (``kind`` in the
+    error)."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"must be comma-separated {kind}, got {text!r}")
+        return values
+    return parse
+
+
+def _shape(text: str) -> tuple[int, int]:
+    k, _, n = text.lower().partition("x")
+    return int(k), int(n)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
-    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    ints = _number_list(int, lambda v: v >= 1, "positive integers")
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels lora", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
@@ -44,11 +63,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None,
                     help="output folder (default benchmarks/results/<device>/)")
     ap.add_argument("--m", type=ints, default=M_SWEEP, help="comma-separated token counts")
-    ap.add_argument("--shapes", type=str, default=None,
-                    help="comma-separated KxN, e.g. 4096x4096,4096x11008")
+    ap.add_argument("--shapes", type=_number_list(_shape, lambda kn: min(kn) >= 1, "KxN shapes (4096x4096)"),
+                    default=SHAPE_SWEEP, help="comma-separated KxN, e.g. 4096x4096,4096x11008")
     ap.add_argument("--ranks", type=ints, default=RANK_SWEEP)
     ap.add_argument("--impls", type=lambda s: tuple(s.split(",")), default=IMPLS)
-    ap.add_argument("--dropout", type=lambda s: tuple(float(v) for v in s.split(",")),
+    ap.add_argument("--dropout", type=_number_list(float, lambda p: 0.0 <= p < 1.0, "numbers in [0, 1)"),
                     default=(0.0, 0.1))
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--no-plot", action="store_true")
@@ -56,8 +75,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.impls) - set(IMPLS)
     if unknown:
         ap.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
-    args.shapes = SHAPE_SWEEP if args.shapes is None else tuple(
-        tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))
     return args
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.lora_layer import _peft_layer, init_lora_b, paired_rows, parser, report
+from benchmarks.lora_layer import _peft_layer, init_lora_b, paired_rows, parser, report, token_batch
 from lightning_peft import apply_lora
 from lightning_peft.methods.lora import lora_layers
 
@@ -62,7 +62,7 @@ def run(tokens: int = 1024, features: int = 4096, r: int = 16, repeats: int = 21
     torch.manual_seed(seed)
     bases = [nn.Linear(features, n, bias=False).requires_grad_(False)
              for n in (features, features // 4, features // 4)]
-    x = torch.randn(max(1, tokens // 128), min(tokens, 128), features, requires_grad=True)
+    x = token_batch(tokens, features)
     grads = [torch.randn(*x.shape[:-1], b.out_features) for b in bases]
     rows = []
     for p in dropouts:  # the warm-up rounds also teach the fusion its group

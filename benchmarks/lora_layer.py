@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import quartiles
 from lightning_peft import LoRALinear
 from lightning_peft.tasks import non_negative_int, positive_int
 
@@ -87,9 +88,16 @@ def paired_rows(modules: dict[str, nn.Module], x: torch.Tensor,
         rows.append({**fields, key: name,
                      "median_ms": round(statistics.median(times[name]) * 1e3, 3),
                      "ratio_to_base": round(statistics.median(ratios), 4),
-                     "ratio_quartiles": [round(q, 4) for q in statistics.quantiles(ratios, n=4)],
+                     "ratio_quartiles": [round(q, 4) for q in quartiles(ratios)],
                      "saved_activation_bytes": _saved_bytes(saved_of(module), x)})
     return rows
+
+
+def token_batch(tokens: int, features: int) -> torch.Tensor:
+    """A random input of exactly ``tokens`` rows, requiring grad: sequences of 128 when they
+    divide it (``8x128``), else one sequence of ``tokens``."""
+    shape = (tokens // 128, 128) if tokens % 128 == 0 else (1, tokens)
+    return torch.randn(*shape, features, requires_grad=True)
 
 
 def init_lora_b(modules: Iterable[nn.Module]) -> None:
@@ -105,7 +113,7 @@ def run(tokens: int = 1024, features: int = 4096, r: int = 16, repeats: int = 30
         dropouts: tuple[float, ...] = (0.0, 0.05), seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     base = nn.Linear(features, features, bias=False).requires_grad_(False)
-    x = torch.randn(max(1, tokens // 128), min(tokens, 128), features, requires_grad=True)
+    x = token_batch(tokens, features)
     grad = torch.randn(*x.shape[:-1], features)
     rows = []
     for p in dropouts:
@@ -140,15 +148,21 @@ def report(rows: list[dict], key: str, title: str, json_path: Path | None) -> No
               f"{row['ratio_to_base']:>7.3f} {q1:>6.3f}-{q3:<6.3f} "
               f"{row['saved_activation_bytes'] / 2**20:>10.2f}")
     if json_path:
-        from benchmarks import cpu_info
+        write_rows(rows, json_path)
 
-        info = cpu_info()  # what the timings depend on: model, vendor, AVX-512, torch dispatch
-        for row in rows:
-            row.update(cpu=info["model"], cpu_vendor=info["vendor"], avx512=info["avx512"],
-                       torch_cpu_capability=info["torch_capability"], forced=info["forced"],
-                       threads=torch.get_num_threads())
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(rows, indent=2))
+
+def write_rows(rows: list[dict], json_path: Path) -> None:
+    """Write ``rows`` to ``json_path``, each with what the timings depend on: the CPU model,
+    vendor, AVX-512, torch's dispatch level, forcing variables and torch's thread count."""
+    from benchmarks import cpu_info
+
+    info = cpu_info()
+    for row in rows:
+        row.update(cpu=info["model"], cpu_vendor=info["vendor"], avx512=info["avx512"],
+                   torch_cpu_capability=info["torch_capability"], forced=info["forced"],
+                   threads=torch.get_num_threads())
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import cpu_model, write_result
+from benchmarks import RESULTS, cpu_info, cpu_model, quartiles, result_stem, write_result
+from lightning_peft.tasks import check_model_argument
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu-intel-xeon"
 CONFIGS = {"base": "Base model, prompt L + n", "prefix": "Prefix n (P-tuning v2), prompt L"}
 
 
@@ -102,7 +102,7 @@ def time_rounds(models: dict[str, tuple[nn.Module, torch.Tensor]], new_tokens: i
     rows = {}
     for key in models:
         per_round = ratios if key == "prefix" else [1.0] * rounds
-        q = statistics.quantiles(per_round, n=4) if rounds > 1 else per_round * 3
+        q = quartiles(per_round)
         rows[key] = {"tokens_per_s": statistics.median(rates[key]), "tokens_per_s_rounds": rates[key],
                      "ratio_to_base": statistics.median(per_round), "ratio_quartiles": [q[0], q[1], q[2]]}
     return rows
@@ -182,8 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help="directory for prefix_generation.{md,json}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for prefix_generation.{md,json} (default: benchmarks/results/<this CPU>)")
     args = p.parse_args(argv)
+    check_model_argument(p, args.model)
     for name in ("virtual_tokens", "prompt_tokens", "new_tokens", "threads", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -197,7 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    write_result(args.out, "prefix_generation", result, write_markdown)
+    info = cpu_info()
+    out = args.out or RESULTS / info["slug"]
+    write_result(out, result_stem("prefix_generation", info), result, write_markdown)
     return result
 
 

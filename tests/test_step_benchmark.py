@@ -61,7 +61,7 @@ def test_report_writes_rows_and_cpu(tmp_path, capsys, monkeypatch):
     assert step.report(llama(hidden=64), args, "tiny llama", ["--threads", "1"]) == 0
     folder = next(tmp_path.iterdir())
     assert folder.name.startswith("cpu-")
-    result = json.loads((folder / "step.json").read_text())
+    result = json.loads((folder / "step_forced_x86-64-v3.json").read_text())  # never over step.json
     assert result["cpu"]["slug"] == folder.name and isinstance(result["cpu"]["avx512"], bool)
     rows = result["threads"]["1"]
     assert [r["model"] for r in rows][0] == "frozen" and len(rows) == 5
@@ -71,7 +71,7 @@ def test_report_writes_rows_and_cpu(tmp_path, capsys, monkeypatch):
         if row["model"] == row["baseline"]:
             assert row["overhead_pct"] == 0.0
     assert set(result["targets"]["1 threads"]) == {"lightning-peft LoRA", "lightning-peft QLoRA"}
-    text = (folder / "step.md").read_text()
+    text = (folder / "step_forced_x86-64-v3.md").read_text()
     assert "| lightning-peft QLoRA | frozen NF4 |" in text
     assert result["cpu"]["forced"] == {"LIGHTNING_PEFT_NF4_MARCH": "x86-64-v3"}
     assert "Forced to other code paths on this CPU" in text and "`LIGHTNING_PEFT_NF4_MARCH=x86-64-v3`" in text
