@@ -76,7 +76,12 @@ def _keep_mask(seed, rows, col0, n_cols, threshold, BM: tl.constexpr, BN: tl.con
     """keep (BM, BN) for ``rows`` x columns ``col0 .. col0+BN-1`` (col0 a multiple of 8)."""
     groups = col0 // 8 + tl.arange(0, BN // 8)                                  # (BN/8,)
     counter = rows[:, None] * ((n_cols + 7) // 8) + groups[None, :]             # (BM, BN/8)
-    r0, r1, r2, r3 = tl.randint4x(seed, counter, _PHILOX_ROUNDS)
+    # Philox-4x32 on the counter's two 32-bit words, written out: an int32 and an int64 counter
+    # give the same draws (forward and backward pick int64 offsets separately), on every Triton
+    # (randint4x ran a 64-bit Philox on int64 counters before Triton 3.4)
+    lo = counter.to(tl.uint32)
+    hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, lo * 0, lo * 0, _PHILOX_ROUNDS)
     u = tl.join(tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
                 tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)))
     u = tl.reshape(u, (BM, BN))                   # (BM, BN): column k holds lane k % 8
@@ -134,7 +139,7 @@ def _lora_down_kernel(
                     mask=k_ok[:, None] & (rr[None, :] < R), other=0.0)           # (BK, RB) = Aᵀ
         acc = tl.dot(x.to(a.dtype), a, acc, input_precision=PRECISION)          # (BM, RB)
     acc = acc * scale
-    ptrs = s_ptr + pid_s * stride_sp + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+    ptrs = s_ptr + pid_s.to(tl.int64) * stride_sp + rm[:, None] * stride_sm + rr[None, :] * stride_sr
     mask = m_ok[:, None] & (rr[None, :] < R)
     if ATOMIC:
         tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
@@ -184,7 +189,8 @@ def _lora_dy_kernel(
             acc = tl.dot(dy, b, acc, input_precision=PRECISION)                 # (BM, RB)
         if NEED_DB:
             db = tl.dot(tl.trans(dy), s, input_precision=PRECISION) * db_scale  # (BN, RB)
-            db_ptrs = (db_ptr + pid_m * stride_dbp + rn[:, None] * stride_dbn
+            # (a partial-sum plane per row block: pid_m·N·R passes 2^31 for long inputs)
+            db_ptrs = (db_ptr + pid_m.to(tl.int64) * stride_dbp + rn[:, None] * stride_dbn
                        + rr[None, :] * stride_dbr)
             db_mask = n_ok[:, None] & r_ok[None, :]
             if DB_ATOMIC:
@@ -193,7 +199,8 @@ def _lora_dy_kernel(
                 tl.store(db_ptrs, db, mask=db_mask)
     if NEED_DS:
         ds = acc * ds_scale
-        ds_ptrs = ds_ptr + pid_s * stride_dsp + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr
+        ds_ptrs = (ds_ptr + pid_s.to(tl.int64) * stride_dsp + rm[:, None] * stride_dsm
+                   + rr[None, :] * stride_dsr)
         ds_mask = m_ok[:, None] & r_ok[None, :]
         if DS_ATOMIC:
             tl.atomic_add(ds_ptrs, ds, mask=ds_mask, sem="relaxed")
@@ -281,7 +288,7 @@ def _lora_gemm_kernel(
             p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)           # (BM, RB)
             da = tl.dot(tl.trans(p), xl.to(p.dtype), input_precision=LR_PRECISION)  # (RB, BN)
-            da_ptrs = (da_ptr + pid_m * stride_dap + rr[:, None] * stride_dar
+            da_ptrs = (da_ptr + pid_m.to(tl.int64) * stride_dap + rr[:, None] * stride_dar
                        + rn[None, :] * stride_dan)
             if DA_ATOMIC:
                 tl.atomic_add(da_ptrs, da, mask=r_ok[:, None] & n_ok[None, :], sem="relaxed")

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import triton
 
 import kernels
 from kernels import _lora_triton as T
@@ -689,3 +690,22 @@ def test_grouped_arguments_are_checked_as_on_the_torch_backend():
         kernels.lora_linear_grouped(t["x"][0, 0], ws, as_, bs, [0.5, 0.5])
     with pytest.raises(TypeError, match="lora_a must be a floating-point tensor, got NoneType"):
         kernels.lora_linear_grouped(t["x"], ws, [t["a"], None], bs, [0.5, 0.5])
+
+
+def test_dropout_mask_is_the_same_with_int32_and_int64_offsets():
+    """Forward and backward choose 64-bit offsets separately (by their own tensors' sizes), so the
+    mask must not depend on the counter's width: the kernel runs the 32-bit Philox on the
+    counter's two words itself (before Triton 3.4 ``randint4x`` ran a 64-bit Philox on int64
+    counters: other masks, and a drop rate near 0.5 in half the lanes)."""
+    seed = torch.tensor([123456789], dtype=torch.int64, device=DEVICE)
+    rows, cols, p = 37, 200, 0.3
+    masks = []
+    for int64 in (False, True):
+        out = torch.empty((rows, cols), dtype=torch.int8, device=DEVICE)
+        T._launch(T._mask_kernel, (triton.cdiv(rows, 32), triton.cdiv(cols, 64)), seed, out, rows, cols,
+                  T._threshold(p), INT64=int64, BM=32, BN=64)
+        masks.append(out.bool())
+    assert torch.equal(masks[0], masks[1])
+    assert abs(1 - masks[0].float().mean().item() - p) < 0.05
+    for lane in range(8):  # every lane of a Philox group drops at the rate
+        assert abs(1 - masks[0][:, lane::8].float().mean().item() - p) < 0.1
