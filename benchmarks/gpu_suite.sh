@@ -23,6 +23,7 @@ cd "$ROOT"
 # a reused OUTDIR: this run's outputs only (an earlier run's would read as this one's results)
 rm -rf "$OUT/kernels" "$OUT/qlora_memory.jsonl" "$OUT/summary.md" "$OUT"/gpu_tests.* "$OUT"/fsdp_deepspeed.* \
   "$OUT"/kernels_lora.log "$OUT"/kernels_nf4.log "$OUT"/qlora_memory.log
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS for the determinism test
 HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 printf 'step\tstatus\tlimit_s\tseconds\tcommand\n' > "$OUT/steps.tsv"
 

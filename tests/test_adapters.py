@@ -387,3 +387,45 @@ def test_fusion_callback_trains_through_lightning(tmp_path):
     ids = ids_for()
     with torch.no_grad():
         assert torch.equal(other(ids).logits, module.model.eval()(ids).logits)
+
+
+def test_a_block_whose_last_linear_is_not_its_output_is_refused():
+    """Qwen2-MoE's mlp ends with ``shared_expert_gate`` (hidden -> 1): the parallel adapter took
+    width 1 and its (..., 1) update was broadcast over every feature, silently. The width is now
+    checked against the hidden size when the adapter goes in, and the update's width when it
+    is added; the model is left unchanged."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      moe_intermediate_size=16, shared_expert_intermediate_size=40,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    model = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers.0.mlp.*gives 1 features, not the model's hidden size 32"):
+        apply_adapters(model, bottleneck=4, placement="parallel")
+    assert not any(isinstance(m, BottleneckAdapter) for m in model.modules())
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    layer = BottleneckAdapter(torch.nn.Linear(8, 8), 8, 1, 2, "relu", "parallel", 1.0)  # a wrong width
+    with pytest.raises(ValueError, match="the update has 1 features but the output it is added to has 8"):
+        layer(torch.randn(2, 8))
+
+
+def test_one_trainable_module_may_be_named_as_a_string():
+    """``trainable_modules="classifier"`` is one module in apply_adapters and apply_intrinsic, as
+    in their configs (it was split into characters: "entry 'c' matches no module")."""
+    from lightning_peft import apply_intrinsic
+    from lightning_peft._base import ModulesToSave
+
+    for apply in (lambda m: apply_adapters(m, bottleneck=4, trainable_modules="classifier"),
+                  lambda m: apply_intrinsic(m, d=20, said=False, trainable_modules="classifier")):
+        model = apply(_tiny.bert())
+        assert isinstance(model.classifier, ModulesToSave)
+
+
+def test_adapter_fusion_refuses_one_directory_as_a_string():
+    """A string ``adapter_dirs`` got the config's message, not "names a directory twice" about
+    its characters."""
+    from lightning_peft import apply_adapter_fusion
+
+    with pytest.raises(ValueError, match="adapter_dirs must be a list of adapter directories, got 'out/"):
+        apply_adapter_fusion(_tiny.bert(), "out/task_a")

@@ -375,9 +375,9 @@ def apply_adapter_fusion(
     carries this fusion is returned as it is."""
     if config is None:
         config = AdapterFusionConfig(
-            adapter_dirs=list(adapter_dirs) if adapter_dirs is not None else None,
+            adapter_dirs=adapter_dirs,
             temperature=temperature,
-            trainable_modules=list(trainable_modules) if trainable_modules else None,
+            trainable_modules=trainable_modules,
         )
     elif not isinstance(config, AdapterFusionConfig):
         raise TypeError(f"config must be an AdapterFusionConfig, got {type(config).__name__}")

@@ -65,6 +65,7 @@ from lightning_peft.targeting import (
     check_module_spec,
     conv1d_class,
     find_modules,
+    is_linear_like,
 )
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -234,7 +235,11 @@ class SiteLayer(WrapperLayer):
                                    f"run before the one it adds to")
         else:
             x = _input_of(args, kwargs)
-        return _replace_first(out, h + self.update(x, h).to(h.dtype))
+        update = self.update(x, h)
+        if update.shape[-1] != h.shape[-1]:  # never broadcast a narrower update over the output
+            raise ValueError(f"{type(self).__name__}: the update has {update.shape[-1]} features but the "
+                             f"output it is added to has {h.shape[-1]}")
+        return _replace_first(out, h + update.to(h.dtype))
 
 
 class BottleneckAdapter(SiteLayer):
@@ -376,6 +381,16 @@ def _dims(model: nn.Module, write: str, read: str, placement: str) -> tuple[int,
     if out is None or inp is None:
         raise ValueError(f"cannot tell the width of {write!r} ({type(base).__name__}): an adapter site "
                          f"must be a linear layer or contain one")
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if not is_linear_like(base) and isinstance(hidden, int) and out != hidden:
+        # a block's output is the hidden size; its last linear layer is not always the output
+        # projection (Qwen2-MoE's mlp ends with shared_expert_gate, hidden -> 1)
+        raise ValueError(f"cannot tell the width of {write!r} ({type(base).__name__}): its last linear "
+                         f"layer gives {out} features, not the model's hidden size {hidden} (a "
+                         f"mixture-of-experts block, or a gate after the projection); choose sites "
+                         f"whose last linear layer is the output projection")
     return inp, out
 
 
@@ -411,7 +426,7 @@ def apply_adapters(model: nn.Module, bottleneck: int = 64, placement: str = "ser
     else:
         cfg = AdapterConfig(bottleneck=bottleneck, placement=placement, config=config, activation=activation,
                             scaling=scaling, target_modules=target_modules,
-                            trainable_modules=list(trainable_modules) if trainable_modules else None)
+                            trainable_modules=trainable_modules)
     existing = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
     if existing and existing[0].placement != cfg.placement:
         raise ValueError(f"the model already carries {existing[0].placement} adapters; placement="

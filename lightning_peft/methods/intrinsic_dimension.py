@@ -560,7 +560,7 @@ def apply_intrinsic(model: nn.Module, d: int = 1000, said: bool = True, seed: in
     subspace is returned as is; another is refused."""
     config = _make_config(config, d=d, said=said, seed=seed, target_modules=target_modules,
                           exclude_modules=exclude_modules, include_embeddings=include_embeddings,
-                          trainable_modules=list(trainable_modules) if trainable_modules else None)
+                          trainable_modules=trainable_modules)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     found = find_projection(model)
