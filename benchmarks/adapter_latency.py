@@ -303,7 +303,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="directory for adapter_latency.{md,json} (default: benchmarks/results/<this CPU>)")
     args = p.parse_args(argv)
-    check_model_argument(p, args.model)
     try:
         args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
     except ValueError:
@@ -315,6 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    check_model_argument(p, args.model)  # last: the other options' errors come first
     given = sys.argv[1:] if argv is None else argv
     args.command = " ".join(["python -m benchmarks.adapter_latency", *given])
     return args

@@ -185,12 +185,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="directory for prefix_generation.{md,json} (default: benchmarks/results/<this CPU>)")
     args = p.parse_args(argv)
-    check_model_argument(p, args.model)
     for name in ("virtual_tokens", "prompt_tokens", "new_tokens", "threads", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    check_model_argument(p, args.model)  # last: the other options' errors come first
     given = sys.argv[1:] if argv is None else argv
     args.command = " ".join(["python -m benchmarks.prefix_generation", *given])
     return args
