@@ -47,7 +47,7 @@ from lightning_peft._base import (
     trainable_parameters,
 )
 from lightning_peft.fsdp import clean_name
-from lightning_peft.io import _validate
+from lightning_peft.io import _validate, check_method_tensors
 from lightning_peft.methods import _grouping, apply_peft, get_method
 from lightning_peft.methods.lora import LoRAConfig
 
@@ -303,6 +303,8 @@ class PEFTCallback(Callback):
         hint = f" It was written {config}." if config else ""
         _validate(expected, given, strict=True, where="checkpoint",
                   hint=hint + f" Use a checkpoint written with {self!r}.")
+        if not _has_fsdp1(pl_module):
+            check_method_tensors(pl_module, given, "checkpoint")  # e.g. FishMask's indices
         if config:
             raise ValueError(f"the checkpoint was written {config}. Nothing was loaded; the model is "
                              "unchanged. Use the checkpoint's config, or a checkpoint written with this one.")

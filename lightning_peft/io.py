@@ -36,6 +36,7 @@ model is left exactly as it was, LoRA settings (alpha, rsLoRA) included.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import errno
@@ -95,6 +96,33 @@ def _adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
+@contextlib.contextmanager
+def _config_values(where: str):
+    """A config value of a kind or size a method's checks did not foresee (a list where a name
+    goes, a 400-digit integer) comes out as the ``ValueError`` of a malformed config, naming the
+    file, rather than the ``TypeError``/``OverflowError`` of whatever used it first. Used only
+    while nothing of the model has changed."""
+    try:
+        yield
+    except (TypeError, OverflowError) as err:
+        raise ValueError(f"{where}: a field has a value of the wrong kind or size ({err}); nothing was "
+                         f"loaded, the model is unchanged") from err
+
+
+def check_method_tensors(model: nn.Module, state_dict: Mapping[str, Any], where: str) -> None:
+    """The checks of the methods ``model`` carries on tensors keyed by their names in
+    ``model.state_dict()`` (FishMask's indices in range and increasing), as files get them
+    (:attr:`Method.check_tensors`): a ``ValueError`` naming ``where`` before anything is copied."""
+    prefix, root = _transformers_root(_state_dict_owner(model))
+    dot = f"{prefix}." if prefix else ""
+    for method in methods_in(root):
+        if method.check_tensors is None:
+            continue
+        by_file_key = {key: state_dict[dot + name] for key, (name, _) in _file_entries(root).items()
+                       if dot + name in state_dict}
+        method.check_tensors(root, by_file_key, where)
+
+
 def _state_dict_owner(model: nn.Module) -> nn.Module:
     """The module whose ``state_dict()`` ``model.state_dict()`` returns: Fabric's wrapper delegates
     to the module it wraps."""
@@ -129,6 +157,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     hint = "" if expected else (" The model has no adapter parameters: inject the adapter first, "
                                 "e.g. with apply_lora(model, ...).")
     pairs = _validate(expected, state_dict, strict, "state_dict", hint=hint)
+    check_method_tensors(model, state_dict, "state_dict")
     with _unmerged(model):
         _copy(pairs)
     return model
@@ -152,7 +181,9 @@ def save_adapter(model: nn.Module, directory: str | Path,
     model's ``config._name_or_path`` (or null).
 
     An existing adapter is replaced atomically: a process killed at any moment leaves the old
-    pair or the new one, never a mix. Other files in ``directory`` are kept; the two files get
+    pair or the new one, never a mix (where the directory cannot be swapped in one step, each file
+    is replaced in one step, and a kill between the two leaves a pair ``load_adapter`` refuses).
+    Other files in ``directory`` are kept; the two files get
     the mode the umask gives (0644 under umask 022). Concurrent saves to one directory are not
     supported.
 
@@ -239,9 +270,11 @@ def _write_directory(path: Path, config_text: str, tensors: dict[str, Tensor],
     A new directory is renamed into place. An existing one is exchanged with the sibling in one
     step (after hard links to its other files were made in the sibling), and the old files are
     then removed. Where that is not possible (not Linux, a file system without RENAME_EXCHANGE,
-    the working directory inside ``path``, a parent directory that is not writable: then the
-    files are staged inside ``path``) each file is replaced in one step, weights first. What a
-    killed save left behind is removed by the next save.
+    the working directory inside ``path``; a parent directory that cannot be written, or a mount
+    at or below ``path``: then the files are staged inside ``path``) each file is replaced in one
+    step, weights first: a process killed between the two leaves a pair that ``load_adapter``
+    refuses (the weights record their config). What a killed save left behind is removed by the
+    next save.
     """
     from safetensors.torch import save_file
 
@@ -254,13 +287,17 @@ def _write_directory(path: Path, config_text: str, tensors: dict[str, Tensor],
         target.parent.mkdir(parents=True, exist_ok=True)
     if existed:
         _remove_stale_staging(target, _STAGING)
-    try:
-        staging = staging_sibling(target)
-    except PermissionError:
-        if not existed:
-            raise
-        staging = target / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"  # a read-only parent:
-        os.mkdir(staging)                                                       # stage inside
+    # a mount at or inside the directory: the exchange cannot move it (EBUSY), or would carry it
+    # off with the old directory, whose removal then empties it: stage inside, file by file
+    staging = None
+    if not (existed and _holds_a_mount(target)):
+        try:
+            staging = staging_sibling(target)
+        except OSError as err:
+            if not existed or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+    if staging is None:  # a mount, or a parent that cannot be written: stage inside
+        staging = _new_staging(target / f"{_STAGING}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         cwd = os.path.realpath(os.getcwd())  # an exchange would leave it in the removed directory
         exchange = existed and staging.parent == target.parent and cwd != str(target) \
@@ -287,6 +324,21 @@ def _write_directory(path: Path, config_text: str, tensors: dict[str, Tensor],
         _fsync(target.parent)
     finally:  # after an exchange the staging directory holds the old files
         shutil.rmtree(staging, ignore_errors=True)
+        _IN_USE.discard(str(staging))
+
+
+def _holds_a_mount(directory: Path) -> bool:
+    """Whether ``directory`` is a mount point or has one anywhere below it (symlinks not
+    followed)."""
+    device = os.stat(directory).st_dev
+    if os.stat(directory.parent).st_dev != device:
+        return True
+    for root, dirs, _ in os.walk(directory):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and os.stat(path).st_dev != device:
+                return True
+    return False
 
 
 def _link_other_files(source: Path, destination: Path) -> None:
@@ -338,19 +390,30 @@ def staging_sibling(target: Path) -> Path:
     the umask's mode), to write into before it is renamed into place: never an existing path.
     Siblings that killed writes left (their process gone) are removed first."""
     _remove_stale_staging(target.parent, f".{target.name}{_STAGING}")
-    staging = target.parent / f".{target.name}{_STAGING}{os.getpid()}-{secrets.token_hex(4)}"
-    os.mkdir(staging)
-    return staging
+    return _new_staging(target.parent / f".{target.name}{_STAGING}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+_IN_USE: set[str] = set()
+"""The staging directories this process is writing (a leftover with this process's PID is an
+earlier process's: a restarted container's main process gets the same PID)."""
+
+
+def _new_staging(path: Path) -> Path:
+    os.mkdir(path)  # the umask's mode
+    _IN_USE.add(str(path))
+    return path
 
 
 def _remove_stale_staging(folder: Path, prefix: str) -> None:
     """Remove the entries of ``folder`` named ``<prefix><pid>-...`` that saves killed before
-    finishing left (their process is gone)."""
+    finishing left (their process is gone, or it is this PID but not this process's)."""
     if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
         return
     for entry in os.scandir(folder):
         pid = entry.name[len(prefix):].split("-", 1)[0] if entry.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if not pid.isdigit() or entry.path in _IN_USE:
+            continue
+        if int(pid) == os.getpid() or not _alive(int(pid)):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
@@ -445,15 +508,15 @@ def load_adapter(model: nn.Module, directory: str | Path, strict: bool = True,
     inject = not present
     update = None
     if inject:
-        with targets_from_file():
+        with targets_from_file(), _config_values(config_where):
             injector = method.from_json(root, config, config_where)
             clone = _meta_structure(root)
-            injector(clone)
+            injector(clone)  # (a structure on the meta device: it builds what the config asks for)
         expected = _file_entries(clone, peft_keys)
         saved = [n for n, m in clone.named_modules() if isinstance(m, ModulesToSave)]
     else:
         if method.update_from_json is not None:
-            with targets_from_file():
+            with targets_from_file(), _config_values(config_where):
                 update = method.update_from_json(root, config, config_where)
         expected = _file_entries(root, peft_keys)
         saved = [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]

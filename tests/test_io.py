@@ -919,3 +919,122 @@ def test_adapter_state_dict_of_a_fabric_module_is_keyed_as_its_state_dict(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(load_adapter(_tiny.llama(), tmp_path / "a")(ids).logits, model(ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_a_staging_leftover_with_this_pid_is_an_earlier_processs(tmp_path: Path) -> None:
+    """A restarted container's main process gets the same PID as the one killed mid-save: its
+    leftover staging directory was never removed (skipped as "ours"). Only the directories this
+    process is writing are kept."""
+    from lightning_peft import io
+
+    model = apply_lora(_sequential(), r=2, target_modules=["0"])
+    target = save_adapter(model, tmp_path / "adapter")
+    leftover = tmp_path / f".adapter{io._STAGING}{os.getpid()}-deadbeef"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    in_use = tmp_path / f".adapter{io._STAGING}{os.getpid()}-0ba11e"
+    in_use.mkdir()
+    io._IN_USE.add(str(in_use))
+    try:
+        save_adapter(model, target)
+    finally:
+        io._IN_USE.discard(str(in_use))
+    assert not leftover.exists() and in_use.exists()
+
+
+def test_a_parent_that_cannot_be_written_or_a_mount_stages_inside(tmp_path: Path, monkeypatch) -> None:
+    """A read-only parent (EROFS: a writable volume under a read-only root) was an OSError; a
+    mount at or inside the directory made the exchange fail (EBUSY) or carry the mount off with
+    the old directory and empty it. Both now stage inside the directory and keep its other files."""
+    import errno as errno_
+
+    from lightning_peft import io
+
+    model = apply_lora(_sequential(), r=2, target_modules=["0"])
+    target = save_adapter(model, tmp_path / "adapter")
+    (target / "data").mkdir()
+    (target / "data" / "notes.txt").write_text("keep")
+
+    def read_only(path):
+        raise OSError(errno_.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io, "staging_sibling", read_only)
+    save_adapter(model, target)
+    monkeypatch.undo()
+    exchanged = []
+    monkeypatch.setattr(io, "_exchange_directories", lambda a, b: exchanged.append(1) or False)
+    monkeypatch.setattr(io, "_holds_a_mount", lambda directory: True)
+    save_adapter(model, target)
+    assert not exchanged  # staged inside: nothing to exchange
+    assert (target / "data" / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in target.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    other = apply_lora(_sequential(), r=2, target_modules=["0"])
+    load_adapter(other, target)
+
+
+def test_holds_a_mount_sees_a_mount_at_or_below_the_directory(tmp_path: Path) -> None:
+    import subprocess
+
+    from lightning_peft import io
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    assert not io._holds_a_mount(tmp_path / "a")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path / "a" / "b")], capture_output=True)
+    if mount.returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        assert io._holds_a_mount(tmp_path / "a") and io._holds_a_mount(tmp_path / "a" / "b")
+    finally:
+        subprocess.run(["umount", str(tmp_path / "a" / "b")], check=True)
+
+
+def test_load_adapter_state_dict_runs_the_methods_checks(tmp_path: Path) -> None:
+    """FishMask's indices out of range were copied (the forward then failed), and into a merged
+    model the re-merge raised an IndexError half way; now a ValueError before anything changes."""
+    from lightning_peft import apply_fishmask
+    from tests import _tiny
+
+    model = _tiny.llama()
+    apply_fishmask(model, fisher={n: torch.rand(p.shape) for n, p in model.named_parameters()}, keep=0.01)
+    state = adapter_state_dict(model)
+    key = next(k for k in state if "fishmask_indices" in k)
+    bad = {**state, key: state[key].clone().fill_(10**6)}
+    for merged in (False, True):
+        if merged:
+            merge_adapters(model)
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        with pytest.raises(ValueError, match="state_dict: .*indices must lie in"):
+            load_adapter_state_dict(model, bad)
+        assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("apply", "field", "raw"), [
+    ("adapters", "activation", '["relu"]'),
+    ("prompt_tuning", "prompt_tuning_init", '["RANDOM"]'),
+    ("lora", "lora_alpha", "1" + "0" * 400),
+    ("lora", "r", "1" + "0" * 30),
+])
+def test_config_values_of_an_unforeseen_kind_are_malformed_config_errors(apply, field, raw, tmp_path):
+    """A list where a name goes or a 400-digit number raised TypeError/OverflowError from deep
+    inside (``lightning-peft generate`` then showed a traceback); now the ValueError of a
+    malformed config, naming the file, and the model is unchanged."""
+    import lightning_peft
+    from tests import _tiny
+
+    kwargs = {"adapters": {"bottleneck": 4}, "prompt_tuning": {"num_virtual_tokens": 4},
+              "lora": {"r": 4, "target_modules": ["q_proj"]}}[apply]
+    adapted = getattr(lightning_peft, f"apply_{apply}")(_tiny.llama(), **kwargs)
+    directory = save_adapter(adapted, tmp_path / "a")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config[field] = "@@"
+    (directory / "adapter_config.json").write_text(json.dumps(config).replace('"@@"', raw))
+    weights = directory / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})  # no recorded config to compare
+    model = _tiny.llama()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        load_adapter(model, directory)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
