@@ -1685,7 +1685,8 @@ def peft_callback(method: str, **kwargs: Any) -> PEFTCallback:
     """The callback of the registered method ``method`` (e.g. ``"lora"``, ``"ia3"``) built with
     ``kwargs``: ``peft_callback("lora", r=8)`` is ``LoRACallback(r=8)``."""
     found = get_method(method)
-    classes = {cls.method: cls for cls in _subclasses(PEFTCallback) if cls.method}
+    # the class that names the method itself (a user's subclass of LoRACallback inherits "lora")
+    classes = {cls.method: cls for cls in _subclasses(PEFTCallback) if cls.__dict__.get("method")}
     if found.name not in classes:
         raise ValueError(f"no callback for method {found.name!r}; callbacks exist for {sorted(classes)}")
     for key, value in found.alias_settings.get(method, {}).items():  # "rslora": use_rslora=True

@@ -240,7 +240,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
         target_modules = DEFAULT_TARGETS[kind]
         spec = (f"target_modules was not given; the default target_modules of model type {kind!r} "
                 f"({target_modules!r})")
-    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"  # as PEFT
     heads = _output_head_names(model) if all_linear else set()
     match = (lambda name: True) if all_linear else _matcher(target_modules, "target_modules")
     exclude = _matcher(exclude_modules, "exclude_modules") if exclude_modules is not None else None
@@ -255,7 +255,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec = None,
         if isinstance(module, AdapterLayer):
             # "all-linear" takes an adapter layer only where it wraps a linear (not an embedding's
             # trainable rows or an attention block); a name picks it whatever it wraps
-            if not all_linear or is_linear_like(getattr(module, "base_layer", None)):
+            if not all_linear or (is_linear_like(getattr(module, "base_layer", None))
+                                  and name not in heads):  # (a tied head's token rows wrap it)
                 chosen.append(name)
         elif is_linear_like(module):
             if name not in heads:
@@ -336,7 +337,9 @@ def check_module_spec(spec: object, arg: str, allow_empty: bool = False) -> str 
     if isinstance(spec, str):
         if not spec:
             raise ValueError(f"{arg} must not be an empty string")
-        try:  # keywords such as "all-linear" are valid patterns too
+        if spec.lower() == "all-linear":  # in any case, as HF PEFT reads it
+            return "all-linear"
+        try:
             re.compile(spec)
         except re.error as err:
             raise ValueError(f"{arg}={spec!r} is not a valid regular expression: {err}; pass a list of "

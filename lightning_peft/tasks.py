@@ -451,7 +451,7 @@ probability = _number_type("probability", float, "a number in [0, 1)", lambda v:
 def module_names(text: str) -> str | list[str]:
     """``argparse`` type of ``--targets``: ``"all-linear"``, or comma-separated module names
     (``"q_proj,v_proj"`` -> ``["q_proj", "v_proj"]``), none of them empty."""
-    if text.strip() == "all-linear":
+    if text.strip().lower() == "all-linear":
         return "all-linear"
     names = [name.strip() for name in text.split(",")]
     if not all(names):

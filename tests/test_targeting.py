@@ -157,3 +157,32 @@ def test_modules_to_save_may_be_one_name(apply):
     apply_fn = getattr(lightning_peft, apply)
     model = apply_fn(_tiny.llama(), target_modules=["q_proj"], modules_to_save="lm_head")
     assert isinstance(model.lm_head, ModulesToSave)
+
+
+def test_all_linear_in_any_case_and_never_a_tied_head_with_token_rows():
+    """``"All-Linear"`` selects what ``"all-linear"`` does (HF PEFT lowers it; it matched no module
+    here). A tied head wrapped for its trainable-token rows stays out of "all-linear": applying
+    LoRA again (or a callback's second stage) refused it as another method's layer."""
+    from lightning_peft import apply_lora
+    from lightning_peft.targeting import find_targets
+    from tests import _tiny
+
+    model = _tiny.llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert find_targets(model, "All-Linear") == find_targets(model, "all-linear")
+    apply_lora(model, r=2, target_modules="all-linear", trainable_token_indices=[3, 5])
+    assert "lm_head" not in find_targets(model, "all-linear")
+    apply_lora(model, r=2, target_modules="ALL-LINEAR", trainable_token_indices=[3, 5])  # again: fine
+
+
+def test_peft_callback_builds_the_methods_own_class_not_a_subclass():
+    """A user's ``class X(LoRACallback)`` inherits ``method = "lora"`` and took the name over."""
+    from lightning_peft import LoRACallback
+    from lightning_peft.callbacks import peft_callback
+
+    class LoggingLoRA(LoRACallback):
+        pass
+
+    assert type(peft_callback("lora", r=4)) is LoRACallback
+    assert type(peft_callback("rslora", r=4)) is LoRACallback
