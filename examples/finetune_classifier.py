@@ -60,6 +60,7 @@ from lightning_peft.tasks import (
     check_targets,
     idle_cpu_threads,
     load_average,
+    load_sequence_classifier,
     module_names,
     non_negative_int,
     output_dir,
@@ -98,12 +99,10 @@ def load_classifier(folder: str | Path) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local Hugging Face model directory: a sequence classifier with
     two labels (a fresh head when the folder holds only the encoder), fp32, in train mode
     (transformers 5 returns eval mode)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=NUM_LABELS,
-                                                               dtype=torch.float32, local_files_only=True)
-    return model.train(), tokenizer
+    return load_sequence_classifier(folder, NUM_LABELS), tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,8 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.out = output_dir(f"out/finetune_classifier/{args.method}")
         except argparse.ArgumentTypeError as err:
             p.error(f"--out: {err}")
-    if args.max_length < 2:
-        p.error(f"--max-length must be at least 2 (room for the special tokens), got {args.max_length}")
+    if args.max_length < 4:  # [CLS] a [SEP] b [SEP]: the pairs need a token of each text
+        p.error(f"--max-length must be at least 4 (the special tokens of a sentence pair and a token "
+                f"of each text), got {args.max_length}")
     for name in ("train", "eval"):
         path = getattr(args, name)
         if not Path(path).is_file():

