@@ -34,6 +34,10 @@ class AdapterLayer(nn.Module):
     adapter_dtype: torch.dtype | None = None
     """The dtype the layer's adapter tensors are meant to keep whatever the base is cast to
     (fp32 on a half-precision base); ``None``: they follow the model's casts."""
+    no_merge: str | None = None
+    """Why the layer cannot be merged into base weights (a nonlinear adapter, prompts the input
+    carries), for :func:`merge_adapters` to say what it left; ``None``: it merges, or holds
+    nothing to merge."""
     keys_from_root: bool = False
     """Whether the layer's tensors are keyed in adapter files by :meth:`file_key` alone, not under
     the layer's module path (HF PEFT's prompt-learning files hold ``prompt_embeddings`` at the top
@@ -262,10 +266,16 @@ def merge_adapters(model: nn.Module, adapter_names: str | Iterable[str] | None =
                     layer.unmerge()
             raise
         return model
+    kept: dict[str, str] = {}
     for module in model.modules():
         if isinstance(module, AdapterLayer) and callable(getattr(module, "merge", None)) \
                 and not getattr(module, "merged", True):
             module.merge()
+        elif isinstance(module, AdapterLayer) and module.no_merge:
+            kept.setdefault(type(module).__name__, module.no_merge)
+    if kept:  # the model does not run at the base model's speed: say which layers stay
+        warnings.warn("merge_adapters left layers that cannot merge as they are: "
+                      + "; ".join(f"{name} ({why})" for name, why in kept.items()), stacklevel=2)
     return model
 
 

@@ -33,7 +33,14 @@ def t5(seed: int = 0):
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
 
-MODELS = {"llama": _tiny.llama, "gpt2": _tiny.gpt2, "bert": _tiny.bert, "t5": t5}
+def distilbert(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.DistilBertConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    return transformers.DistilBertForSequenceClassification(cfg).eval()
+
+
+MODELS = {"llama": _tiny.llama, "gpt2": _tiny.gpt2, "bert": _tiny.bert, "t5": t5, "distilbert": distilbert}
 
 
 def run(model, ids):
@@ -429,3 +436,18 @@ def test_adapter_fusion_refuses_one_directory_as_a_string():
 
     with pytest.raises(ValueError, match="adapter_dirs must be a list of adapter directories, got 'out/"):
         apply_adapter_fusion(_tiny.bert(), "out/task_a")
+
+
+def test_merge_adapters_says_which_layers_stay():
+    """Adapters that cannot merge (nonlinear, prompts) were left silently while merge_adapters
+    promises the base model's speed; a model carrying them now gets a warning naming them, and
+    the outputs do not change."""
+    from lightning_peft import merge_adapters
+
+    model = apply_adapters(_tiny.llama(), bottleneck=4)
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        before = model(ids).logits
+        with pytest.warns(UserWarning, match=r"cannot merge as they are: BottleneckAdapter \(a nonlinear"):
+            merge_adapters(model)
+        assert torch.equal(model(ids).logits, before)

@@ -206,6 +206,8 @@ class VirtualTokens(AdapterLayer):
     HF PEFT keeps them) that a forward pre-hook on the transformers model inserts into its input.
     Subclasses compute the prompt in :meth:`prompt`."""
 
+    no_merge = "virtual tokens the input carries"
+
     runs_base_when_disabled = True
 
     keys_from_root = True

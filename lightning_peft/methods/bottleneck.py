@@ -205,6 +205,8 @@ class SiteLayer(WrapperLayer):
     the input of another module that runs earlier in the block (parallel on BERT: the
     feed-forward's ``intermediate``), recorded by a forward pre-hook on it."""
 
+    no_merge = "a nonlinear adapter"
+
     def __init__(self, base_layer: nn.Module, placement: str) -> None:
         super().__init__()
         self.base_layer = base_layer

@@ -105,6 +105,8 @@ class LlamaAdapterAttention(WrapperLayer):
     gated attention over the prompt is added to the attention's output (see the module
     docstring). Attributes the layer lacks are read from the wrapped attention."""
 
+    no_merge = "its adaption prompts are attended to, not a weight update"
+
     def __init__(self, base_layer: nn.Module, adapter_len: int) -> None:
         super().__init__()
         self.base_layer = base_layer

@@ -146,6 +146,8 @@ class PrefixEncoder(AdapterLayer):
     ``PrefixEncoder``; held by the transformers model as ``prefix_encoder``. Its
     :meth:`inject` is the forward pre-hook that passes the prefix to the model."""
 
+    no_merge = "prefixes the attention carries"
+
     runs_base_when_disabled = True
 
     keys_from_root = True  # HF PEFT's top-level ``prompt_embeddings``
