@@ -175,6 +175,17 @@ class PEFTCallback(Callback):
             rank_zero_warn(f"{type(self).__name__}: no parameter is trainable")
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        idle = sorted({type(m).__name__ for m in pl_module.modules() if isinstance(m, AdapterLayer)
+                       and not m.training and isinstance(getattr(m, "dropout", None), float)
+                       and m.dropout > 0})
+        if idle:  # Lightning keeps submodules' modes; transformers' from_pretrained gives eval
+            rank_zero_warn(f"{type(self).__name__}: the adapter layers ({', '.join(idle)}) start training in "
+                           "eval mode, so their dropout does not run: the model was in eval mode when the "
+                           "adapter went in (transformers' from_pretrained returns eval mode, and Lightning "
+                           "keeps submodules' modes); call model.train() before Trainer.fit")
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         restore_adapter_dtypes(pl_module)
 
@@ -910,6 +921,7 @@ class ReLoRACallback(PEFTCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # (after a resumed run's step is restored) a run resumed at a reset step made that reset
         # before its checkpoint was written: under gradient accumulation its first batches still
         # see that step, and must not reset again

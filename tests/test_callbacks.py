@@ -624,3 +624,18 @@ def test_modules_to_save_buffers_are_checkpointed_checked_and_resumed(tmp_path):
     with pytest.raises(ValueError, match=r"1 missing \(bn\.modules_to_save\.running_var\)"):
         _lit.trainer(tmp_path, callbacks=[callback()], max_steps=4).fit(
             fresh, _lit.regression_loader(), ckpt_path=tmp_path / "no_stats.ckpt")
+
+
+def test_adapters_with_dropout_starting_training_in_eval_mode_warn(tmp_path):
+    """transformers' from_pretrained returns eval mode and Lightning keeps submodules' modes, so
+    LoRA layers injected into such a model trained without their dropout, silently (the README's
+    quickstart did); the callback now says so, and a model put in train mode trains with it."""
+    for train_mode in (False, True):
+        module = _lit.TinyLM()
+        module.model.train(train_mode)
+        trainer = _lit.trainer(tmp_path, callbacks=[LoRACallback(r=2, dropout=0.1)], max_steps=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, _lit.loader(n=4))
+        said = [w for w in caught if "start training in eval mode" in str(w.message)]
+        assert bool(said) == (not train_mode)
