@@ -124,3 +124,66 @@ def test_build_caches_by_source_and_cpu(monkeypatch, tmp_path):
     assert set(lib.functions) >= {torch.float32, torch.bfloat16}
     monkeypatch.setattr(_native, "compile_source", lambda *a: pytest.fail("compiled again"))
     assert _nf4_cpu._build().path == lib.path
+
+
+def test_a_cached_library_cut_short_or_writable_by_others_is_rebuilt(monkeypatch, tmp_path):
+    """A library file cut short (a crash while copying a cache) killed the process with SIGBUS
+    when loaded; a file others can write (the shared temp folder) could be anyone's code. Both
+    are built again instead of loaded."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = subprocess.run(  # built (and mapped) in another process: this one maps only the rebuilt file
+        [sys.executable, "-c", "from kernels import _nf4_cpu; b = _nf4_cpu._build(); print(b and b.path)"],
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, capture_output=True, text=True,
+        cwd=Path(__file__).parents[1])
+    if built.stdout.split()[-1:] in ([], ["None"]):
+        pytest.skip("no C compiler")
+    path = Path(built.stdout.split()[-1])
+    size = path.stat().st_size
+    assert _native._usable(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: size // 3])
+    assert not _native._usable(path)
+    path.chmod(0o666)
+    path.write_bytes(whole)
+    assert not _native._usable(path)  # group/other-writable
+    path.chmod(0o644)
+    assert _native._usable(path)
+    path.write_bytes(whole[: size // 3])
+    rebuilt = _nf4_cpu._build()  # (loading the cut file would have been SIGBUS)
+    assert rebuilt.path == path and path.stat().st_size == size and _native._usable(path)
+
+
+def test_a_march_beyond_this_cpu_is_refused(monkeypatch):
+    """A target enabling instructions the CPU lacks (FMA4 on Intel, AVX-512 on an AVX2 CPU)
+    compiled, loaded and stopped the process with SIGILL at the first call."""
+    if _native._isa_macros("native") is None:
+        pytest.skip("no C compiler")
+    beyond = "bdver4" if "fma4" not in _native.cpu_flags() else "sapphirerapids"
+    if _native._isa_subset(beyond):
+        pytest.skip(f"this CPU runs {beyond}")
+    monkeypatch.setenv("LIGHTNING_PEFT_NF4_MARCH", beyond)
+    with pytest.warns(UserWarning, match="enables instructions this CPU lacks"):
+        assert _native.march("LIGHTNING_PEFT_NF4_MARCH") == "-march=native"
+    monkeypatch.setenv("LIGHTNING_PEFT_NF4_MARCH", "x86-64")
+    assert _native.march("LIGHTNING_PEFT_NF4_MARCH") == "-march=x86-64"
+
+
+def test_sources_are_written_as_utf8_whatever_the_locale(tmp_path):
+    """Under LC_ALL=C the NF4 source's '·' raised UnicodeEncodeError on every dequantize."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from pathlib import Path; from kernels import _native, _nf4_cpu; "
+            "ok = _native.compile_source(_native._compiler() or 'cc', ('-O1', '-fPIC', '-shared'), "
+            "_nf4_cpu._SOURCE, Path(sys.argv[1]) / 'x.so'); print(sys.getfilesystemencoding(), ok)")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "ascii"}
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1])
+    assert run.returncode == 0 and run.stdout.split()[-1] == "True", run.stderr
