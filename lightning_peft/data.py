@@ -504,10 +504,19 @@ class InstructionDataModule(_BatchesDataModule):
         self.val_dataset: list[dict[str, list[int]]] | None = None
 
     def _encode_all(self, records: list[dict[str, str]], wheres: list[str]) -> list:
-        return [
-            encode_example(self.tokenizer, r, self.max_length, self.truncation, where=w)
-            for r, w in zip(records, wheres, strict=True)
-        ]
+        """The encoded records; with ``truncation`` a warning counts the answers cut short (they
+        lose their end and the closing EOS, so the model does not learn to stop there)."""
+        encoded = [encode_example(self.tokenizer, r, self.max_length, self.truncation, where=w)
+                   for r, w in zip(records, wheres, strict=True)]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        cut = [w for e, w in zip(encoded, wheres, strict=True) if e["input_ids"][-1] != eos]
+        if cut:
+            import warnings
+
+            warnings.warn(f"{len(cut)} of {len(encoded)} records are longer than max_length="
+                          f"{self.max_length} and their answers were cut (without the closing EOS), "
+                          f"the first {cut[0]}; raise max_length to keep them whole", stacklevel=3)
+        return encoded
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize the records (once; later calls reuse the encoded examples)."""
