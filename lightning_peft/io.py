@@ -111,15 +111,17 @@ def _config_values(where: str):
 
 def check_method_tensors(model: nn.Module, state_dict: Mapping[str, Any], where: str) -> None:
     """The checks of the methods ``model`` carries on tensors keyed by their names in
-    ``model.state_dict()`` (FishMask's indices in range and increasing), as files get them
-    (:attr:`Method.check_tensors`): a ``ValueError`` naming ``where`` before anything is copied."""
+    ``model.state_dict()`` (e.g. a sparse update's indices in range and increasing), as files get
+    them (:attr:`Method.check_tensors`): a ``ValueError`` naming ``where`` before anything is
+    copied."""
     prefix, root = _transformers_root(_state_dict_owner(model))
+    checking = [m for m in methods_in(root) if m.check_tensors is not None]
+    if not checking:
+        return
     dot = f"{prefix}." if prefix else ""
-    for method in methods_in(root):
-        if method.check_tensors is None:
-            continue
-        by_file_key = {key: state_dict[dot + name] for key, (name, _) in _file_entries(root).items()
-                       if dot + name in state_dict}
+    by_file_key = {key: state_dict[dot + name] for key, (name, _) in _file_entries(root).items()
+                   if dot + name in state_dict}
+    for method in checking:
         method.check_tensors(root, by_file_key, where)
 
 
