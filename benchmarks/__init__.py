@@ -28,7 +28,11 @@ def cpu_info() -> dict:
     """What a CPU timing depends on: the model name, the vendor, whether the CPU has AVX-512 and
     AVX2, the instruction set torch's kernels dispatch to (``ATEN_CPU_CAPABILITY`` can lower it),
     ``forced`` (the variables of :data:`FORCING` that are set, which lower what torch, MKL or our
-    compiled loops use) and ``slug``, the results folder (``cpu-intel-xeon``, ``cpu-amd-epyc``)."""
+    compiled loops use), the CPU family and model numbers (a virtual machine's model name, "AMD
+    EPYC", can stand for several generations) and ``slug``, the results folder: the model name's
+    first words and the widest vector instruction set (``cpu-intel-xeon-avx512``,
+    ``cpu-amd-epyc-avx2``), so that two CPUs sold under one name but running different code
+    paths do not share a folder."""
     import os
     import re
 
@@ -47,10 +51,13 @@ def cpu_info() -> dict:
                                                                   fields.get("vendor_id") or "unknown")
     words = [w for w in re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*", " ", model.lower()).split()
              if w.isalpha()][:2]
-    return {"model": model, "vendor": vendor, "avx512": "avx512f" in flags, "avx2": "avx2" in flags,
-            "amx": "amx_tile" in flags, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    return {"model": model, "vendor": vendor, "family": fields.get("cpu family"),
+            "model_number": fields.get("model"), "avx512": "avx512f" in flags,
+            "avx2": "avx2" in flags, "amx": "amx_tile" in flags,
+            "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "forced": {k: os.environ[k] for k in FORCING if os.environ.get(k)},
-            "slug": "cpu-" + "-".join(words or ["unknown"])}
+            "slug": "cpu-" + "-".join((words or ["unknown"]) + ([isa] if isa else []))}
 
 
 def quartiles(values: list[float]) -> list[float]:

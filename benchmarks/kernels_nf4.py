@@ -53,7 +53,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    """``cpu-amd-epyc`` / ``cuda-nvidia-h100-80gb-hbm3``: the results folder of a device."""
+    """``cpu-amd-epyc-avx512`` / ``cuda-nvidia-h100-80gb-hbm3``: the results folder of a device."""
     if device.type == "cpu":
         return cpu_info()["slug"]
     name = _device_name(device).split(" (")[0]

@@ -20,6 +20,24 @@ def test_result_stem_keeps_forced_runs_apart(monkeypatch):
     assert result_stem("nf4", cpu_info()) == "nf4_forced_avx2"  # the committed files' names
 
 
+@pytest.mark.parametrize("flags, slug", [("fma avx2 avx512f avx512bw", "cpu-amd-epyc-avx512"),
+                                         ("fma avx2", "cpu-amd-epyc-avx2"), ("sse2", "cpu-amd-epyc")])
+def test_cpus_sold_under_one_name_get_a_folder_per_vector_width(monkeypatch, flags, slug):
+    """A virtual machine names a Zen 2 and a Zen 5 alike ("AMD EPYC"): the folder says which
+    vector instructions ran, and the JSON the family and model numbers."""
+    import pathlib
+
+    text = (f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            f"model name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\nmodel\t\t: 9\n")
+    read = pathlib.Path.read_text
+    monkeypatch.setattr(pathlib.Path, "read_text",
+                        lambda self, *a, **k: text if str(self) == "/proc/cpuinfo" else read(self, *a, **k))
+    info = cpu_info()
+    assert info["slug"] == slug and info["vendor"] == "AMD" and info["model"] == "AMD EPYC"
+    assert (info["family"], info["model_number"]) == ("26", "2")
+    assert info["avx512"] == ("avx512f" in flags) and info["avx2"] == ("avx2" in flags)
+
+
 def test_one_round_has_its_value_as_every_quartile():
     assert quartiles([1.5]) == [1.5, 1.5, 1.5]
     assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [1.5, 3.0, 4.5]
