@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
+import pytest
 import torch
 
 from benchmarks import step
@@ -65,11 +67,16 @@ def test_report_writes_rows_and_cpu(tmp_path, capsys, monkeypatch):
     assert result["cpu"]["slug"] == folder.name and isinstance(result["cpu"]["avx512"], bool)
     rows = result["threads"]["1"]
     assert [r["model"] for r in rows][0] == "frozen" and len(rows) == 5
+    by = {row["model"]: row for row in rows}
     for row in rows:
         q1, q3 = row["overhead_quartiles_pct"]
-        assert row["median_ms"] > 0 and q1 <= q3
+        assert row["median_ms"] > 0 and q1 <= q3 and len(row["round_ms"]) == args.repeats
+        assert row["median_ms"] == pytest.approx(statistics.median(row["round_ms"]), abs=0.02)
+        t, b = min(row["round_ms"]), min(by[row["baseline"]]["round_ms"])   # rounded to 1 us
+        lo, hi = 100 * ((t - 5e-4) / (b + 5e-4) - 1), 100 * ((t + 5e-4) / (b - 5e-4) - 1)
+        assert lo - 0.005 <= row["fastest_overhead_pct"] <= hi + 0.005
         if row["model"] == row["baseline"]:
-            assert row["overhead_pct"] == 0.0
+            assert row["overhead_pct"] == 0.0 and row["fastest_overhead_pct"] == 0.0
     assert set(result["targets"]["1 threads"]) == {"lightning-peft LoRA", "lightning-peft QLoRA"}
     text = (folder / "step_forced_x86-64-v3.md").read_text()
     assert "| lightning-peft QLoRA | frozen NF4 |" in text
