@@ -713,10 +713,14 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: Tensor |
     if dtype is None:
         dtype = out.dtype if isinstance(out, Tensor) else q.dtype
     _check_dtype(dtype)
+    if out is not None:
+        _check_out(out, q, dtype)
+    if torch.compiler.is_compiling():   # traced as one opaque op (its loops and tables are eager)
+        w = _dequantize_op(q.packed, q.absmax, q.nested_absmax, q.nested_code, q.nested_offset,
+                           q.blocksize, list(q.shape), dtype)
+        return w if out is None else out.view(q.shape).copy_(w).view(out.shape)
     if out is None:
         out = _empty(q.shape, dtype, q.device)
-    else:
-        _check_out(out, q, dtype)
     if _backend.use_triton(q.packed, out):
         from kernels import _nf4_triton
 
@@ -754,6 +758,7 @@ def nf4_dense_for_matmul(q: NF4Tensor, dtype: torch.dtype, reuse: bool = True) -
     """
     _check_nf4(q)
     _check_dtype(dtype)
+    reuse = reuse and not torch.compiler.is_compiling()    # a traced graph gets a fresh tensor
     out = _workspace(q.numel(), dtype, q.device).view(q.shape) if reuse else None
     return dequantize_nf4(q, dtype, out=out)
 
@@ -836,6 +841,21 @@ def _nf4_grad_x_op(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Te
                    shape: list[int]) -> Tensor:
     q = _unpack(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape)
     return _grad_x(dy, q)
+
+
+@torch.library.custom_op("lightning_peft::nf4_dequantize", mutates_args=())
+def _dequantize_op(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
+                   nested_code: Tensor | None, nested_offset: Tensor | None, blocksize: int,
+                   shape: list[int], dtype: torch.dtype) -> Tensor:
+    """:func:`dequantize_nf4` as ``torch.compile`` sees it (QLoRA and DoRA layers over a 4-bit
+    base dequantize through it while traced)."""
+    q = _unpack(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape)
+    return dequantize_nf4(q, dtype)
+
+
+@_dequantize_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
 
 
 @_nf4_grad_x_op.register_fake
