@@ -212,7 +212,9 @@ def test_files_both_ways_with_a_rank_pattern(tmp_path):
     assert config["rank_pattern"] and not all(all(v) for v in config["rank_pattern"].values())
     loaded = load_adapter(_tiny.llama(), tmp_path / "peft")
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, want_peft)
+        # to float32 rounding: PEFT multiplies (A*E), B and the scale in another order, and some
+        # CPUs' BLAS (MKL on AMD) rounds those products differently
+        torch.testing.assert_close(loaded(ids).logits, want_peft)
     assert {f"{n}.lora_E": m.pattern for n, m in adalora_layers(loaded)} == config["rank_pattern"]
 
     # ours -> PEFT: saving needs the masked triplets dropped first
@@ -221,21 +223,24 @@ def test_files_both_ways_with_a_rank_pattern(tmp_path):
     ranks = adalora_prune(ours)
     assert sum(ranks.values()) == 2 * 4
     with torch.no_grad():
-        assert torch.equal(ours(ids).logits, want_ours)  # pruning changes nothing
+        # pruning changes nothing (to float32 rounding: the products now run over fewer ranks)
+        pruned = ours(ids).logits
+    torch.testing.assert_close(pruned, want_ours)
     save_adapter(ours, tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert {k.removesuffix(".lora_E"): sum(v) for k, v in saved["rank_pattern"].items()} == ranks
     theirs = PeftModel.from_pretrained(_tiny.llama(), tmp_path / "ours").eval()
     with torch.no_grad():
-        assert torch.equal(theirs(ids).logits, want_ours)
+        torch.testing.assert_close(theirs(ids).logits, pruned)   # PEFT: to float32 rounding
     again = load_adapter(_tiny.llama(), tmp_path / "ours")
     with torch.no_grad():
-        assert torch.equal(again(ids).logits, want_ours)
+        again(ids)  # a fresh model finds its sibling groups in its first forward, then fuses
+        assert torch.equal(again(ids).logits, pruned)
         for _, layer in adalora_layers(again):
             layer.lora_E.zero_()
     load_adapter(again, tmp_path / "ours")  # into the layers it already has
     with torch.no_grad():
-        assert torch.equal(again(ids).logits, want_ours)
+        assert torch.equal(again(ids).logits, pruned)
 
 
 def test_a_bad_rank_pattern_is_refused_and_the_model_is_unchanged(tmp_path):

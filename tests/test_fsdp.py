@@ -98,6 +98,7 @@ def _qlora_model(double_quant=True):
 def test_shardable_nf4_linear_is_the_same_layer(storage_dtype, double_quant):
     model = _qlora_model(double_quant)
     ids = torch.randint(0, 96, (2, 7))
+    model(ids)  # a fresh model finds its q/k/v, gate/up groups in its first forward; then fuses
     before = model(ids).logits
     originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     counts = trainable_parameters(model)
