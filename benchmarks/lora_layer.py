@@ -153,12 +153,14 @@ def report(rows: list[dict], key: str, title: str, json_path: Path | None) -> No
 
 def write_rows(rows: list[dict], json_path: Path) -> None:
     """Write ``rows`` to ``json_path``, each with what the timings depend on: the CPU model,
-    vendor, AVX-512, torch's dispatch level, forcing variables and torch's thread count."""
+    vendor, family and model numbers, AVX-512, torch's dispatch level, forcing variables and
+    torch's thread count."""
     from benchmarks import cpu_info
 
     info = cpu_info()
     for row in rows:
-        row.update(cpu=info["model"], cpu_vendor=info["vendor"], avx512=info["avx512"],
+        row.update(cpu=info["model"], cpu_vendor=info["vendor"], cpu_family=info["family"],
+                   cpu_model_number=info["model_number"], avx512=info["avx512"],
                    torch_cpu_capability=info["torch_capability"], forced=info["forced"],
                    threads=torch.get_num_threads())
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def test_layer_benchmarks_take_one_round_and_exact_token_counts(tmp_path, monkey
     assert ia3_layer.main(["--tokens", "130", "--features", "16", "--repeats", "1", "--threads", "1",
                            "--json", str(ia3)]) == 0
     rows = json.loads(ia3.read_text())
-    assert all(r["cpu"] and r["threads"] == 1 and "avx512" in r for r in rows)
+    assert all(r["cpu"] and r["threads"] == 1 and "avx512" in r and "cpu_family" in r for r in rows)
 
 
 @pytest.mark.parametrize(("module", "argv", "named"), [
