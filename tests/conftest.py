@@ -38,3 +38,14 @@ def count_grouped(monkeypatch):
 
     monkeypatch.setattr(kernels, "lora_linear_grouped", spy)
     return calls
+
+
+@pytest.fixture
+def unforced(monkeypatch):
+    """No forcing variable (``ATEN_CPU_CAPABILITY``, ``LIGHTNING_PEFT_LORA_MARCH``, ...) in the
+    environment, so a benchmark writes its machine's own file names (``step.md``, not
+    ``step_forced_avx2.md``) even when the suite runs forced to another instruction set."""
+    from benchmarks import FORCING
+
+    for name in FORCING:
+        monkeypatch.delenv(name, raising=False)

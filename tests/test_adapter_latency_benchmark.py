@@ -23,7 +23,7 @@ def _tiny_llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config)
 
 
-def test_main_writes_the_table_and_json(tmp_path):
+def test_main_writes_the_table_and_json(tmp_path, unforced):
     model_dir = save_tiny_model(tmp_path / "tiny_llama")
     out = tmp_path / "results"
     result = adapter_latency.main(["--model", str(model_dir), "--tokens", "16", "--threads", "1",

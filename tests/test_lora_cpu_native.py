@@ -151,8 +151,8 @@ def test_lora_ops_equal_with_and_without_the_loop(monkeypatch, dropout):
     for (outs1, grads1), (outs2, grads2) in zip(with_loop, without):
         for o1, o2 in zip(outs1, outs2):
             assert torch.equal(o1, o2)
-        for g1, g2 in zip(grads1, grads2):
-            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+        for g1, g2 in zip(grads1, grads2):   # sums over the tokens in another order: float32
+            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5 * g2.abs().max().item())
 
 
 def test_torch_compile_traces_the_gemms(monkeypatch):

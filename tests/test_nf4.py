@@ -784,7 +784,7 @@ def test_bad_nf4tensor_and_interop_inputs():
 
 
 # ------------------------------------------------------------------------------- benchmark
-def test_benchmark_smoke(tmp_path):
+def test_benchmark_smoke(tmp_path, unforced):
     from benchmarks import kernels_nf4
 
     rc = kernels_nf4.main(["--tiny", "--out", str(tmp_path), "--repeats", "2"])

@@ -12,7 +12,7 @@ from benchmarks import prefix_generation
 from tests.test_example import save_tiny_model
 
 
-def test_main_writes_the_table_and_json(tmp_path):
+def test_main_writes_the_table_and_json(tmp_path, unforced):
     model_dir = save_tiny_model(tmp_path / "tiny_llama")
     out = tmp_path / "results"
     result = prefix_generation.main(["--model", str(model_dir), "--virtual-tokens", "4",

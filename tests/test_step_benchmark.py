@@ -85,7 +85,7 @@ def test_report_writes_rows_and_cpu(tmp_path, capsys, monkeypatch):
     assert "lightning-peft LoRA" in capsys.readouterr().out
 
 
-def test_breakdown_row_computes_the_frozen_loss_and_steps_over_the_adapters(tmp_path):
+def test_breakdown_row_computes_the_frozen_loss_and_steps_over_the_adapters(tmp_path, unforced):
     """The diagnostic copy does the base products only: the frozen model's loss, input gradients,
     and zero gradients for every adapter tensor (so the optimizer still steps over all of them)."""
     torch.manual_seed(0)
