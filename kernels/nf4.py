@@ -718,7 +718,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: Tensor |
     if torch.compiler.is_compiling():   # traced as one opaque op (its loops and tables are eager)
         w = _dequantize_op(q.packed, q.absmax, q.nested_absmax, q.nested_code, q.nested_offset,
                            q.blocksize, list(q.shape), dtype)
-        return w if out is None else out.view(q.shape).copy_(w).view(out.shape)
+        return w if out is None else out.copy_(w.view(out.shape))
     if out is None:
         out = _empty(q.shape, dtype, q.device)
     if _backend.use_triton(q.packed, out):

@@ -8,12 +8,10 @@ import json
 
 import pytest
 
-from benchmarks import FORCING, cpu_info, gpu_summary, ia3_layer, lora_layer, quartiles, result_stem
+from benchmarks import cpu_info, gpu_summary, ia3_layer, lora_layer, quartiles, result_stem
 
 
-def test_result_stem_keeps_forced_runs_apart(monkeypatch):
-    for name in FORCING:
-        monkeypatch.delenv(name, raising=False)
+def test_result_stem_keeps_forced_runs_apart(monkeypatch, unforced):
     assert result_stem("nf4", cpu_info()) == "nf4"
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     monkeypatch.setenv("LIGHTNING_PEFT_NF4_MARCH", "x86-64-v3")

@@ -7,12 +7,10 @@ import json
 
 import pytest
 
-from benchmarks import FORCING, lora_layer
+from benchmarks import lora_layer
 
 
-def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys, monkeypatch):
-    for name in FORCING:
-        monkeypatch.delenv(name, raising=False)
+def test_layer_benchmark_rows_and_saved_bytes(tmp_path, capsys, monkeypatch, unforced):
     monkeypatch.setenv("LIGHTNING_PEFT_NF4_MARCH", "x86-64-v3")  # recorded (read only when building)
     out = tmp_path / "layer.json"
     assert lora_layer.main(["--tokens", "64", "--features", "48", "--r", "4", "--repeats", "4",

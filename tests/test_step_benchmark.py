@@ -51,11 +51,7 @@ def test_steps_compute_input_gradients_and_equal_losses():
     assert losses["lightning-peft LoRA"] != losses["frozen"]          # B is nonzero
 
 
-def test_report_writes_rows_and_cpu(tmp_path, capsys, monkeypatch):
-    from benchmarks import FORCING
-
-    for name in FORCING:
-        monkeypatch.delenv(name, raising=False)
+def test_report_writes_rows_and_cpu(tmp_path, capsys, monkeypatch, unforced):
     monkeypatch.setenv("LIGHTNING_PEFT_NF4_MARCH", "x86-64-v3")  # recorded (read only when building)
     torch.manual_seed(0)
     args = argparse.Namespace(batch=2, seq=8, r=4, repeats=3, warmup=1, threads=[1], no_qlora=False,
