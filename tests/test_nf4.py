@@ -411,6 +411,24 @@ def test_nf4_linear_bf16_torch_and_autocast():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("with_out", [False, True])
+def test_dequantize_under_torch_compile_fullgraph(with_out):
+    """While traced, dequantize is one opaque op: bit for bit eager's, fresh or written into
+    ``out`` (a flat buffer here: same elements, another shape)."""
+    q = quantize_nf4(_weight((24, 130), torch.float32), 64, True)   # a partial last block
+
+    def f(buf):
+        return dequantize_nf4(q, torch.bfloat16, out=buf) * 2
+
+    buf = torch.zeros(24 * 130, dtype=torch.bfloat16) if with_out else None
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(buf)
+    want = dequantize_nf4(q, torch.bfloat16) * 2
+    assert torch.equal(got.view(want.shape), want)
+    if with_out:
+        assert torch.equal(buf.view(want.shape), want / 2)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nf4_linear_torch_compile_fullgraph(backend):
     """Dynamo + AOTAutograd trace nf4_linear as the registered op without graph breaks."""
